@@ -1,0 +1,8 @@
+"""LLaMA-Adapter: zero-initialised, gated adaption prompts on frozen Hugging Face LLaMA models."""
+
+from .config import AdapterConfig, SamplingConfig
+from .hf import DEFAULT_BASE
+from .model import LlamaAdapterModel
+
+__all__ = ["AdapterConfig", "DEFAULT_BASE", "LlamaAdapterModel", "SamplingConfig"]
+__version__ = "0.1.0"

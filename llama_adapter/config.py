@@ -1,0 +1,91 @@
+"""Config dataclasses, one per concern, and their one-to-one mapping onto command-line flags.
+
+A field `batch_size` becomes the flag `--batch-size`; its help text is the field's `help` metadata. Entry
+points build their parsers from these classes, so a flag can never drift from the config it fills.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def option(help: str, default=dataclasses.MISSING):
+    """A config field with the help text of its command-line flag; no default makes the flag required."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class AdapterConfig:
+    """LLaMA-Adapter's shape: K prompt vectors in each of the top L layers (the paper's defaults)."""
+
+    adapter_len: int = option("K: prompt vectors per adapted layer", 10)
+    adapter_layers: int = option("L: number of top layers that get prompts (clamped to the model's depth)", 30)
+
+    def __post_init__(self):
+        for name in ("adapter_len", "adapter_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SamplingConfig:
+    """How `generate` picks tokens: greedy when temperature is 0."""
+
+    max_new_tokens: int = option("stop after this many new tokens", 256)
+    temperature: float = option("0 = greedy decoding; > 0 samples", 0.0)
+    top_p: float = option("nucleus sampling: keep the smallest token set with this much probability", 1.0)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def default_precision() -> str:
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one flag per field of `config_class`."""
+    hints = typing.get_type_hints(config_class)
+    group = parser.add_argument_group(config_class.__name__, config_class.__doc__)
+    for f in dataclasses.fields(config_class):
+        kind = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            kwargs["choices"] = typing.get_args(kind)
+        else:
+            kwargs["type"] = kind
+        if default is not None and kind is not bool:
+            kwargs["help"] += f" (default: {default})"
+        group.add_argument(flag, **kwargs)
+
+
+def from_arguments(config_class: type, args: argparse.Namespace):
+    """Build `config_class` from the flags that `add_arguments` added."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def _unwrap_optional(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint

@@ -1,0 +1,147 @@
+"""Alpaca-format instruction data: reading, the prompt template, tokenisation with response-only labels, batching."""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label of positions that carry no loss: the prompt and the padding
+
+# The Stanford Alpaca templates, with a newline after "### Response:" so the answer starts on its own line.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    if input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and the row or line at fault."""
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Read Alpaca rows {instruction, input, output} from a JSON list or a JSONL file, checking every row."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        where = [f"{path}: row {i}" for i in range(len(records))]
+    else:
+        records, where = [], []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from None
+            where.append(f"{path}: line {lineno}")
+    if not records:
+        raise DataError(f"{path}: no rows")
+    return [_check_row(record, place) for record, place in zip(records, where)]
+
+
+def _check_row(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with instruction/input/output, got {type(record).__name__}")
+    row = {}
+    for name, required in (("instruction", True), ("input", False), ("output", True)):
+        value = record.get(name, None if required else "")
+        if value is None:
+            raise DataError(f"{where}: missing field '{name}'")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+        if required and not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        row[name] = value
+    return row
+
+
+def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle, then the last `val_fraction` of rows held out (at least one when the fraction is > 0)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * val_fraction)) if val_fraction > 0 else 0
+    if n_val >= len(rows):
+        raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {len(rows)}")
+    shuffled = [rows[i] for i in order]
+    return shuffled[: len(rows) - n_val], shuffled[len(rows) - n_val :]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(tokenizer, row: dict, max_len: int) -> Example | None:
+    """Prompt + response + EOS, with labels only on the response and EOS; None if truncation leaves no response.
+
+    Prompt and response are tokenised separately so the boundary never merges into one token and the model is
+    trained on exactly the prompt tokens it sees at generation time.
+    """
+    prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+    if len(prompt) >= max_len:
+        return None
+    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example((prompt + response)[:max_len], ([IGNORE_INDEX] * len(prompt) + response)[:max_len])
+
+
+def encode_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example], int]:
+    """Encode rows; returns the examples and how many rows were dropped because their prompt fills max_len."""
+    examples = [encode(tokenizer, row, max_len) for row in rows]
+    kept = [e for e in examples if e is not None]
+    return kept, len(examples) - len(kept)
+
+
+def length_grouped_batches(examples: list[Example], batch_size: int, seed: int, group: int = 64) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths, so little compute goes to padding.
+
+    Indices are shuffled, cut into groups of `group` batches, sorted by length inside each group and split into
+    batches; the batches are then shuffled so long and short ones alternate across the epoch.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    span = batch_size * group
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: len(examples[i].input_ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask and labels, each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

