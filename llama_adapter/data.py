@@ -36,11 +36,14 @@ def load_rows(path: str | Path) -> list[dict]:
     """Read Alpaca rows {instruction, input, output} from a JSON list or a JSONL file, checking every row."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (line {line}, byte {err.start})") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

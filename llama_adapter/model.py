@@ -93,10 +93,11 @@ class LlamaAdapterModel(nn.Module):
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or unexpected:
             raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}")
+        for name, param in expected.items():  # check every shape first: a failed load must change nothing
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(param.shape)}")
         with torch.no_grad():
             for name, param in expected.items():
-                if tensors[name].shape != param.shape:
-                    raise ValueError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(param.shape)}")
                 param.copy_(tensors[name])
 
     # ------------------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel
                 break
         val_loss = evaluate(model, val_set, cfg.batch_size, pad_id)
         log.write(step=step, epoch=epoch, val_loss=val_loss)
-        progress.write(f"epoch {epoch}: validation loss {val_loss:.4f}")
+        progress.write(f"epoch {epoch}: validation loss {val_loss:.4f}", file=sys.stderr)
         model.save(out)
         plot_losses(log.path, out / "loss.png")
         if step >= total_steps:

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny random LLaMA with an offline character-level tokenizer, and the data folder."""
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llama_adapter.config import AdapterConfig
+from llama_adapter.model import LlamaAdapterModel
+
+# The models here are far too small to gain from intra-op threads, and on a loaded machine OpenMP's
+# spinning workers made a 64-wide matmul take milliseconds instead of microseconds.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
+# Small on purpose: with few symbols a random model still emits spaces and newlines often, which is what
+# makes the streamer hand out several pieces.
+CHARS = list(string.ascii_lowercase + string.digits + " .,:#?!'-\n") + list(string.ascii_uppercase)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    # BPE without merges is a character tokenizer that needs no pre-tokenizer, so whitespace survives as tokens.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.add_special_tokens(SPECIALS)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def tiny_config(tokenizer, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention: two query heads per key/value head
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaConfig(**(settings | overrides))
+
+
+@pytest.fixture
+def make_base(tokenizer):
+    def make(attn_implementation="sdpa", seed=0, **config_overrides) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM._from_config(tiny_config(tokenizer, **config_overrides), attn_implementation=attn_implementation)
+        return base.eval().requires_grad_(False)
+
+    return make
+
+
+@pytest.fixture
+def make_model(make_base, tokenizer):
+    """Same seed, same base weights: two models built with equal arguments differ only where a test changes them."""
+
+    def make(attn_implementation="sdpa", adapter_len=3, adapter_layers=2, seed=0, **config_overrides) -> LlamaAdapterModel:
+        base = make_base(attn_implementation, seed, **config_overrides)
+        torch.manual_seed(seed + 1000)  # the prompts' random init, independent of how many base weights came first
+        return LlamaAdapterModel(base, tokenizer, AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers))
+
+    return make
+
+
+def _randomize_adapter(model: LlamaAdapterModel, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prompt in model.prompts.values():
+            prompt.adapter_prompt.copy_(torch.randn(prompt.adapter_prompt.shape, generator=generator))
+            # Large enough to move the logits clearly, distinct per head so a head mix-up would show.
+            prompt.adapter_gate.copy_(torch.rand(prompt.adapter_gate.shape, generator=generator) * 3 - 1.5)
+
+
+@pytest.fixture
+def randomize_adapter():
+    """Sets non-zero gates and fresh prompts, so the adapter actually changes the output."""
+    return _randomize_adapter
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO_ROOT / ".." / "shared" / "data"))
+    path = (path if path.is_absolute() else REPO_ROOT / path).resolve()
+    if not path.is_dir():
+        pytest.skip(f"data folder {path} not found (set LLAMA_ADAPTER_DATA to run tests on the real data)")
+    return path

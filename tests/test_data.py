@@ -1,0 +1,123 @@
+"""Alpaca data: reading with clear errors, the template, response-only labels, batching."""
+
+import json
+
+import pytest
+
+from llama_adapter import data
+from llama_adapter.data import IGNORE_INDEX, DataError
+
+
+def write(path, text: str | bytes):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+ROWS = [
+    {"instruction": "Say hi.", "input": "", "output": "hi"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+]
+
+
+def test_template_with_and_without_input():
+    assert data.format_prompt("Say hi.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nSay hi.\n\n### Response:\n"
+    )
+    with_input = data.format_prompt("Add the numbers.", "2 and 3")
+    assert with_input.startswith("Below is an instruction that describes a task, paired with an input")
+    assert with_input.endswith("### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    # Whitespace-only input is no input.
+    assert data.format_prompt("Say hi.", "  \n") == data.format_prompt("Say hi.")
+
+
+def test_reads_json_list_and_jsonl(tmp_path):
+    as_json = write(tmp_path / "a.json", json.dumps(ROWS))
+    as_jsonl = write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    assert data.load_rows(as_json) == ROWS
+    assert data.load_rows(as_jsonl) == ROWS
+
+
+def test_missing_input_field_means_empty(tmp_path):
+    path = write(tmp_path / "a.json", json.dumps([{"instruction": "Say hi.", "output": "hi"}]))
+    assert data.load_rows(path) == [{"instruction": "Say hi.", "input": "", "output": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"instruction": "a", "output": "b"},\n {"instruction": ]', "a.json: invalid JSON at line 2"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": }\n', "a.json: line 2: invalid JSON"),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', "a.json: row 1: missing field 'output'"),
+        ('[{"instruction": 3, "output": "b"}]', "a.json: row 0: field 'instruction' must be a string, got int"),
+        ('[{"instruction": "  ", "output": "b"}]', "a.json: row 0: field 'instruction' is empty"),
+        ('[{"instruction": "a", "output": ""}]', "a.json: row 0: field 'output' is empty"),
+        ('["just a string"]', "a.json: row 0: expected an object"),
+        ("[]", "a.json: no rows"),
+        ("", "a.json: no rows"),
+    ],
+)
+def test_bad_data_names_file_and_place(tmp_path, content, message):
+    path = write(tmp_path / "a.json", content)
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        data.load_rows(path)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"b.json: not UTF-8 text \(line 1, byte 18\)"):
+        data.load_rows(write(tmp_path / "b.json", b'[{"instruction": "\xff", "output": "x"}]'))
+    with pytest.raises(DataError, match="nope.json: no such file"):
+        data.load_rows(tmp_path / "nope.json")
+
+
+def test_encode_labels_only_response_and_eos(tokenizer):
+    example = data.encode(tokenizer, ROWS[1], max_len=512)
+    prompt = tokenizer(data.format_prompt("Add the numbers.", "2 and 3"))["input_ids"]
+    response = tokenizer("5", add_special_tokens=False)["input_ids"]
+    assert example.input_ids == prompt + response + [tokenizer.eos_token_id]
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + response + [tokenizer.eos_token_id]
+
+
+def test_encode_truncates_and_drops_rows_without_room_for_a_response(tokenizer):
+    full = data.encode(tokenizer, ROWS[0], max_len=512)
+    prompt_len = full.labels.count(IGNORE_INDEX)
+    cut = data.encode(tokenizer, ROWS[0], max_len=prompt_len + 1)
+    assert cut.input_ids == full.input_ids[: prompt_len + 1]
+    assert cut.labels[-1] != IGNORE_INDEX
+    assert data.encode(tokenizer, ROWS[0], max_len=prompt_len) is None
+    kept, dropped = data.encode_all(tokenizer, ROWS, max_len=prompt_len)
+    assert dropped >= 1 and len(kept) + dropped == 2
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    rows = [{"instruction": str(i), "input": "", "output": "x"} for i in range(100)]
+    train, val = data.split_rows(rows, 0.1, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert sorted(r["instruction"] for r in train + val) == sorted(r["instruction"] for r in rows)
+    assert data.split_rows(rows, 0.1, seed=3) == (train, val)
+    assert data.split_rows(rows, 0.1, seed=4) != (train, val)
+    assert data.split_rows(rows[:3], 0.01, seed=0)[1] != []  # a positive fraction holds out at least one row
+    with pytest.raises(DataError, match="leaves no training rows"):
+        data.split_rows(rows[:1], 0.5, seed=0)
+
+
+def test_length_grouped_batches_cover_everything_once_and_cut_padding():
+    lengths = [(i * 37) % 200 + 1 for i in range(512)]
+    examples = [data.Example([0] * n, [0] * n) for n in lengths]
+    batches = data.length_grouped_batches(examples, batch_size=8, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(512))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches) / sum(lengths)
+
+    random_batches = [list(range(i, i + 8)) for i in range(0, 512, 8)]
+    assert padding(batches) < 0.1 < padding(random_batches)
+    assert data.length_grouped_batches(examples, 8, seed=1) != batches
+
+
+def test_collate_right_pads(tokenizer):
+    a, b = data.Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), data.Example([8], [8])
+    batch = data.collate([a, b], pad_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]

@@ -1,0 +1,130 @@
+"""Fine-tuning on a tiny model: the loop learns, writes its outputs, and the CLI drives it end to end."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from llama_adapter import cli, data
+from llama_adapter.config import AdapterConfig
+from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel
+from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
+
+ROWS = [
+    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+    for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
+] + [{"instruction": "Add the numbers.", "input": f"{a} and {a}", "output": f"{2 * a}"} for a in range(1, 9)]
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ROWS))
+    return path
+
+
+def test_paper_defaults_scale_lr_with_the_batch(rows_file, tmp_path):
+    cfg = TrainConfig(data=str(rows_file), out=str(tmp_path))
+    assert (cfg.epochs, cfg.max_len, cfg.weight_decay, cfg.precision) == (5, 512, 0.02, "fp32")
+    assert cfg.lr == pytest.approx(9e-3 * 4 / 256)
+    assert TrainConfig(data="x", out="y", batch_size=8, grad_accum=4).lr == pytest.approx(9e-3 * 32 / 256)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(data="x", out="y", batch_size=0)
+
+
+def test_warmup_then_cosine_to_zero():
+    factor = warmup_cosine(total_steps=100, warmup=0.2)
+    assert factor(0) < factor(10) < factor(19) <= 1
+    assert factor(20) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows_file, tmp_path):
+    model = make_model(adapter_len=4, adapter_layers=4)
+    examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
+    before = evaluate(model, examples, batch_size=4, pad_id=tokenizer.pad_token_id)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(rows_file), out=str(out), epochs=6, batch_size=4, grad_accum=2, lr=0.2, val_fraction=0.25, warmup=0.1)
+    summary = train(cfg, model.config, model)
+    after = evaluate(model, examples, batch_size=4, pad_id=tokenizer.pad_token_id)
+
+    assert after < before - 0.1
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert summary["steps"] == 6 * math.ceil(12 / 8)
+    assert summary["trainable_parameters"] == 4 * (4 * 64 + 4)
+    assert {p.name for p in out.iterdir()} >= {WEIGHTS_NAME, CONFIG_NAME, "metrics.csv", "loss.png", "train_config.json"}
+    with open(out / "metrics.csv", newline="") as f:
+        metrics = list(csv.DictReader(f))
+    val_rows = [r for r in metrics if r["val_loss"]]
+    assert len(val_rows) == 1 + 6  # before training, then once per epoch
+    assert float(val_rows[0]["val_loss"]) == pytest.approx(summary["val_loss_before"])
+    assert float(val_rows[-1]["val_loss"]) == pytest.approx(summary["val_loss_after"])
+    assert len([r for r in metrics if r["train_loss"]]) == summary["steps"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The saved adapter reproduces the trained model.
+    fresh = make_model(adapter_len=4, adapter_layers=4, seed=0)
+    fresh.load_adapter_weights(out / WEIGHTS_NAME)
+    ids = torch.tensor([tokenizer(data.format_prompt("Say hi."))["input_ids"]])
+    torch.testing.assert_close(fresh(ids), model.eval()(ids))
+
+
+def test_max_steps_stops_early(make_model, rows_file, tmp_path):
+    model = make_model()
+    cfg = TrainConfig(data=str(rows_file), out=str(tmp_path / "run"), epochs=50, batch_size=2, max_steps=3, val_fraction=0.25)
+    assert train(cfg, model.config, model)["steps"] == 3
+
+
+def test_zero_gates_validation_loss_is_the_base_models(make_model, tokenizer, rows_file, tmp_path):
+    """Before training, the adapter model's loss is exactly the frozen base's, as the paper's zero-init promises."""
+    model = make_model()
+    examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
+    batch = data.collate(examples[:4], tokenizer.pad_token_id)
+    logits = model.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    base_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    assert model.loss(**batch).item() == pytest.approx(base_loss.item(), rel=1e-6)
+
+
+@pytest.fixture
+def tiny_base_dir(make_base, tokenizer, tmp_path):
+    folder = tmp_path / "tiny-llama"
+    make_base().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_train_then_chat(tiny_base_dir, rows_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    cli.main(["train", "--base", str(tiny_base_dir), "--data", str(rows_file), "--out", str(out), "--max-steps", "2",
+              "--batch-size", "2", "--epochs", "1", "--adapter-layers", "2", "--adapter-len", "3", "--lr", "0.01", "--seed", "1"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2
+    saved = json.loads((out / CONFIG_NAME).read_text())
+    assert saved["adapter"] == {"adapter_len": 3, "adapter_layers": 2}
+    assert saved["base"]["name"] == str(tiny_base_dir)
+
+    cli.main(["chat", "--adapter", str(out), "--max-new-tokens", "5", "Repeat the word red."])
+    printed = capsys.readouterr().out
+    model = LlamaAdapterModel.load(out)
+    assert printed == model.generate("Repeat the word red.", sampling=cli.SamplingConfig(max_new_tokens=5)) + "\n"
+
+
+def test_cli_chat_interactive_reads_until_empty_line(tiny_base_dir, monkeypatch, capsys):
+    answers = iter(["Say hi.", "Say bye.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    cli.main(["chat", "--base", str(tiny_base_dir), "--max-new-tokens", "3"])
+    assert "Interactive chat" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_a_traceback(tiny_base_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl: line 2: missing field 'output'"):
+        cli.main(["train", "--base", str(tiny_base_dir), "--data", str(bad), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no such folder"):
+        cli.main(["chat", "--base", str(tmp_path / "missing-model"), "hi"])
+    with pytest.raises(SystemExit, match="no adapter config"):
+        cli.main(["chat", "--adapter", str(tmp_path), "hi"])
