@@ -4,5 +4,5 @@ from .config import AdapterConfig, SamplingConfig
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
 
-__all__ = ["AdapterConfig", "DEFAULT_BASE", "LlamaAdapterModel", "SamplingConfig"]
+__all__ = ["DEFAULT_BASE", "AdapterConfig", "LlamaAdapterModel", "SamplingConfig"]
 __version__ = "0.1.0"

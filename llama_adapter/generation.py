@@ -31,7 +31,7 @@ def stream(model, instruction: str, input: str, sampling: SamplingConfig) -> Ite
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
                 )
-        except BaseException as err:  # handed to the consumer below
+        except BaseException as err:  # noqa: BLE001 - every failure, interrupts too, is re-raised to the consumer
             failure.append(err)
             streamer.end()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -175,11 +175,3 @@ def _adapted_attention(base_fn, module, query, key, value, attention_mask, **kwa
     if adaption is not None:
         out = out + adaption(query, module.k_proj, module.v_proj, kwargs.get("scaling") or module.scaling)
     return out, weights
-
-
-def base_attn_implementation(model: PreTrainedModel) -> str:
-    return model.config._attn_implementation.removeprefix(_PREFIX)
-
-
-def is_tokenizer_ready(tokenizer: PreTrainedTokenizerBase) -> bool:
-    return tokenizer.eos_token_id is not None

@@ -92,10 +92,14 @@ class LlamaAdapterModel(nn.Module):
         expected = self.adapter_state()
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or unexpected:
-            raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}")
+            raise ValueError(
+                f"{path}: missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}"
+            )
         for name, param in expected.items():  # check every shape first: a failed load must change nothing
             if tensors[name].shape != param.shape:
-                raise ValueError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(param.shape)}")
+                raise ValueError(
+                    f"{path}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(param.shape)}"
+                )
         with torch.no_grad():
             for name, param in expected.items():
                 param.copy_(tensors[name])
@@ -163,7 +167,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     for key in ("adapter", "base"):
         if not isinstance(saved.get(key), dict):
-            raise ValueError(f"{path}: field '{key}' is missing or not an object")
+            raise ValueError(f"{path}: field '{key}' is missing or not an object")  # noqa: TRY004 - a bad file, not a bad call
     if saved.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {saved.get('format_version')!r}, this version reads {FORMAT_VERSION}")
     return saved
@@ -177,9 +181,14 @@ def check_same_base(saved: dict, actual: dict, where: Path) -> None:
         if key != "name" and saved.get(key) != actual[key]
     ]
     if differences:
-        raise ValueError(f"{where}: this adapter was trained on a different base model ({saved.get('name')!r}); " + "; ".join(differences))
+        raise ValueError(
+            f"{where}: this adapter was trained on a different base model ({saved.get('name')!r}); "
+            + "; ".join(differences)
+        )
     if saved.get("name") != actual["name"]:
-        warnings.warn(f"{where}: adapter was trained on {saved.get('name')!r}, loading onto {actual['name']!r} of the same shape")
+        warnings.warn(
+            f"{where}: adapter was trained on {saved.get('name')!r}, loading onto {actual['name']!r} of the same shape"
+        )
 
 
 def _write_atomically(path: Path, write) -> None:

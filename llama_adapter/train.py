@@ -1,7 +1,7 @@
 """Fine-tune a LLaMA-Adapter on Alpaca-format instructions (the paper's recipe, scaled to the batch).
 
-    llama-adapter train --data alpaca.json --out runs/alpaca
-    python -m llama_adapter.train --data alpaca.json --out runs/alpaca
+llama-adapter train --data alpaca.json --out runs/alpaca
+python -m llama_adapter.train --data alpaca.json --out runs/alpaca
 """
 
 import csv
@@ -32,8 +32,12 @@ class TrainConfig:
     data: str = option("Alpaca-format JSON list or JSONL file of {instruction, input, output}")
     out: str = option("output folder for the adapter, metrics.csv and loss.png")
     base: str = option("base model: the embedded default, a Hugging Face folder or a hub name", DEFAULT_BASE)
-    precision: Literal["fp32", "bf16"] | None = option("weights and compute dtype (default: bf16 on a CUDA GPU, else fp32)", None)
-    lr: float | None = option(f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper)", None)
+    precision: Literal["fp32", "bf16"] | None = option(
+        "weights and compute dtype (default: bf16 on a CUDA GPU, else fp32)", None
+    )
+    lr: float | None = option(
+        f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper)", None
+    )
     epochs: int = option("passes over the training rows", 5)
     batch_size: int = option("rows per forward pass", 4)
     grad_accum: int = option("forward passes per optimizer step", 1)
@@ -82,7 +86,9 @@ def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "adapter": dataclasses.asdict(model.config)}, indent=2))
+    (out / "train_config.json").write_text(
+        json.dumps({"train": dataclasses.asdict(cfg), "adapter": dataclasses.asdict(model.config)}, indent=2)
+    )
     log = MetricsLog(out / "metrics.csv")
     val_before = evaluate(model, val_set, cfg.batch_size, pad_id)
     log.write(step=0, epoch=0, val_loss=val_before)
@@ -103,7 +109,15 @@ def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel
             tokens += sum(int(b["attention_mask"].sum()) for b in group)
             padded += sum(b["attention_mask"].numel() for b in group)
             elapsed = time.perf_counter() - started
-            log.write(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], train_loss=loss, tokens=tokens, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+            log.write(
+                step=step,
+                epoch=epoch,
+                lr=scheduler.get_last_lr()[0],
+                train_loss=loss,
+                tokens=tokens,
+                tokens_per_s=tokens / elapsed,
+                elapsed_s=elapsed,
+            )
             progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             progress.update()
             if step >= total_steps:
@@ -175,7 +189,7 @@ def warmup_cosine(total_steps: int, warmup: float):
 class MetricsLog:
     """metrics.csv: one row per optimizer step and one per validation, written through so a crash keeps it."""
 
-    FIELDS = ["step", "epoch", "lr", "train_loss", "val_loss", "tokens", "tokens_per_s", "elapsed_s"]
+    FIELDS = ("step", "epoch", "lr", "train_loss", "val_loss", "tokens", "tokens_per_s", "elapsed_s")
 
     def __init__(self, path: Path):
         self.path = path

@@ -46,18 +46,18 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(tokenizer, **overrides) -> LlamaConfig:
-    settings = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention: two query heads per key/value head
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # grouped-query attention: two query heads per key/value head
+        "max_position_embeddings": 256,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     return LlamaConfig(**(settings | overrides))
 
 
@@ -65,7 +65,9 @@ def tiny_config(tokenizer, **overrides) -> LlamaConfig:
 def make_base(tokenizer):
     def make(attn_implementation="sdpa", seed=0, **config_overrides) -> LlamaForCausalLM:
         torch.manual_seed(seed)
-        base = LlamaForCausalLM._from_config(tiny_config(tokenizer, **config_overrides), attn_implementation=attn_implementation)
+        base = LlamaForCausalLM._from_config(
+            tiny_config(tokenizer, **config_overrides), attn_implementation=attn_implementation
+        )
         return base.eval().requires_grad_(False)
 
     return make
@@ -75,7 +77,9 @@ def make_base(tokenizer):
 def make_model(make_base, tokenizer):
     """Same seed, same base weights: two models built with equal arguments differ only where a test changes them."""
 
-    def make(attn_implementation="sdpa", adapter_len=3, adapter_layers=2, seed=0, **config_overrides) -> LlamaAdapterModel:
+    def make(
+        attn_implementation="sdpa", adapter_len=3, adapter_layers=2, seed=0, **config_overrides
+    ) -> LlamaAdapterModel:
         base = make_base(attn_implementation, seed, **config_overrides)
         torch.manual_seed(seed + 1000)  # the prompts' random init, independent of how many base weights came first
         return LlamaAdapterModel(base, tokenizer, AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers))

@@ -135,14 +135,18 @@ def test_attention_matches_the_papers_formula(make_model, tokenizer, randomize_a
         rotary = model.base.model.rotary_emb
         prompt = model.prompts[adapted]
         hidden, actual = captured[adapted]
-        expected = reference_attention(layers[adapted].self_attn, rotary, hidden, prompt.adapter_prompt, prompt.adapter_gate)
+        expected = reference_attention(
+            layers[adapted].self_attn, rotary, hidden, prompt.adapter_prompt, prompt.adapter_gate
+        )
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         # Guard: the prompt term is large enough here that dropping it would fail the comparison above.
         without_prompt = reference_attention(layers[adapted].self_attn, rotary, hidden)
         assert (without_prompt - expected).abs().max() > 1e-3
 
         hidden, actual = captured[plain]
-        torch.testing.assert_close(actual, reference_attention(layers[plain].self_attn, rotary, hidden), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            actual, reference_attention(layers[plain].self_attn, rotary, hidden), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_bf16_base_keeps_fp32_adapter_parameters(make_base, tokenizer):

@@ -29,7 +29,8 @@ def alpaca_rows(data_dir) -> list[dict]:
 
 def test_default_base_is_the_smollm2_from_the_wheel(smollm2):
     config = smollm2.base.config
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (30, 576, 9, 3)
+    shape = (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads)
+    assert shape == (30, 576, 9, 3)
     assert smollm2.config.adapter_layers == 30
     assert smollm2.num_trainable_parameters() == 30 * (10 * 576 + 9)
     assert (hf.default_base_dir() / "model.safetensors").is_file()  # the dequantised cache later loads use
@@ -75,7 +76,11 @@ def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_pat
 @pytest.mark.skipif(shutil.which("llama-adapter") is None, reason="console script not installed")
 def test_chat_command_streams_an_answer():
     done = subprocess.run(
-        ["llama-adapter", "chat", "--max-new-tokens", "24", QUESTION], capture_output=True, text=True, timeout=300
+        ["llama-adapter", "chat", "--max-new-tokens", "24", QUESTION],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
@@ -84,9 +89,27 @@ def test_chat_command_streams_an_answer():
 def test_train_module_entry_point_runs_on_real_data(data_dir, tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "llama_adapter.train", "--data", str(data_dir / "alpaca" / "alpaca_small.json"),
-         "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--max-len", "96", "--val-fraction", "0.002"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "llama_adapter.train",
+            "--data",
+            str(data_dir / "alpaca" / "alpaca_small.json"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-len",
+            "96",
+            "--val-fraction",
+            "0.002",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert (out / WEIGHTS_NAME).is_file() and (out / CONFIG_NAME).is_file()

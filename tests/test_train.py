@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from llama_adapter import cli, data
-from llama_adapter.config import AdapterConfig
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel
 from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
 
@@ -47,7 +46,9 @@ def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows
     examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
     before = evaluate(model, examples, batch_size=4, pad_id=tokenizer.pad_token_id)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(rows_file), out=str(out), epochs=6, batch_size=4, grad_accum=2, lr=0.2, val_fraction=0.25, warmup=0.1)
+    cfg = TrainConfig(
+        data=str(rows_file), out=str(out), epochs=6, batch_size=4, grad_accum=2, lr=0.2, val_fraction=0.25, warmup=0.1
+    )
     summary = train(cfg, model.config, model)
     after = evaluate(model, examples, batch_size=4, pad_id=tokenizer.pad_token_id)
 
@@ -55,7 +56,13 @@ def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert summary["steps"] == 6 * math.ceil(12 / 8)
     assert summary["trainable_parameters"] == 4 * (4 * 64 + 4)
-    assert {p.name for p in out.iterdir()} >= {WEIGHTS_NAME, CONFIG_NAME, "metrics.csv", "loss.png", "train_config.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        WEIGHTS_NAME,
+        CONFIG_NAME,
+        "metrics.csv",
+        "loss.png",
+        "train_config.json",
+    }
     with open(out / "metrics.csv", newline="") as f:
         metrics = list(csv.DictReader(f))
     val_rows = [r for r in metrics if r["val_loss"]]
@@ -74,7 +81,9 @@ def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows
 
 def test_max_steps_stops_early(make_model, rows_file, tmp_path):
     model = make_model()
-    cfg = TrainConfig(data=str(rows_file), out=str(tmp_path / "run"), epochs=50, batch_size=2, max_steps=3, val_fraction=0.25)
+    cfg = TrainConfig(
+        data=str(rows_file), out=str(tmp_path / "run"), epochs=50, batch_size=2, max_steps=3, val_fraction=0.25
+    )
     assert train(cfg, model.config, model)["steps"] == 3
 
 
@@ -98,8 +107,31 @@ def tiny_base_dir(make_base, tokenizer, tmp_path):
 
 def test_cli_train_then_chat(tiny_base_dir, rows_file, tmp_path, capsys):
     out = tmp_path / "adapter"
-    cli.main(["train", "--base", str(tiny_base_dir), "--data", str(rows_file), "--out", str(out), "--max-steps", "2",
-              "--batch-size", "2", "--epochs", "1", "--adapter-layers", "2", "--adapter-len", "3", "--lr", "0.01", "--seed", "1"])
+    cli.main(
+        [
+            "train",
+            "--base",
+            str(tiny_base_dir),
+            "--data",
+            str(rows_file),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--adapter-layers",
+            "2",
+            "--adapter-len",
+            "3",
+            "--lr",
+            "0.01",
+            "--seed",
+            "1",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2
     saved = json.loads((out / CONFIG_NAME).read_text())

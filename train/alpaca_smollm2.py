@@ -28,7 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = TrainConfig(
-        data=str(DATA), out=args.out, epochs=1, batch_size=8, max_len=256, lr=2e-3, warmup=0.1,
+        data=str(DATA),
+        out=args.out,
+        epochs=1,
+        batch_size=8,
+        max_len=256,
+        lr=2e-3,
+        warmup=0.1,
         val_fraction=0.05,
     )
     # The held-out rows the training run will validate on; their instructions make the before/after samples.
@@ -40,7 +46,9 @@ def main() -> None:
     after = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows[:SAMPLES]]
 
     summary["checkpoint_bytes"] = (Path(args.out) / WEIGHTS_NAME).stat().st_size
-    summary["config"] = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "max_len", "lr", "warmup", "val_fraction")}
+    summary["config"] = {
+        k: getattr(cfg, k) for k in ("epochs", "batch_size", "max_len", "lr", "warmup", "val_fraction")
+    }
     summary["samples"] = [
         {"instruction": r["instruction"], "input": r["input"], "reference": r["output"], "before": b, "after": a}
         for r, b, a in zip(val_rows, before, after)
