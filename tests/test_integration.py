@@ -88,24 +88,10 @@ def test_chat_command_streams_an_answer():
 
 def test_train_module_entry_point_runs_on_real_data(data_dir, tmp_path):
     out = tmp_path / "run"
+    data_file = data_dir / "alpaca" / "alpaca_small.json"
+    flags = ["--max-steps", "2", "--batch-size", "2", "--max-len", "96", "--val-fraction", "0.002"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama_adapter.train",
-            "--data",
-            str(data_dir / "alpaca" / "alpaca_small.json"),
-            "--out",
-            str(out),
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--max-len",
-            "96",
-            "--val-fraction",
-            "0.002",
-        ],
+        [sys.executable, "-m", "llama_adapter.train", "--data", str(data_file), "--out", str(out), *flags],
         capture_output=True,
         text=True,
         check=False,

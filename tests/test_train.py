@@ -107,31 +107,8 @@ def tiny_base_dir(make_base, tokenizer, tmp_path):
 
 def test_cli_train_then_chat(tiny_base_dir, rows_file, tmp_path, capsys):
     out = tmp_path / "adapter"
-    cli.main(
-        [
-            "train",
-            "--base",
-            str(tiny_base_dir),
-            "--data",
-            str(rows_file),
-            "--out",
-            str(out),
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--epochs",
-            "1",
-            "--adapter-layers",
-            "2",
-            "--adapter-len",
-            "3",
-            "--lr",
-            "0.01",
-            "--seed",
-            "1",
-        ]
-    )
+    flags = "--max-steps 2 --batch-size 2 --epochs 1 --adapter-layers 2 --adapter-len 3 --lr 0.01 --seed 1"
+    cli.main(["train", "--base", str(tiny_base_dir), "--data", str(rows_file), "--out", str(out), *flags.split()])
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2
     saved = json.loads((out / CONFIG_NAME).read_text())
