@@ -10,6 +10,7 @@ and after, throughput, wall time, parameter count, checkpoint size and sample an
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
@@ -56,6 +57,7 @@ def main() -> None:
     results = REPO / "train" / "results"
     results.mkdir(exist_ok=True)
     (results / "alpaca_smollm2.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.copyfile(Path(args.out) / "loss.png", results / "alpaca_smollm2_loss.png")
     print(json.dumps(summary, indent=2))
 
 
