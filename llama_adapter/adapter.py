@@ -11,6 +11,10 @@ to zero, and added to the layer's ordinary attention output before the output pr
     out = softmax(Q K^T / sqrt(d) + mask) V  +  tanh(g_l) * softmax(Q (P_l W_k)^T / sqrt(d)) (P_l W_v)
 
 so an untrained adapter is exactly the base model, and training grows the prompts' influence from zero.
+
+Multimodal (section 3.3): a frozen CLIP encoder's global image feature goes through a small trainable projection
+(`VisualProjection`) to the LLM width and is added to every adapted layer's K prompts, P_l + repeat_K(I_p), so
+each sample attends to prompts shifted by its own image. Rows without an image add nothing.
 """
 
 import torch
@@ -26,6 +30,8 @@ class AdaptionPrompt(nn.Module):
         # N(0, 1) like the reference implementation's nn.Embedding; harmless because the gate starts at zero.
         self.adapter_prompt = nn.Parameter(torch.randn(adapter_len, hidden_size))
         self.adapter_gate = nn.Parameter(torch.zeros(num_heads))
+        # (B, dim) projected image features of the current batch, set by the model around a forward pass.
+        self.visual: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module, scaling: float) -> torch.Tensor:
         """Gated attention of `query` (B, H, T, hd), rotary already applied, over the prompt.
@@ -34,12 +40,14 @@ class AdaptionPrompt(nn.Module):
         """
         num_heads, head_dim = query.shape[1], query.shape[3]
         prompt = self.adapter_prompt.to(query.dtype)  # params stay fp32; compute runs in the base's dtype
-        keys = _heads(k_proj(prompt), head_dim)  # (H_kv, K, hd)
+        if self.visual is not None:
+            prompt = prompt + self.visual[:, None].to(query.dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
+        keys = _heads(k_proj(prompt), head_dim)  # ([B,] H_kv, K, hd)
         values = _heads(v_proj(prompt), head_dim)
         # Grouped-query attention: each key/value head serves num_heads // H_kv consecutive query heads.
-        groups = num_heads // keys.shape[0]
-        keys = keys.repeat_interleave(groups, dim=0)  # (H, K, hd)
-        values = values.repeat_interleave(groups, dim=0)
+        groups = num_heads // keys.shape[-3]
+        keys = keys.repeat_interleave(groups, dim=-3)  # ([B,] H, K, hd)
+        values = values.repeat_interleave(groups, dim=-3)
 
         scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling  # (B, H, T, K)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -48,6 +56,18 @@ class AdaptionPrompt(nn.Module):
         return out.transpose(1, 2)
 
 
+class VisualProjection(nn.Module):
+    """CLIP image feature (B, clip_dim) -> LLM width (B, dim): linear then LayerNorm, the only trainable visual part."""
+
+    def __init__(self, clip_dim: int, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(clip_dim, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(features))
+
+
 def _heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(K, H_kv * hd) -> (H_kv, K, hd)."""
-    return projected.view(projected.shape[0], -1, head_dim).transpose(0, 1)
+    """([B,] K, H_kv * hd) -> ([B,] H_kv, K, hd)."""
+    return projected.unflatten(-1, (-1, head_dim)).transpose(-3, -2)

@@ -34,6 +34,21 @@ class AdapterConfig:
 
 
 @dataclass
+class VisualConfig:
+    """The frozen CLIP image encoder of a multimodal adapter; no clip_model means a text-only adapter."""
+
+    clip_model: str | None = option("open_clip architecture, e.g. ViT-L-14 (the paper's); unset = text-only", None)
+    clip_weights: str | None = option(
+        "open_clip pretrained tag (needs internet, e.g. openai) or a local checkpoint file; unset = random init", None
+    )
+    clip_seed: int = option("seed of the random CLIP init without weights, saved so reloads rebuild the same", 0)
+
+    def __post_init__(self):
+        if self.clip_weights and not self.clip_model:
+            raise ValueError("clip_weights needs clip_model: the architecture the weights belong to")
+
+
+@dataclass
 class SamplingConfig:
     """How `generate` picks tokens: greedy when temperature is 0."""
 

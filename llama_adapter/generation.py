@@ -10,8 +10,10 @@ from .config import SamplingConfig
 from .data import format_prompt
 
 
-def stream(model, instruction: str, input: str, sampling: SamplingConfig) -> Iterator[str]:
-    """Generate in a worker thread and yield text as it arrives.
+def stream(
+    model, instruction: str, input: str, sampling: SamplingConfig, image_features: torch.Tensor | None = None
+) -> Iterator[str]:
+    """Generate in a worker thread and yield text as it arrives; `image_features` (1, clip_dim) or None.
 
     Closing the iterator early (a Stop button, Ctrl-C) stops the worker at the next token; an exception in
     the worker is re-raised here instead of leaving the consumer waiting.
@@ -24,7 +26,7 @@ def stream(model, instruction: str, input: str, sampling: SamplingConfig) -> Ite
 
     def work():
         try:
-            with torch.no_grad():
+            with torch.no_grad(), model.images(image_features):
                 model.base.generate(
                     **encoded,
                     **generation_kwargs(sampling, tokenizer),

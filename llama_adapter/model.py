@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import hf
-from .config import AdapterConfig, SamplingConfig, default_device
+from .adapter import VisualProjection
+from .config import AdapterConfig, SamplingConfig, VisualConfig, default_device
+from .visual import ImageEncoder
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -27,16 +31,29 @@ class LlamaAdapterModel(nn.Module):
     >>> model = LlamaAdapterModel.from_base()            # the embedded SmolLM2, fresh (zero-gated) adapter
     >>> model = LlamaAdapterModel.load("runs/alpaca")    # a trained adapter on the base it was trained on
     >>> model.generate("Name three primary colours.")
+    >>> model.generate("What colour is the shape?", image="shape.png")   # a multimodal adapter (clip_model set)
     """
 
-    def __init__(self, base, tokenizer, config: AdapterConfig):
+    def __init__(self, base, tokenizer, config: AdapterConfig, visual: VisualConfig | None = None):
         super().__init__()
         depth = base.config.num_hidden_layers
         self.config = dataclasses.replace(config, adapter_layers=min(config.adapter_layers, depth))
+        self.visual_config = visual or VisualConfig()
         self.base = base
         self.tokenizer = tokenizer
         # Plain dict: the prompts are registered under the base's attention modules already.
         self.prompts = hf.attach_adaption_prompts(base, self.config.adapter_len, self.config.adapter_layers)
+        self.image_encoder = self.visual_proj = None
+        if self.visual_config.clip_model:
+            device = base.get_input_embeddings().weight.device
+            self.image_encoder = ImageEncoder(self.visual_config).to(device)
+            self.visual_proj = VisualProjection(self.image_encoder.clip_dim, base.config.hidden_size).to(device)
+        # The prompts read the batch's image features from an attribute (see `images`); one batch at a time.
+        self._images_lock = threading.RLock()
+
+    @property
+    def multimodal(self) -> bool:
+        return self.visual_proj is not None
 
     # ------------------------------------------------------------------------------------------------------
     # Construction, saving and loading
@@ -49,10 +66,11 @@ class LlamaAdapterModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         attn_implementation: str | None = None,
+        visual: VisualConfig | None = None,
     ) -> "LlamaAdapterModel":
         """Load a base model by name or folder and attach a fresh adapter (gates at zero)."""
         model, tokenizer = hf.load_base(base, dtype, attn_implementation)
-        return cls(model, tokenizer, config or AdapterConfig()).to(device or default_device())
+        return cls(model, tokenizer, config or AdapterConfig(), visual).to(device or default_device())
 
     @classmethod
     def load(
@@ -61,11 +79,20 @@ class LlamaAdapterModel(nn.Module):
         base: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        clip_weights: str | None = None,
     ) -> "LlamaAdapterModel":
-        """Load a saved adapter onto `base` (default: the base named in its config); refuses a different base."""
+        """Load a saved adapter onto `base` (default: the base named in its config); refuses a different base.
+
+        `clip_weights` points a multimodal adapter at this machine's copy of the CLIP weights it was trained with.
+        """
         adapter_dir = Path(adapter_dir)
         saved = read_adapter_config(adapter_dir)
-        model = cls.from_base(base or saved["base"]["name"], AdapterConfig(**saved["adapter"]), dtype, device)
+        visual = VisualConfig(**saved.get("visual", {}))
+        if clip_weights:
+            visual = dataclasses.replace(visual, clip_weights=clip_weights)
+        model = cls.from_base(
+            base or saved["base"]["name"], AdapterConfig(**saved["adapter"]), dtype, device, None, visual
+        )
         check_same_base(saved["base"], hf.base_identity(model.base), adapter_dir / CONFIG_NAME)
         model.load_adapter_weights(adapter_dir / WEIGHTS_NAME)
         return model
@@ -79,6 +106,7 @@ class LlamaAdapterModel(nn.Module):
         config = {
             "format_version": FORMAT_VERSION,
             "adapter": dataclasses.asdict(self.config),
+            "visual": dataclasses.asdict(self.visual_config),
             "base": hf.base_identity(self.base),
             "trainable_parameters": self.num_trainable_parameters(),
         }
@@ -108,12 +136,15 @@ class LlamaAdapterModel(nn.Module):
     # What trains and what is saved: the adapter's parameters, nothing else
 
     def adapter_state(self) -> dict[str, nn.Parameter]:
-        """The trainable parameters by checkpoint name, e.g. 'layers.29.adapter_gate'."""
-        return {
+        """The trainable parameters by checkpoint name, e.g. 'layers.29.adapter_gate', 'visual_proj.linear.weight'."""
+        state = {
             f"layers.{idx}.{name}": param
             for idx, prompt in self.prompts.items()
             for name, param in prompt.named_parameters()
         }
+        if self.visual_proj is not None:
+            state |= {f"visual_proj.{name}": param for name, param in self.visual_proj.named_parameters()}
+        return state
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.adapter_state().values())
@@ -129,28 +160,80 @@ class LlamaAdapterModel(nn.Module):
     def device(self) -> torch.device:
         return self.base.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab)."""
-        return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); with image features (B, clip_dim), rows where `has_image` is False have none."""
+        with self.images(image_features, has_image):
+            return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy over the positions whose label is not -100 (the responses)."""
-        hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with self.images(image_features, has_image):
+            hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         scored = targets != -100
         # Project only the scored positions onto the vocabulary: prompts and padding need no logits.
         logits = self.base.get_output_embeddings()(hidden[:, :-1][scored])
         return F.cross_entropy(logits.float(), targets[scored])
 
-    def stream(self, instruction: str, input: str = "", sampling: SamplingConfig | None = None) -> Iterator[str]:
-        """Yield the answer to an Alpaca-style instruction piece by piece as it is generated."""
+    def stream(
+        self, instruction: str, input: str = "", sampling: SamplingConfig | None = None, image=None
+    ) -> Iterator[str]:
+        """Yield the answer to an Alpaca-style instruction piece by piece as it is generated.
+
+        `image`: a file path or PIL image, for a multimodal adapter.
+        """
         from .generation import stream
 
-        return stream(self, instruction, input, sampling or SamplingConfig())
+        features = None if image is None else self.encode_images([image])
+        return stream(self, instruction, input, sampling or SamplingConfig(), features)
 
-    def generate(self, instruction: str, input: str = "", sampling: SamplingConfig | None = None) -> str:
-        """The whole answer to an Alpaca-style instruction."""
-        return "".join(self.stream(instruction, input, sampling))
+    def generate(self, instruction: str, input: str = "", sampling: SamplingConfig | None = None, image=None) -> str:
+        """The whole answer to an Alpaca-style instruction (about `image`, if given)."""
+        return "".join(self.stream(instruction, input, sampling, image))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Images
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        """(N, clip_dim) CLIP features of image files or PIL images."""
+        if not self.multimodal:
+            raise ValueError("this adapter is text-only (trained without --clip-model); it cannot take images")
+        return self.image_encoder(images)
+
+    @contextmanager
+    def images(self, features: torch.Tensor | None, has_image: torch.Tensor | None = None):
+        """Within this block every adapted layer's prompts are shifted by each row's projected image feature.
+
+        features: (B, clip_dim) or None (text only); has_image: (B,) bool, False rows get no image.
+        """
+        with self._images_lock:
+            visual = None
+            if features is not None:
+                if not self.multimodal:
+                    raise ValueError("this adapter is text-only (trained without --clip-model); it cannot take images")
+                visual = self.visual_proj(features.to(self.visual_proj.linear.weight))
+                if has_image is not None:
+                    visual = visual * has_image.to(visual)[:, None]
+            for prompt in self.prompts.values():
+                prompt.visual = visual
+            try:
+                yield
+            finally:
+                for prompt in self.prompts.values():
+                    prompt.visual = None
 
 
 # ----------------------------------------------------------------------------------------------------------

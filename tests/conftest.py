@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random LLaMA with an offline character-level tokenizer, and the data folder."""
 
+import json
 import os
 import string
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llama_adapter.config import AdapterConfig
+from llama_adapter.config import AdapterConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel
 
 # The models here are far too small to gain from intra-op threads, and on a loaded machine OpenMP's
@@ -78,11 +79,17 @@ def make_model(make_base, tokenizer):
     """Same seed, same base weights: two models built with equal arguments differ only where a test changes them."""
 
     def make(
-        attn_implementation="sdpa", adapter_len=3, adapter_layers=2, seed=0, **config_overrides
+        attn_implementation="sdpa",
+        adapter_len=3,
+        adapter_layers=2,
+        seed=0,
+        visual: VisualConfig | None = None,
+        **config_overrides,
     ) -> LlamaAdapterModel:
         base = make_base(attn_implementation, seed, **config_overrides)
         torch.manual_seed(seed + 1000)  # the prompts' random init, independent of how many base weights came first
-        return LlamaAdapterModel(base, tokenizer, AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers))
+        config = AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers)
+        return LlamaAdapterModel(base, tokenizer, config, visual)
 
     return make
 
@@ -109,3 +116,22 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"data folder {path} not found (set LLAMA_ADAPTER_DATA to run tests on the real data)")
     return path
+
+
+TINY_CLIP = "tiny-test-clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """Registers a 2-layer, 32-wide open_clip architecture (random init, built in milliseconds); returns its name."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip-configs")
+    config = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return TINY_CLIP

@@ -1,0 +1,112 @@
+"""The frozen CLIP image encoder (open_clip) and an on-disk cache of its features.
+
+The encoder gives one global feature per image, the CLIP image embedding; `adapter.VisualProjection` maps it
+to the LLM width. Without pretrained weights the encoder is randomly initialised from a saved seed: a random
+but fixed feature extractor, enough to test the wiring and to learn simple visual tasks, not to understand
+pictures. Every such load says so on stderr.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import VisualConfig
+
+
+def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
+    """An RGB image from a path or a PIL image (any format PIL reads: PNG, JPEG, GIF, WebP, ...)."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{source}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{source}: not a readable image ({err})") from None
+
+
+class ImageEncoder(nn.Module):
+    """CLIP's image tower and preprocessing, frozen: images -> (N, clip_dim) float32 features."""
+
+    def __init__(self, config: VisualConfig):
+        super().__init__()
+        import open_clip  # heavy import, only for multimodal adapters
+
+        self.config = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.clip_seed)  # a reproducible random encoder when no weights are given
+            clip, _, self.preprocess = open_clip.create_model_and_transforms(
+                config.clip_model, pretrained=config.clip_weights
+            )
+        self.tower = clip.visual.requires_grad_(False).eval()
+        self.clip_dim = self.tower.output_dim
+        if not config.clip_weights:
+            print(
+                f"WARNING: CLIP {config.clip_model} is randomly initialised (seed {config.clip_seed}), not pretrained: "
+                "image features carry no learnt meaning. Give --clip-weights for real results.",
+                file=sys.stderr,
+            )
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        return super().train(False)  # frozen: always in eval mode, whatever the surrounding model does
+
+    @torch.no_grad()
+    def forward(self, images: list) -> torch.Tensor:
+        device = next(self.tower.parameters()).device
+        pixels = torch.stack([self.preprocess(load_image(image)) for image in images]).to(device)
+        return self.tower(pixels.to(next(self.tower.parameters()).dtype)).float()
+
+    def identity(self) -> str:
+        """A short key for this encoder's features: architecture, weights and seed."""
+        key = json.dumps([self.config.clip_model, self.config.clip_weights, self.config.clip_seed])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Image features on disk, keyed by the image file's content hash and the encoder, so repeated epochs and
+    evaluations skip the encoder. Each entry is written to a temporary file and renamed: never read half-written."""
+
+    def __init__(self, encoder: ImageEncoder, folder: Path):
+        self.encoder = encoder
+        self.folder = Path(folder) / encoder.identity()
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def features(self, paths: list[str]) -> torch.Tensor:
+        """(N, clip_dim) features of the image files, encoding only those not cached yet."""
+        keys = [_content_hash(path) for path in paths]
+        missing = [(key, path) for key, path in zip(keys, paths) if self._lookup(key) is None]
+        if missing:
+            encoded = self.encoder([path for _, path in missing]).cpu()
+            for (key, _), feature in zip(missing, encoded):
+                self._store(key, feature)
+        return torch.stack([self.memory[key] for key in keys])
+
+    def _lookup(self, key: str) -> torch.Tensor | None:
+        if key not in self.memory:
+            file = self.folder / f"{key}.safetensors"
+            if file.is_file():
+                self.memory[key] = load_file(file)["feature"]
+        return self.memory.get(key)
+
+    def _store(self, key: str, feature: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        file = self.folder / f"{key}.safetensors"
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        save_file({"feature": feature.contiguous()}, str(tmp))
+        os.replace(tmp, file)
+        self.memory[key] = feature
+
+
+def _content_hash(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image file") from None

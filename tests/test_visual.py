@@ -1,0 +1,184 @@
+"""The multimodal adapter on a tiny random LLaMA and a tiny random CLIP: zero-init, per-row images, save/load, cache."""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from test_adapter import random_batch, reference_attention
+
+from llama_adapter.config import SamplingConfig, VisualConfig
+from llama_adapter.model import CONFIG_NAME, LlamaAdapterModel
+from llama_adapter.visual import FeatureCache, load_image
+
+
+def write_image(path, colour, size=40):
+    image = Image.new("RGB", (size, size), "white")
+    image.paste(colour, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    return [write_image(tmp_path / f"{name}.png", name) for name in ("red", "blue")]
+
+
+@pytest.fixture
+def multimodal(make_model, tiny_clip):
+    def make(**kwargs) -> LlamaAdapterModel:
+        return make_model(adapter_len=4, adapter_layers=3, visual=VisualConfig(clip_model=tiny_clip), **kwargs)
+
+    return make
+
+
+def test_zero_gates_reproduce_the_base_exactly_with_images(multimodal, make_base, tokenizer, images):
+    model = multimodal()
+    ids, mask = random_batch(len(tokenizer))
+    features = model.encode_images(images)
+    with torch.no_grad():
+        expected = make_base()(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(model(ids, mask, features), expected)
+        for prompt in model.prompts.values():
+            prompt.adapter_gate.fill_(0.5)
+        assert not torch.allclose(model(ids, mask, features), expected, atol=1e-3)
+
+
+def test_each_row_attends_to_prompts_shifted_by_its_own_image(multimodal, tokenizer, randomize_adapter, images):
+    model = multimodal()
+    randomize_adapter(model)
+    ids, _ = random_batch(len(tokenizer), batch=2, length=9)
+    features = model.encode_images(images)
+    layer = max(model.prompts)
+    attention = model.base.model.layers[layer].self_attn
+    captured = {}
+    hook = attention.register_forward_hook(
+        lambda module, args, kwargs, output: captured.update(hidden=kwargs["hidden_states"], out=output[0]),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        model(ids, image_features=features)
+        hook.remove()
+        prompt = model.prompts[layer]
+        visual = model.visual_proj(features)
+        for row in range(2):
+            expected = reference_attention(
+                attention,
+                model.base.model.rotary_emb,
+                captured["hidden"][row : row + 1],
+                prompt.adapter_prompt + visual[row],  # the paper's P_l + repeat_K(I_p)
+                prompt.adapter_gate,
+            )
+            torch.testing.assert_close(captured["out"][row : row + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_without_an_image_equal_the_text_only_forward(multimodal, tokenizer, randomize_adapter, images):
+    model = multimodal()
+    randomize_adapter(model)
+    ids, mask = random_batch(len(tokenizer))
+    features = model.encode_images(images)
+    has_image = torch.tensor([True, False])
+    with torch.no_grad():
+        text_only = model(ids, mask)
+        mixed = model(ids, mask, features, has_image)
+        both = model(ids, mask, features)
+    real = mask.bool()
+    torch.testing.assert_close(mixed[1][real[1]], text_only[1][real[1]], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mixed[0], both[0], atol=1e-6, rtol=1e-6)
+    assert (mixed[0] - text_only[0]).abs().max() > 1e-3  # the image really changed row 0
+
+
+def test_trainable_parameters_are_prompts_gates_and_projection(multimodal):
+    model = multimodal()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(_qualified(model))
+    clip_dim, hidden = model.image_encoder.clip_dim, model.base.config.hidden_size
+    prompts_and_gates = 3 * (4 * hidden + 4)
+    projection = clip_dim * hidden + hidden + 2 * hidden  # linear weight and bias, LayerNorm scale and shift
+    assert model.num_trainable_parameters() == prompts_and_gates + projection
+    assert all(not p.requires_grad for p in model.image_encoder.parameters())
+
+
+def _qualified(model):
+    """Full module-tree names of the adapter's parameters."""
+    ids = {id(p) for p in model.adapter_state().values()}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+def test_loss_trains_the_projection_through_the_prompts(multimodal, tokenizer, randomize_adapter, images):
+    model = multimodal()
+    randomize_adapter(model)
+    ids, mask = random_batch(len(tokenizer))
+    labels = ids.masked_fill(mask == 0, -100)
+    model.loss(ids, mask, labels, model.encode_images(images)).backward()
+    assert model.visual_proj.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    assert all(prompt.visual is None for prompt in model.prompts.values())  # nothing left behind for the next batch
+
+
+def test_generate_with_an_image(multimodal, randomize_adapter, images):
+    model = multimodal()
+    randomize_adapter(model, seed=4)
+    sampling = SamplingConfig(max_new_tokens=12)
+    red, blue = (model.generate("Colour?", image=path, sampling=sampling) for path in images)
+    assert red and blue and red != blue
+    assert model.generate("Colour?", image=Image.open(images[0]), sampling=sampling) == red
+
+
+def test_save_and_load_rebuild_the_same_random_encoder(multimodal, tokenizer, randomize_adapter, images, tmp_path):
+    model = multimodal()
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.visual_proj.linear.weight.normal_()
+    base_dir = tmp_path / "base"
+    model.base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model.base.name_or_path = str(base_dir)
+    model.save(tmp_path / "adapter")
+
+    reloaded = LlamaAdapterModel.load(tmp_path / "adapter", device="cpu")
+    ids, mask = random_batch(len(tokenizer))
+    with torch.no_grad():
+        expected = model(ids, mask, model.encode_images(images))
+        actual = reloaded(ids, mask, reloaded.encode_images(images))
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    assert '"clip_model": "tiny-test-clip"' in (tmp_path / "adapter" / CONFIG_NAME).read_text()
+
+
+def test_text_only_adapter_refuses_images(make_model, images):
+    model = make_model()
+    with pytest.raises(ValueError, match="text-only"):
+        model.generate("Colour?", image=images[0])
+
+
+def test_clip_weights_need_an_architecture():
+    with pytest.raises(ValueError, match="clip_model"):
+        VisualConfig(clip_weights="weights.safetensors")
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    with pytest.raises(ValueError, match="notes.png: not a readable image"):
+        load_image(bad)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_feature_cache_encodes_each_image_content_once(multimodal, images, tmp_path):
+    model = multimodal()
+    calls = []
+    encoder = model.image_encoder
+    encoder.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    cache = FeatureCache(encoder, tmp_path / "cache")
+    first = cache.features([str(p) for p in images])
+    assert calls == [2]
+    torch.testing.assert_close(first, encoder(images))
+    calls.clear()
+
+    copy = shutil.copy(images[0], tmp_path / "same-content.png")
+    fresh = FeatureCache(encoder, tmp_path / "cache")  # a new process: only the files on disk remain
+    again = fresh.features([str(copy), str(images[1])])
+    assert calls == []
+    assert torch.equal(again, first)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
