@@ -33,7 +33,10 @@ class DataError(ValueError):
 
 
 def load_rows(path: str | Path) -> list[dict]:
-    """Read Alpaca rows {instruction, input, output} from a JSON list or a JSONL file, checking every row."""
+    """Read Alpaca rows {instruction, input, output} from a JSON list or a JSONL file, checking every row.
+
+    A row may name an image file ("image": path, relative to the data file's folder) for a multimodal adapter.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -62,10 +65,10 @@ def load_rows(path: str | Path) -> list[dict]:
             where.append(f"{path}: line {lineno}")
     if not records:
         raise DataError(f"{path}: no rows")
-    return [_check_row(record, place) for record, place in zip(records, where)]
+    return [_check_row(record, place, path.parent) for record, place in zip(records, where)]
 
 
-def _check_row(record, where: str) -> dict:
+def _check_row(record, where: str, folder: Path) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with instruction/input/output, got {type(record).__name__}")
     row = {}
@@ -78,6 +81,11 @@ def _check_row(record, where: str) -> dict:
         if required and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         row[name] = value
+    image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        raise DataError(f"{where}: field 'image' must be a file path, got {type(image).__name__}")
+    if image:
+        row["image"] = str(folder / image)
     return row
 
 
@@ -96,6 +104,7 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
 class Example:
     input_ids: list[int]
     labels: list[int]
+    image: str | None = None
 
 
 def encode(tokenizer, row: dict, max_len: int) -> Example | None:
@@ -108,7 +117,8 @@ def encode(tokenizer, row: dict, max_len: int) -> Example | None:
     if len(prompt) >= max_len:
         return None
     response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Example((prompt + response)[:max_len], ([IGNORE_INDEX] * len(prompt) + response)[:max_len])
+    labels = [IGNORE_INDEX] * len(prompt) + response
+    return Example((prompt + response)[:max_len], labels[:max_len], row.get("image"))
 
 
 def encode_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example], int]:

@@ -18,9 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .config import PRECISIONS, AdapterConfig, default_precision, option
-from .hf import DEFAULT_BASE
+from .config import PRECISIONS, AdapterConfig, VisualConfig, default_precision, option
+from .hf import DEFAULT_BASE, cache_dir
 from .model import LlamaAdapterModel
+from .visual import FeatureCache
 
 PAPER_BASE_LR = 9e-3  # the reference's --blr; lr = blr * effective batch / 256
 
@@ -62,15 +63,32 @@ class TrainConfig:
         self.lr = self.lr or PAPER_BASE_LR * self.batch_size * self.grad_accum / 256
 
 
-def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    adapter_cfg: AdapterConfig,
+    model: LlamaAdapterModel | None = None,
+    *,
+    visual_cfg: VisualConfig | None = None,
+    rows: list[dict] | None = None,
+) -> dict:
     """Train, validating before the first step and after each epoch; returns a summary of the run.
 
-    `model` defaults to `cfg.base` with a fresh adapter; pass one to train an adapter you built yourself.
+    `model` defaults to `cfg.base` with a fresh adapter (multimodal if `visual_cfg` names a CLIP model); pass one
+    to train an adapter you built yourself. `rows` default to the Alpaca rows of `cfg.data`.
     """
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    train_rows, val_rows = data.split_rows(data.load_rows(cfg.data), cfg.val_fraction, cfg.seed)
-    model = model or LlamaAdapterModel.from_base(cfg.base, adapter_cfg, PRECISIONS[cfg.precision])
+    rows = rows if rows is not None else data.load_rows(cfg.data)
+    check_images_exist(rows, cfg.data)
+    train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
+    model = model or LlamaAdapterModel.from_base(cfg.base, adapter_cfg, PRECISIONS[cfg.precision], visual=visual_cfg)
+    cache = FeatureCache(model.image_encoder, cache_dir() / "clip-features") if model.multimodal else None
+    with_images = sum(1 for row in rows if row.get("image"))
+    if with_images and not model.multimodal:
+        print(
+            f"{with_images} rows name an image; this text-only adapter ignores them (--clip-model uses them)",
+            file=sys.stderr,
+        )
     train_set, dropped = data.encode_all(model.tokenizer, train_rows, cfg.max_len)
     val_set, _ = data.encode_all(model.tokenizer, val_rows, cfg.max_len)
     if not train_set:
@@ -90,7 +108,7 @@ def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel
         json.dumps({"train": dataclasses.asdict(cfg), "adapter": dataclasses.asdict(model.config)}, indent=2)
     )
     log = MetricsLog(out / "metrics.csv")
-    val_before = evaluate(model, val_set, cfg.batch_size, pad_id)
+    val_before = evaluate(model, val_set, cfg.batch_size, pad_id, cache)
     log.write(step=0, epoch=0, val_loss=val_before)
 
     step, tokens, padded, started = 0, 0, 0, time.perf_counter()
@@ -99,7 +117,9 @@ def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel
     for epoch in range(1, cfg.epochs + 1):
         batches = data.length_grouped_batches(train_set, cfg.batch_size, seed=cfg.seed + epoch)
         for first in range(0, len(batches), cfg.grad_accum):
-            group = [data.collate([train_set[i] for i in b], pad_id) for b in batches[first : first + cfg.grad_accum]]
+            group = [
+                make_batch([train_set[i] for i in b], pad_id, cache) for b in batches[first : first + cfg.grad_accum]
+            ]
             loss = accumulate_gradients(model, group)
             torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             optimizer.step()
@@ -122,7 +142,7 @@ def train(cfg: TrainConfig, adapter_cfg: AdapterConfig, model: LlamaAdapterModel
             progress.update()
             if step >= total_steps:
                 break
-        val_loss = evaluate(model, val_set, cfg.batch_size, pad_id)
+        val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache)
         log.write(step=step, epoch=epoch, val_loss=val_loss)
         progress.write(f"epoch {epoch}: validation loss {val_loss:.4f}", file=sys.stderr)
         model.save(out)
@@ -157,15 +177,42 @@ def accumulate_gradients(model: LlamaAdapterModel, batches: list[dict]) -> float
     return total_loss
 
 
+def check_images_exist(rows: list[dict], source: str) -> None:
+    """Fail before training, not mid-epoch, when rows name image files that are not there."""
+    missing = [row["image"] for row in rows if row.get("image") and not Path(row["image"]).is_file()]
+    if missing:
+        raise data.DataError(f"{source}: {len(missing)} rows name image files that do not exist, e.g. {missing[:3]}")
+
+
+def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:
+    """Padded token tensors, plus image features and a has_image mask when a multimodal adapter's rows have images."""
+    batch = data.collate(examples, pad_id)
+    paths = [example.image for example in examples]
+    if cache is None or not any(paths):
+        return batch
+    present = [i for i, path in enumerate(paths) if path]
+    features = torch.zeros(len(paths), cache.encoder.clip_dim)
+    features[present] = cache.features([paths[i] for i in present])
+    has_image = torch.zeros(len(paths), dtype=torch.bool)
+    has_image[present] = True
+    return batch | {"image_features": features, "has_image": has_image}
+
+
 @torch.no_grad()
-def evaluate(model: LlamaAdapterModel, examples: list[data.Example], batch_size: int, pad_id: int) -> float:
+def evaluate(
+    model: LlamaAdapterModel,
+    examples: list[data.Example],
+    batch_size: int,
+    pad_id: int,
+    cache: FeatureCache | None = None,
+) -> float:
     """Token-weighted mean response loss over `examples` (nan when there are none)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
-        batch = data.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = make_batch([examples[i] for i in order[start : start + batch_size]], pad_id, cache)
         n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
         total += model.loss(**{k: v.to(model.device) for k, v in batch.items()}).item() * n
         count += n

@@ -121,3 +121,14 @@ def test_collate_right_pads(tokenizer):
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_image_field_is_resolved_against_the_data_file(tmp_path):
+    rows = [{"instruction": "Colour?", "output": "red", "image": "pics/a.png"}, {"instruction": "Hi.", "output": "hi"}]
+    path = write(tmp_path / "rows.json", json.dumps(rows))
+    loaded = data.load_rows(path)
+    assert loaded[0]["image"] == str(tmp_path / "pics" / "a.png")
+    assert "image" not in loaded[1]
+    bad = write(tmp_path / "bad.jsonl", '{"instruction": "a", "output": "b", "image": 3}\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl: line 1: field 'image' must be a file path"):
+        data.load_rows(bad)
