@@ -5,7 +5,16 @@ import json
 import sys
 from dataclasses import dataclass
 
-from .config import PRECISIONS, AdapterConfig, SamplingConfig, add_arguments, default_precision, from_arguments, option
+from .config import (
+    PRECISIONS,
+    AdapterConfig,
+    SamplingConfig,
+    VisualConfig,
+    add_arguments,
+    default_precision,
+    from_arguments,
+    option,
+)
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
 from .train import TrainConfig, train
@@ -19,6 +28,10 @@ class ChatConfig:
     base: str | None = option(f"base model (default: the one the adapter names, else {DEFAULT_BASE})", None)
     precision: str | None = option("fp32 or bf16 (default: bf16 on a CUDA GPU, else fp32)", None)
     input: str = option("optional context for the instruction (the Alpaca 'input' field)", "")
+    image: str | None = option("an image file the instruction is about (multimodal adapters)", None)
+    clip_weights: str | None = option(
+        "this machine's copy of the CLIP weights a multimodal adapter was trained with", None
+    )
 
     def __post_init__(self):
         self.precision = self.precision or default_precision()
@@ -33,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune an adapter on Alpaca-format data")
     add_arguments(train, TrainConfig)
     add_arguments(train, AdapterConfig)
+    add_arguments(train, VisualConfig)
 
     chat = commands.add_parser("chat", help="answer an instruction, or chat interactively without one")
     chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
@@ -53,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    summary = train(from_arguments(TrainConfig, args), from_arguments(AdapterConfig, args))
+    summary = train(
+        from_arguments(TrainConfig, args),
+        from_arguments(AdapterConfig, args),
+        visual_cfg=from_arguments(VisualConfig, args),
+    )
     print(json.dumps(summary, indent=2))
 
 
@@ -62,14 +80,15 @@ def run_chat(args: argparse.Namespace) -> None:
     sampling = from_arguments(SamplingConfig, args)
     dtype = PRECISIONS[cfg.precision]
     if cfg.adapter:
-        model = LlamaAdapterModel.load(cfg.adapter, base=cfg.base, dtype=dtype)
+        model = LlamaAdapterModel.load(cfg.adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights)
     else:
         # A fresh adapter has zero gates, so this is exactly the base model.
         model = LlamaAdapterModel.from_base(cfg.base or DEFAULT_BASE, dtype=dtype)
     if args.instruction is not None:
-        answer(model, args.instruction, cfg.input, sampling)
+        answer(model, args.instruction, cfg.input, sampling, cfg.image)
         return
-    print("Interactive chat: type an instruction, an empty line or Ctrl-D to quit; Ctrl-C stops an answer.")
+    about = f" about {cfg.image}" if cfg.image else ""
+    print(f"Interactive chat{about}: type an instruction, an empty line or Ctrl-D to quit; Ctrl-C stops an answer.")
     while True:
         try:
             instruction = input("> ").strip()
@@ -78,13 +97,13 @@ def run_chat(args: argparse.Namespace) -> None:
         if not instruction:
             break
         try:
-            answer(model, instruction, "", sampling)
+            answer(model, instruction, "", sampling, cfg.image)
         except KeyboardInterrupt:
             print("\n[stopped]")
 
 
-def answer(model: LlamaAdapterModel, instruction: str, input: str, sampling: SamplingConfig) -> None:
-    pieces = model.stream(instruction, input, sampling)
+def answer(model: LlamaAdapterModel, instruction: str, input: str, sampling: SamplingConfig, image: str | None) -> None:
+    pieces = model.stream(instruction, input, sampling, image)
     try:
         for piece in pieces:
             print(piece, end="", flush=True)

@@ -180,13 +180,31 @@ class LlamaAdapterModel(nn.Module):
         has_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the positions whose label is not -100 (the responses)."""
+        logits, targets, _ = self._response_logits(input_ids, attention_mask, labels, image_features, has_image)
+        return F.cross_entropy(logits, targets)
+
+    def response_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B,) summed log-probability of each row's labelled tokens: how likely the model finds each response."""
+        logits, targets, rows = self._response_logits(input_ids, attention_mask, labels, image_features, has_image)
+        token_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        return torch.zeros(input_ids.shape[0], device=logits.device).index_add_(0, rows, token_logprobs)
+
+    def _response_logits(self, input_ids, attention_mask, labels, image_features, has_image):
+        """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,)."""
         with self.images(image_features, has_image):
             hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         scored = targets != -100
         # Project only the scored positions onto the vocabulary: prompts and padding need no logits.
-        logits = self.base.get_output_embeddings()(hidden[:, :-1][scored])
-        return F.cross_entropy(logits.float(), targets[scored])
+        logits = self.base.get_output_embeddings()(hidden[:, :-1][scored]).float()
+        return logits, targets[scored], scored.nonzero()[:, 0]
 
     def stream(
         self, instruction: str, input: str = "", sampling: SamplingConfig | None = None, image=None

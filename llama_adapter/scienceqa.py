@@ -1,0 +1,536 @@
+"""ScienceQA: loading problems, Alpaca prompts, answer parsing, scoring, and a resumable predictions file.
+
+Two sources of problems:
+- the official ScienceQA layout (`problems.json`, `pid_splits.json`, `images/<split>/<pid>/...`, with optional
+  `captions.json` and `ocrs.json`), read by `load_problems`;
+- LLaVA's `llava_test_CQM-A.json`, which holds all 4241 test questions but no subject, grade or rationale, read by
+  `load_llava_questions`.
+
+Evaluation has two stages, as in LLaVA: generation appends one JSON line per problem (`append_prediction`), so a
+crashed run resumes where it stopped (`read_predictions`); scoring (`score`, `format_table`) is a pure function of
+those records and the problems, with ScienceQA's official categories.
+"""
+
+import ast
+import json
+import os
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from llama_adapter.data import DataError
+
+LETTERS = string.ascii_uppercase
+IMAGE_CONTEXTS = ("none", "captions", "ocr")
+MISSING_IMAGES = ("error", "text-only")
+SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+PREDICTION_FIELDS = ("pid", "prompt", "output", "pred", "pred_letter", "answer", "correct")
+
+
+@dataclass(frozen=True)
+class Problem:
+    pid: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index into choices
+    hint: str  # the text context; "" when there is none
+    image: Path | None  # absolute path of the question image, when it is named and the file is here
+    names_image: bool  # the problem has a question image, whether or not the file is here
+    subject: str | None  # "natural science", "social science" or "language science"; None when unknown
+    grade: str | None  # "grade1" .. "grade12"; None when unknown
+    split: str
+    lecture: str = ""
+    solution: str = ""
+    caption: str = ""  # machine caption of the image (captions.json)
+    ocr: str = ""  # text read from the image (ocrs.json), joined with ", "
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official ScienceQA layout
+
+
+def load_problems(
+    data_dir: str | Path,
+    split: str,
+    problems_file: str = "problems.json",
+    splits_file: str = "pid_splits.json",
+    missing_images: str = "error",
+) -> tuple[list[Problem], int]:
+    """The problems of `split`, in split order, and how many of them name an image whose file is not here.
+
+    Pids listed for the split but absent from the problems file are skipped, so a partial problems file works.
+    Without a splits file, problems are chosen by their own "split" field. `missing_images="error"` stops at
+    problems whose image file is missing; "text-only" keeps them without an image and counts them.
+    """
+    if missing_images not in MISSING_IMAGES:
+        raise ValueError(f"missing_images must be one of {MISSING_IMAGES}, got {missing_images!r}")
+    data_dir = Path(data_dir).resolve()
+    problems_path = data_dir / problems_file
+    records = _read_json(problems_path)
+    if not isinstance(records, dict):
+        raise DataError(f"{problems_path}: expected an object mapping pid -> problem, got {type(records).__name__}")
+    pids = _split_pids(data_dir / splits_file, records, problems_path, split)
+    if not pids:
+        raise DataError(f"{problems_path}: no problems of split '{split}'")
+    captions = _read_captions(data_dir / "captions.json")
+    ocrs = _read_ocr_texts(data_dir / "ocrs.json", pids)
+    problems = [
+        _problem_from_record(
+            records[pid], pid, f"{problems_path}: problem {pid}", data_dir, captions.get(pid, ""), ocrs.get(pid, "")
+        )
+        for pid in pids
+    ]
+    missing = [p for p in problems if p.names_image and p.image is None]
+    if missing and missing_images == "error":
+        first = missing[0]
+        raise DataError(
+            f"{problems_path}: problem {first.pid}: image {_image_path(data_dir, records[first.pid], first.pid)} "
+            f"not found ({len(missing)} of {len(problems)} problems of split '{split}' lack their image); "
+            "--missing-images text-only evaluates such problems without the image"
+        )
+    return problems, len(missing)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+def _split_pids(splits_path: Path, records: dict, problems_path: Path, split: str) -> list[str]:
+    if not splits_path.exists():
+        by_field = {}
+        for pid, record in records.items():
+            by_field.setdefault(record.get("split") if isinstance(record, dict) else None, []).append(pid)
+        if split not in by_field:
+            available = sorted(s for s in by_field if isinstance(s, str))
+            raise DataError(f"{problems_path}: no problem has split '{split}'; available: {', '.join(available)}")
+        return by_field[split]
+    splits = _read_json(splits_path)
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise DataError(f"{splits_path}: expected an object mapping split name -> list of pids")
+    if split not in splits:
+        raise DataError(f"{splits_path}: unknown split '{split}'; available: {', '.join(splits)}")
+    return [str(pid) for pid in splits[split] if str(pid) in records]
+
+
+def _read_captions(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    captions = _read_json(path)
+    if not isinstance(captions, dict) or not isinstance(captions.get("captions"), dict):
+        raise DataError(f"{path}: expected an object with a 'captions' object mapping pid -> text")
+    return captions["captions"]
+
+
+def _read_ocr_texts(path: Path, pids: Iterable[str]) -> dict[str, str]:
+    """The OCR text of each of `pids` that has some; only those are parsed, as the file covers every image."""
+    if not path.exists():
+        return {}
+    ocrs = _read_json(path)
+    if not isinstance(ocrs, dict) or not isinstance(ocrs.get("texts"), dict):
+        raise DataError(f"{path}: expected an object with a 'texts' object mapping pid -> OCR result")
+    texts = ocrs["texts"]
+    return {pid: _parse_ocr(texts[pid], f"{path}: pid {pid}") for pid in pids if pid in texts}
+
+
+def _parse_ocr(value: Any, where: str) -> str:
+    """easyocr's result, stored as the Python repr of a list of (box, text, confidence): the texts, joined."""
+    try:
+        # literal_eval, never eval: the file is data from the internet, and this accepts nothing but literals.
+        boxes = ast.literal_eval(value) if isinstance(value, str) else None
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        boxes = None
+    if not isinstance(boxes, (list, tuple)) or not all(
+        isinstance(box, (list, tuple)) and len(box) == 3 and isinstance(box[1], str) for box in boxes
+    ):
+        raise DataError(f"{where}: OCR result is not a list of (box, text, confidence): {str(value)[:80]!r}")
+    return ", ".join(box[1].strip() for box in boxes)
+
+
+def _image_path(data_dir: Path, record: dict, pid: str) -> Path:
+    return data_dir / "images" / record["split"] / pid / record["image"]
+
+
+def _problem_from_record(record: Any, pid: str, where: str, data_dir: Path, caption: str, ocr: str) -> Problem:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+    choices = _choices(record, where)
+    image_name = record.get("image")
+    if image_name is not None and not (isinstance(image_name, str) and image_name.strip()):
+        raise DataError(f"{where}: field 'image' must be a file name or null, got {image_name!r}")
+    split = _text(record, "split", where, required=True)
+    image = _image_path(data_dir, record, pid) if image_name else None
+    return Problem(
+        pid=pid,
+        question=_text(record, "question", where, required=True),
+        choices=choices,
+        answer=_answer(record, len(choices), where),
+        hint=_text(record, "hint", where),
+        image=image if image is not None and image.is_file() else None,
+        names_image=image is not None,
+        subject=_subject(record, where),
+        grade=_grade(record, where),
+        split=split,
+        lecture=_text(record, "lecture", where),
+        solution=_text(record, "solution", where),
+        caption=caption,
+        ocr=ocr,
+    )
+
+
+def _text(record: dict, name: str, where: str, required: bool = False) -> str:
+    """A string field; a required one must be present and non-empty, an optional one defaults to ""."""
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field '{name}'")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def _choices(record: dict, where: str) -> tuple[str, ...]:
+    choices = record.get("choices")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: field 'choices' must be a non-empty list of strings, got {choices!r}")
+    if len(choices) > len(LETTERS):
+        raise DataError(f"{where}: field 'choices' has {len(choices)} options, more than letters A-Z")
+    return tuple(choices)
+
+
+def _answer(record: dict, num_choices: int, where: str) -> int:
+    answer = record.get("answer")
+    # bool is an int subclass; True as an answer is a broken file, not index 1.
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < num_choices:
+        raise DataError(
+            f"{where}: field 'answer' must be an integer index into the {num_choices} choices, got {answer!r}"
+        )
+    return answer
+
+
+def _subject(record: dict, where: str) -> str:
+    subject = record.get("subject")
+    if subject not in SUBJECTS:
+        raise DataError(f"{where}: field 'subject' must be one of {', '.join(SUBJECTS)}, got {subject!r}")
+    return subject
+
+
+def _grade(record: dict, where: str) -> str:
+    grade = record.get("grade")
+    if not isinstance(grade, str) or not re.fullmatch(r"grade([1-9]|1[0-2])", grade):
+        raise DataError(f"{where}: field 'grade' must be 'grade1' .. 'grade12', got {grade!r}")
+    return grade
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLaVA's test questions
+
+
+def load_llava_questions(path: str | Path, data_dir: str | Path | None = None) -> list[Problem]:
+    """All test questions from LLaVA's `llava_test_CQM-A.json`, with the image, caption and OCR from `data_dir`.
+
+    The human turn is "[<image>\\n][Context: <hint>\\n]<question>\\nA. <choice>\\nB. <choice>...", the gpt turn the
+    answer letter. Question and hint both may span lines, so where they meet is ambiguous: the question is taken to
+    be the last line before the options whenever there is a context (true for all but a few percent of problems,
+    whose first question lines then land in the hint; see tests/test_scienceqa.py).
+    """
+    path = Path(path)
+    entries = _read_json(path)
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a list of questions, got {type(entries).__name__}")
+    problems = [_problem_from_llava(entry, f"{path}: entry {i}") for i, entry in enumerate(entries)]
+    if data_dir is None:
+        return problems
+    data_dir = Path(data_dir).resolve()
+    captions = _read_captions(data_dir / "captions.json")
+    ocrs = _read_ocr_texts(data_dir / "ocrs.json", [p.pid for p in problems if p.names_image])
+    return [_with_image_context(p, data_dir, captions, ocrs) for p in problems]
+
+
+def _problem_from_llava(entry: Any, where: str) -> Problem:
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        raise DataError(f"{where}: expected an object with a string 'id'")
+    where = f"{where} (id {entry['id']})"
+    turns = entry.get("conversations")
+    if (
+        not isinstance(turns, list)
+        or len(turns) != 2
+        or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)
+        or [t.get("from") for t in turns] != ["human", "gpt"]
+    ):
+        raise DataError(f"{where}: 'conversations' must be one human turn and one gpt turn with string values")
+    image = entry.get("image")
+    if image is not None and image != f"{entry['id']}/image.png":
+        raise DataError(f"{where}: field 'image' must be '<id>/image.png', got {image!r}")
+    question, hint, choices = _parse_llava_question(turns[0]["value"], where)
+    letter = turns[1]["value"].strip()
+    if len(letter) != 1 or letter not in LETTERS[: len(choices)]:
+        raise DataError(f"{where}: answer {letter!r} is not one of the letters of the {len(choices)} options")
+    return Problem(
+        pid=entry["id"],
+        question=question,
+        choices=choices,
+        answer=LETTERS.index(letter),
+        hint=hint,
+        image=None,
+        names_image=image is not None,
+        subject=None,
+        grade=None,
+        split="test",
+    )
+
+
+def _parse_llava_question(text: str, where: str) -> tuple[str, str, tuple[str, ...]]:
+    """(question, hint, choices) from a human turn; see `load_llava_questions` for its layout."""
+    text = text.removeprefix("<image>\n")  # where LLaVA splices in the image features
+    # The last "A. " line starts the options: the question and hint can contain "A. " only before it.
+    start = text.rfind("\nA. ")
+    if start < 0:
+        raise DataError(f"{where}: no options: expected lines 'A. ...', 'B. ...' at the end of the question")
+    head, options = text[:start], text[start + 1 :]
+    if head.startswith("Context: "):
+        hint, newline, question = head.removeprefix("Context: ").rpartition("\n")
+        if not newline:
+            raise DataError(f"{where}: no question between the context and the options")
+    else:
+        hint, question = "", head
+    if not question.strip():
+        raise DataError(f"{where}: no question before the options")
+    return question, hint, _split_options(options)
+
+
+def _split_options(options: str) -> tuple[str, ...]:
+    """'A. x\\nB. y' -> ('x', 'y'); an option may itself span lines (the closing of a letter, a poem)."""
+    starts = [0]
+    for letter in LETTERS[1:]:
+        at = options.find(f"\n{letter}. ", starts[-1])
+        if at < 0:
+            break
+        starts.append(at + 1)
+    ends = [s - 1 for s in starts[1:]] + [len(options)]
+    return tuple(options[s + 3 : e] for s, e in zip(starts, ends))
+
+
+def _with_image_context(problem: Problem, data_dir: Path, captions: dict[str, str], ocrs: dict[str, str]) -> Problem:
+    if not problem.names_image:
+        return problem
+    # LLaVA names every question image "<pid>/image.png", under the test split's folder.
+    image = data_dir / "images" / "test" / problem.pid / "image.png"
+    return replace(
+        problem,
+        image=image if image.is_file() else None,
+        caption=captions.get(problem.pid, ""),
+        ocr=ocrs.get(problem.pid, ""),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def format_options(choices: Iterable[str]) -> str:
+    """('x', 'y') -> '(A) x (B) y', the options line of the LLaMA-Adapter and MM-CoT ScienceQA prompts."""
+    return " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices))
+
+
+def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str, str]:
+    """(instruction, input) for the Alpaca template: the question and options, then the context, if any.
+
+    `image_context` adds a text stand-in for the image to the context ("captions": its machine caption, "ocr": the
+    text read from it), for text-only models; it only applies to problems with an image.
+    """
+    if image_context not in IMAGE_CONTEXTS:
+        raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
+    instruction = (
+        f"Question: {problem.question}\nOptions: {format_options(problem.choices)}\n"
+        "Answer with the letter of the correct option."
+    )
+    context = []
+    if problem.hint:
+        context.append(f"Context: {problem.hint}")
+    if problem.names_image and image_context == "captions" and problem.caption:
+        context.append(f"Image: {problem.caption}")
+    if problem.names_image and image_context == "ocr" and problem.ocr:
+        context.append(f"Image text: {problem.ocr}")
+    return instruction, "\n".join(context)
+
+
+def answer_text(problem: Problem, cot: bool = False) -> str:
+    """The target response: 'The answer is B.', and with `cot` the lecture and solution after 'BECAUSE:'."""
+    answer = f"The answer is {LETTERS[problem.answer]}."
+    if not cot:
+        return answer
+    because = f"{problem.lecture} {problem.solution}".strip()
+    if not because:
+        raise ValueError(f"problem {problem.pid} has no lecture or solution to explain its answer with")
+    return f"{answer}\nBECAUSE: {because}"
+
+
+def to_rows(problems: Iterable[Problem], image_context: str = "none", cot: bool = False) -> list[dict]:
+    """Alpaca rows {instruction, input, output, image}, image being the image file's path or None."""
+    rows = []
+    for problem in problems:
+        instruction, input = question_prompt(problem, image_context)
+        output = answer_text(problem, cot)
+        image = str(problem.image) if problem.image is not None else None
+        rows.append({"instruction": instruction, "input": input, "output": output, "image": image})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answers and scores
+
+# Capital letters only, here and below: "a" is the English article, so "a cat ..." must not read as option A.
+_ANSWER_IS = re.compile(r"the answer is\s*\(?([A-Z])\)?(?=$|[\s.,;:!])", re.IGNORECASE)
+_LEADING_LETTER = re.compile(r"\(([A-Z])\)|([A-Z])(?:[.)]|$)")
+
+
+def parse_answer(text: str, num_choices: int) -> int | None:
+    """The option index a model's output picks, or None when it picks none clearly.
+
+    Accepted: a first line that is only a letter ("B"), a letter opening the text as "B.", "B)" or "(B)", and
+    "the answer is B" anywhere (any case, the letter optionally in parentheses). The letter must be a capital and
+    name one of the `num_choices` options. A bare capital word opening a sentence ("A cat is ...") is no answer.
+    """
+    if not 1 <= num_choices <= len(LETTERS):
+        raise ValueError(f"num_choices must be in 1..{len(LETTERS)}, got {num_choices}")
+    text = text.strip()
+    first_line = text.split("\n", 1)[0].strip()
+    leading = _LEADING_LETTER.match(first_line)
+    answer_is = _ANSWER_IS.search(text)
+    if leading:
+        letter = leading.group(1) or leading.group(2)
+    elif answer_is:
+        # IGNORECASE also lowers the letter class; check the case here so "the answer is a ..." stays unparsed.
+        letter = answer_is.group(1) if answer_is.group(1).isupper() else None
+    else:
+        letter = None
+    return LETTERS.index(letter) if letter is not None and LETTERS.index(letter) < num_choices else None
+
+
+def _columns_of(problem: Problem) -> list[str]:
+    """The score columns a problem counts in, by ScienceQA's official definitions."""
+    columns = ["Avg"]
+    if problem.subject is not None:
+        columns.append(SUBJECTS[problem.subject])
+    if problem.hint:
+        columns.append("TXT")
+    if problem.names_image:
+        columns.append("IMG")
+    if not problem.hint and not problem.names_image:
+        columns.append("NO")
+    if problem.grade is not None:
+        columns.append("G1-6" if int(problem.grade.removeprefix("grade")) <= 6 else "G7-12")
+    return columns
+
+
+def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
+    """Accuracy in percent per column (None for a column with no problems), "count" per column, and "unparsed".
+
+    A record whose "correct" disagrees with its "pred" and the problem's answer was made against other problems
+    (a different problems file), so it is an error rather than a number to average.
+    """
+    correct = dict.fromkeys(COLUMNS, 0)
+    count = dict.fromkeys(COLUMNS, 0)
+    unparsed = 0
+    seen = set()
+    for record in records:
+        pid = record["pid"]
+        if pid in seen:
+            raise ValueError(f"pid {pid} has more than one prediction")
+        seen.add(pid)
+        if pid not in problems_by_pid:
+            raise ValueError(f"prediction for pid {pid} has no problem")
+        problem = problems_by_pid[pid]
+        if record["correct"] != (record["pred"] == problem.answer):
+            raise ValueError(
+                f"prediction for pid {pid}: correct={record['correct']} but pred={record['pred']} "
+                f"and the answer is {problem.answer}"
+            )
+        unparsed += record["pred"] is None
+        for column in _columns_of(problem):
+            count[column] += 1
+            correct[column] += bool(record["correct"])
+    accuracy = {c: 100 * correct[c] / count[c] if count[c] else None for c in COLUMNS}
+    return accuracy | {"count": count, "unparsed": unparsed}
+
+
+def format_table(scores: dict) -> str:
+    """A markdown table, header and one row, of the 9 columns; '-' for a column with no problems."""
+    cells = ["-" if scores[c] is None else f"{scores[c]:.2f}" for c in COLUMNS]
+    return "\n".join(["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS), "| " + " | ".join(cells) + " |"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions file
+
+
+def prediction_record(problem: Problem, prompt: str, output: str) -> dict:
+    """The record of one generated answer: the raw output, its parse, and whether it is right."""
+    pred = parse_answer(output, len(problem.choices))
+    return {
+        "pid": problem.pid,
+        "prompt": prompt,
+        "output": output,
+        "pred": pred,
+        "pred_letter": LETTERS[pred] if pred is not None else None,
+        "answer": problem.answer,
+        "correct": pred == problem.answer,
+    }
+
+
+def read_predictions(path: str | Path) -> dict[str, dict]:
+    """The records already written, by pid; {} when the file does not exist yet.
+
+    A last line without its newline was cut off by a crash: it is dropped, and the file truncated to the last
+    complete line, so the next append starts on a fresh line instead of gluing onto the fragment.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) < len(raw):
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete))
+    records: dict[str, dict] = {}
+    lines: dict[str, int] = {}
+    for lineno, line in enumerate(complete.split(b"\n")[:-1], start=1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(f"{path}: line {lineno}: not a JSON record") from None
+        if not isinstance(record, dict) or not isinstance(record.get("pid"), str):
+            raise DataError(f"{path}: line {lineno}: expected an object with a string 'pid'")
+        if record["pid"] in records:
+            raise DataError(
+                f"{path}: line {lineno}: pid {record['pid']} already predicted on line {lines[record['pid']]}"
+            )
+        records[record["pid"]] = record
+        lines[record["pid"]] = lineno
+    return records
+
+
+def append_prediction(handle: IO[str], record: dict) -> None:
+    """Write one record as a JSON line and force it to disk, so a crash loses at most the line being written."""
+    missing = [name for name in PREDICTION_FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"prediction record lacks {', '.join(missing)}")
+    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
