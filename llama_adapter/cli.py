@@ -1,42 +1,35 @@
-"""The `llama-adapter` command: train and chat. Each subcommand maps its flags onto config dataclasses."""
+"""The `llama-adapter` command: train, eval and chat. Each subcommand maps its flags onto config dataclasses."""
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 
+from . import scienceqa
 from .config import (
     PRECISIONS,
     AdapterConfig,
+    ModelConfig,
     SamplingConfig,
+    ScienceQAConfig,
     VisualConfig,
     add_arguments,
-    default_precision,
     from_arguments,
     option,
 )
+from .evaluation import EvalConfig, check_resume_settings, evaluate_problems, load_eval_problems, write_scores
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
-from .train import TrainConfig, train
+from .train import TrainConfig, load_task_rows, train
 
 
 @dataclass
 class ChatConfig:
-    """Which model answers."""
+    """What to ask about, besides the instruction."""
 
-    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
-    base: str | None = option(f"base model (default: the one the adapter names, else {DEFAULT_BASE})", None)
-    precision: str | None = option("fp32 or bf16 (default: bf16 on a CUDA GPU, else fp32)", None)
     input: str = option("optional context for the instruction (the Alpaca 'input' field)", "")
     image: str | None = option("an image file the instruction is about (multimodal adapters)", None)
-    clip_weights: str | None = option(
-        "this machine's copy of the CLIP weights a multimodal adapter was trained with", None
-    )
-
-    def __post_init__(self):
-        self.precision = self.precision or default_precision()
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, TrainConfig)
     add_arguments(train, AdapterConfig)
     add_arguments(train, VisualConfig)
+    add_arguments(train, ScienceQAConfig)
+
+    evaluate = commands.add_parser("eval", help="answer a multiple-choice benchmark, print and save its table")
+    evaluate.add_argument("benchmark", choices=["scienceqa"])
+    add_arguments(evaluate, EvalConfig)
+    add_arguments(evaluate, ModelConfig)
+    add_arguments(evaluate, ScienceQAConfig)
 
     chat = commands.add_parser("chat", help="answer an instruction, or chat interactively without one")
     chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
+    add_arguments(chat, ModelConfig)
     add_arguments(chat, ChatConfig)
     add_arguments(chat, SamplingConfig)
     return parser
@@ -58,32 +59,50 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            run_train(args)
-        else:
-            run_chat(args)
+        {"train": run_train, "eval": run_eval, "chat": run_chat}[args.command](args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         sys.exit(f"llama-adapter {args.command}: error: {err}")
 
 
 def run_train(args: argparse.Namespace) -> None:
-    summary = train(
-        from_arguments(TrainConfig, args),
-        from_arguments(AdapterConfig, args),
-        visual_cfg=from_arguments(VisualConfig, args),
-    )
+    cfg, visual = from_arguments(TrainConfig, args), from_arguments(VisualConfig, args)
+    rows = load_task_rows(cfg, from_arguments(ScienceQAConfig, args), visual)
+    summary = train(cfg, from_arguments(AdapterConfig, args), visual_cfg=visual, rows=rows)
     print(json.dumps(summary, indent=2))
 
 
-def run_chat(args: argparse.Namespace) -> None:
-    cfg = from_arguments(ChatConfig, args)
-    sampling = from_arguments(SamplingConfig, args)
+def run_eval(args: argparse.Namespace) -> None:
+    cfg, sqa, model_cfg = (from_arguments(c, args) for c in (EvalConfig, ScienceQAConfig, ModelConfig))
+    problems = load_eval_problems(cfg, sqa.problems, sqa.splits, sqa.missing_images)
+    settings = {
+        "questions": cfg.llava or f"{cfg.data}/{sqa.problems}:{cfg.split}",
+        "scoring": cfg.scoring,
+        "image_context": sqa.image_context,
+        "max_new_tokens": cfg.max_new_tokens,
+    } | dataclasses.asdict(model_cfg)
+    check_resume_settings(cfg.out, settings)
+    model = load_model(model_cfg)
+    scores = evaluate_problems(
+        model, problems, cfg.out, cfg.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens
+    )
+    path = write_scores(scores, cfg.out, settings)
+    print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {cfg.scoring}, unparsed: {scores['unparsed']}")
+    print(scienceqa.format_table(scores))
+    print(f"predictions: {cfg.out}; scores: {path}")
+
+
+def load_model(cfg: ModelConfig) -> LlamaAdapterModel:
     dtype = PRECISIONS[cfg.precision]
     if cfg.adapter:
-        model = LlamaAdapterModel.load(cfg.adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights)
-    else:
-        # A fresh adapter has zero gates, so this is exactly the base model.
-        model = LlamaAdapterModel.from_base(cfg.base or DEFAULT_BASE, dtype=dtype)
+        return LlamaAdapterModel.load(cfg.adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights)
+    # A fresh adapter has zero gates, so this is exactly the base model.
+    return LlamaAdapterModel.from_base(cfg.base or DEFAULT_BASE, dtype=dtype)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    model = load_model(from_arguments(ModelConfig, args))
+    cfg = from_arguments(ChatConfig, args)
+    sampling = from_arguments(SamplingConfig, args)
     if args.instruction is not None:
         answer(model, args.instruction, cfg.input, sampling, cfg.image)
         return

@@ -9,6 +9,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -46,6 +47,39 @@ class VisualConfig:
     def __post_init__(self):
         if self.clip_weights and not self.clip_model:
             raise ValueError("clip_weights needs clip_model: the architecture the weights belong to")
+
+
+@dataclass
+class ModelConfig:
+    """Which model answers: an adapter on its base, or a base alone."""
+
+    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
+    base: str | None = option("base model (default: the one the adapter names, else the embedded SmolLM2)", None)
+    precision: Literal["fp32", "bf16"] | None = option(
+        "weights and compute dtype (default: bf16 on CUDA, else fp32)", None
+    )
+    clip_weights: str | None = option(
+        "this machine's copy of the CLIP weights a multimodal adapter was trained with", None
+    )
+
+    def __post_init__(self):
+        self.precision = self.precision or default_precision()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class ScienceQAConfig:
+    """Which ScienceQA problems, and how they become prompts."""
+
+    problems: str = option("problems file inside the data folder", "problems.json")
+    splits: str = option("split file inside the data folder (split -> pids)", "pid_splits.json")
+    image_context: Literal["none", "captions", "ocr"] = option(
+        "add each image's machine caption or OCR text to the context, as ScienceQA's text-only baselines do", "none"
+    )
+    missing_images: Literal["error", "text-only"] = option(
+        "a problem whose image file is missing: stop with an error, or use it without the image (counted)", "error"
+    )
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from . import data
-from .config import PRECISIONS, AdapterConfig, VisualConfig, default_precision, option
+from . import data, scienceqa
+from .config import PRECISIONS, AdapterConfig, ScienceQAConfig, VisualConfig, default_precision, option
 from .hf import DEFAULT_BASE, cache_dir
 from .model import LlamaAdapterModel
 from .visual import FeatureCache
@@ -30,8 +30,12 @@ PAPER_BASE_LR = 9e-3  # the reference's --blr; lr = blr * effective batch / 256
 class TrainConfig:
     """Fine-tuning: data, optimisation and output."""
 
-    data: str = option("Alpaca-format JSON list or JSONL file of {instruction, input, output}")
+    data: str = option(
+        "alpaca: JSON list or JSONL file of {instruction, input, output[, image]}; scienceqa: its folder"
+    )
     out: str = option("output folder for the adapter, metrics.csv and loss.png")
+    task: Literal["alpaca", "scienceqa"] = option("what --data holds", "alpaca")
+    cot: bool = option("scienceqa: train the answer followed by its lecture and solution (chain of thought)", False)
     base: str = option("base model: the embedded default, a Hugging Face folder or a hub name", DEFAULT_BASE)
     precision: Literal["fp32", "bf16"] | None = option(
         "weights and compute dtype (default: bf16 on a CUDA GPU, else fp32)", None
@@ -175,6 +179,20 @@ def accumulate_gradients(model: LlamaAdapterModel, batches: list[dict]) -> float
         loss.backward()
         total_loss += loss.item()
     return total_loss
+
+
+def load_task_rows(cfg: TrainConfig, sqa: ScienceQAConfig, visual: VisualConfig) -> list[dict]:
+    """Training rows for `cfg.task`: Alpaca rows as they are, or ScienceQA's train split as Alpaca rows."""
+    if cfg.task == "alpaca":
+        return data.load_rows(cfg.data)
+    # A text-only adapter never opens the image files, so it needs none of them.
+    missing_images = sqa.missing_images if visual.clip_model else "text-only"
+    problems, missing = scienceqa.load_problems(cfg.data, "train", sqa.problems, sqa.splits, missing_images)
+    if missing and visual.clip_model:
+        print(
+            f"{missing} of {len(problems)} training problems lack their image file: trained without it", file=sys.stderr
+        )
+    return scienceqa.to_rows(problems, sqa.image_context, cfg.cot)
 
 
 def check_images_exist(rows: list[dict], source: str) -> None:
