@@ -183,20 +183,16 @@ class LlamaAdapterModel(nn.Module):
         logits, targets, _ = self._response_logits(input_ids, attention_mask, labels, image_features, has_image)
         return F.cross_entropy(logits, targets)
 
-    def response_logprobs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        image_features: torch.Tensor | None = None,
-        has_image: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(B,) summed log-probability of each row's labelled tokens: how likely the model finds each response."""
-        logits, targets, rows = self._response_logits(input_ids, attention_mask, labels, image_features, has_image)
+    def response_logprobs(self, input_ids, attention_mask, labels, **images) -> torch.Tensor:
+        """(B,) summed log-probability of each row's labelled tokens: how likely the model finds each response.
+
+        Takes the same arguments as `loss`.
+        """
+        logits, targets, rows = self._response_logits(input_ids, attention_mask, labels, **images)
         token_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         return torch.zeros(input_ids.shape[0], device=logits.device).index_add_(0, rows, token_logprobs)
 
-    def _response_logits(self, input_ids, attention_mask, labels, image_features, has_image):
+    def _response_logits(self, input_ids, attention_mask, labels, image_features=None, has_image=None):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,)."""
         with self.images(image_features, has_image):
             hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

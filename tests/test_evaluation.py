@@ -130,3 +130,22 @@ def test_cli_eval_prints_and_saves_the_table(tmp_path, sqa_dir, make_base, token
     assert saved["count"]["Avg"] == 6 and saved["settings"]["scoring"] == "likelihood"
     with pytest.raises(SystemExit, match="other settings"):
         cli.main(["eval", "scienceqa", "--data", str(sqa_dir), "--out", str(out), "--base", str(base_dir), *flags[2:]])
+
+
+def test_cli_trains_on_scienceqa_then_evaluates(tmp_path, sqa_dir, make_base, tokenizer, capsys):  # noqa: F811
+    base_dir = tmp_path / "base"
+    make_base().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    adapter = tmp_path / "adapter"
+    flags = ["--max-steps", "1", "--batch-size", "1", "--val-fraction", "0", "--adapter-layers", "2", "--lr", "0.01"]
+    # The train split's only problem names an image; a text-only adapter needs no image files at all.
+    cli.main(
+        ["train", "--task", "scienceqa", "--data", str(sqa_dir), "--base", str(base_dir), "--out", str(adapter), *flags]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 1 and summary["train_tokens"] > 0
+    out = tmp_path / "preds.jsonl"
+    cli.main(["eval", "scienceqa", "--data", str(sqa_dir), "--adapter", str(adapter), "--out", str(out),
+              "--missing-images", "text-only", "--max-new-tokens", "3"])  # fmt: skip
+    assert "scoring: generate" in capsys.readouterr().out
+    assert len(scienceqa.read_predictions(out)) == 6

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_adapter import DEFAULT_BASE, LlamaAdapterModel, SamplingConfig, data, hf
+from llama_adapter import DEFAULT_BASE, LlamaAdapterModel, SamplingConfig, VisualConfig, data, hf, scienceqa
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.train import accumulate_gradients, evaluate
 
@@ -102,3 +102,18 @@ def test_train_module_entry_point_runs_on_real_data(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / WEIGHTS_NAME).is_file() and (out / CONFIG_NAME).is_file()
     assert '"steps": 2' in done.stdout
+
+
+def test_real_scienceqa_image_through_a_zero_init_multimodal_adapter(data_dir):
+    problems, _ = scienceqa.load_problems(data_dir / "scienceqa", "test", "problems_think_partial.json")
+    problem = next(p for p in problems if p.image is not None)
+    model = LlamaAdapterModel.from_base(DEFAULT_BASE, visual=VisualConfig(clip_model="ViT-B-32"), device="cpu")
+    instruction, context = scienceqa.question_prompt(problem)
+    ids = model.tokenizer([data.format_prompt(instruction, context)], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        features = model.encode_images([problem.image])
+        expected = hf.load_base(DEFAULT_BASE, torch.float32)[0](input_ids=ids).logits  # a plain SmolLM2
+        assert torch.equal(model(ids, image_features=features), expected)  # zero gates: the image adds nothing yet
+    sampling = SamplingConfig(max_new_tokens=12)
+    answer = model.generate(instruction, context, sampling, image=problem.image)
+    assert answer.strip() and answer == model.generate(instruction, context, sampling)

@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture (random init)")
     parser.add_argument("--train", type=int, default=480, help="training images")
     parser.add_argument("--test", type=int, default=150, help="held-out images")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per adapter")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per adapter")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     parser.add_argument("--shuffle-choices", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="runs/synthetic_colours", help="adapters and predictions")
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
     train_problems = make_colour_problems(folder, args.train, seed=1, shuffle_choices=args.shuffle_choices)
     test_problems = make_colour_problems(folder, args.test, seed=2, shuffle_choices=args.shuffle_choices)
     cfg = TrainConfig(
-        data=str(folder), out="", epochs=100, max_steps=args.steps, batch_size=8, lr=5e-3, warmup=0.1,
+        data=str(folder), out="", epochs=100, max_steps=args.steps, batch_size=8, lr=args.lr, warmup=0.1,
         val_fraction=0.05, max_len=256,
     )  # fmt: skip
     results = {"settings": vars(args)}

@@ -1,0 +1,102 @@
+"""The README's ScienceQA table: text-only LLaMA-Adapter on the embedded SmolLM2-135M-Instruct, real problems.
+
+    python eval/scienceqa_smollm2.py                     # writes eval/results/scienceqa_smollm2.{json,md}
+
+Trains on the train split of ../shared/data/scienceqa/problems_think_partial.json (1041 problems; no train images
+exist here, so text-only), once without and once with the images' machine captions as context, and evaluates
+the base model (zero gates) and both adapters on the 361 test problems that carry subject and grade metadata
+(the nine-column table), and, with --full-test, on all 4241 test questions of llava_test_CQM-A.json (Avg).
+Every stage resumes: a trained adapter is reused, a predictions file continues where it stopped.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from llama_adapter import LlamaAdapterModel, scienceqa
+from llama_adapter.evaluation import evaluate_problems
+from llama_adapter.model import CONFIG_NAME
+from llama_adapter.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data")) / "scienceqa"
+PROBLEMS = "problems_think_partial.json"
+PAPER = {"LLaMA-Adapter (paper, 7B + CLIP)": 85.19, "LLaMA-Adapter text-only (paper)": 78.31, "random": 39.83}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/scienceqa_smollm2", help="adapters and predictions")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--scoring", choices=["generate", "likelihood"], default="likelihood")
+    parser.add_argument("--full-test", action="store_true", help="also all 4241 LLaVA test questions (slow on CPU)")
+    args = parser.parse_args()
+    out = Path(args.out)
+
+    train_problems, _ = scienceqa.load_problems(DATA, "train", PROBLEMS, missing_images="text-only")
+    test_problems, _ = scienceqa.load_problems(DATA, "test", PROBLEMS)
+    llava = scienceqa.load_llava_questions(DATA / "llava_test_CQM-A.json", DATA) if args.full_test else []
+    results = {"settings": vars(args) | {"problems": PROBLEMS, "train_problems": len(train_problems)}, "rows": {}}
+
+    runs = {
+        "base model (zero gates)": (None, "none"),
+        "adapter": ("none", "none"),
+        "adapter + captions": ("captions",) * 2,
+    }
+    for name, (trained_with, context) in runs.items():
+        model = LlamaAdapterModel.from_base()
+        summary = None
+        if trained_with is not None:
+            adapter_dir = out / f"adapter-{trained_with}"
+            summary = train_or_reuse(model, train_problems, trained_with, adapter_dir, args.epochs)
+        tag = name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
+        row = {"train": summary}
+        row["test361"] = evaluate_problems(
+            model, test_problems, out / f"{tag}-test361.jsonl", args.scoring, batch_size=8, image_context=context
+        )
+        if llava:
+            row["test4241"] = evaluate_problems(
+                model, llava, out / f"{tag}-test4241.jsonl", args.scoring, batch_size=8, image_context=context
+            )
+        results["rows"][name] = row
+        print(name, scienceqa.format_table(row["test361"]), sep="\n")
+
+    folder = REPO / "eval" / "results"
+    folder.mkdir(exist_ok=True)
+    (folder / "scienceqa_smollm2.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "scienceqa_smollm2.md").write_text(markdown_table(results))
+
+
+def train_or_reuse(model, problems, image_context: str, adapter_dir: Path, epochs: int) -> dict:
+    """Train on the ScienceQA train rows, or load the adapter a previous run of this script saved."""
+    summary_file = adapter_dir / "summary.json"
+    if (adapter_dir / CONFIG_NAME).is_file() and summary_file.is_file():
+        model.load_adapter_weights(adapter_dir / "adapter.safetensors")
+        return json.loads(summary_file.read_text())
+    cfg = TrainConfig(
+        data=str(DATA), out=str(adapter_dir), task="scienceqa", epochs=epochs, batch_size=8, lr=2e-3, warmup=0.1,
+        max_len=384, val_fraction=0.05,
+    )  # fmt: skip
+    summary = train(cfg, model.config, model, rows=scienceqa.to_rows(problems, image_context))
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def markdown_table(results: dict) -> str:
+    columns = scienceqa.COLUMNS
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in results["rows"].items():
+        scores = row["test361"]
+        cells = ["-" if scores[c] is None else f"{scores[c]:.2f}" for c in columns]
+        lines.append(f"| SmolLM2-135M {name}, 361 test problems | " + " | ".join(cells) + " |")
+        if "test4241" in row:
+            avg = row["test4241"]["Avg"]
+            lines.append(f"| SmolLM2-135M {name}, all 4241 test questions | " + "| " * 8 + f"{avg:.2f} |")
+    for name, avg in PAPER.items():
+        lines.append(f"| {name}, all 4241 | " + "| " * 8 + f"{avg:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
