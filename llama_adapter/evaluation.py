@@ -22,7 +22,6 @@ from .generation import generate_batch
 from .hf import cache_dir
 from .model import LlamaAdapterModel
 from .scienceqa import Problem
-from .train import make_batch
 from .visual import FeatureCache
 
 
@@ -67,7 +66,7 @@ def evaluate_problems(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             prompts = [data.format_prompt(*scienceqa.question_prompt(p, image_context)) for p in chunk]
-            images = _image_inputs(cache, chunk)
+            images = cache.model_inputs([str(p.image) if p.image else None for p in chunk]) if cache else {}
             if scoring == "generate":
                 outputs = generate_batch(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), **images)
             else:
@@ -79,15 +78,6 @@ def evaluate_problems(
     wanted = {problem.pid for problem in problems}
     records = [record for pid, record in scienceqa.read_predictions(out).items() if pid in wanted]
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
-
-
-def _image_inputs(cache: FeatureCache | None, problems: list[Problem]) -> dict:
-    """image_features and has_image for a multimodal adapter's batch; nothing for a text-only one."""
-    if cache is None or not any(p.image for p in problems):
-        return {}
-    examples = [data.Example([], [], str(p.image) if p.image else None) for p in problems]
-    batch = make_batch(examples, pad_id=0, cache=cache)
-    return {"image_features": batch["image_features"], "has_image": batch["has_image"]}
 
 
 @torch.no_grad()

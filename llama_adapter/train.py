@@ -205,15 +205,7 @@ def check_images_exist(rows: list[dict], source: str) -> None:
 def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:
     """Padded token tensors, plus image features and a has_image mask when a multimodal adapter's rows have images."""
     batch = data.collate(examples, pad_id)
-    paths = [example.image for example in examples]
-    if cache is None or not any(paths):
-        return batch
-    present = [i for i, path in enumerate(paths) if path]
-    features = torch.zeros(len(paths), cache.encoder.clip_dim)
-    features[present] = cache.features([paths[i] for i in present])
-    has_image = torch.zeros(len(paths), dtype=torch.bool)
-    has_image[present] = True
-    return batch | {"image_features": features, "has_image": has_image}
+    return batch | cache.model_inputs([example.image for example in examples]) if cache else batch
 
 
 @torch.no_grad()

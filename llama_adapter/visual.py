@@ -89,6 +89,17 @@ class FeatureCache:
                 self._store(key, feature)
         return torch.stack([self.memory[key] for key in keys])
 
+    def model_inputs(self, paths: list[str | None]) -> dict[str, torch.Tensor]:
+        """`image_features` (B, clip_dim) and `has_image` (B,) for rows that may name an image; {} if none does."""
+        present = [i for i, path in enumerate(paths) if path]
+        if not present:
+            return {}
+        features = torch.zeros(len(paths), self.encoder.clip_dim)
+        features[present] = self.features([paths[i] for i in present])
+        has_image = torch.zeros(len(paths), dtype=torch.bool)
+        has_image[present] = True
+        return {"image_features": features, "has_image": has_image}
+
     def _lookup(self, key: str) -> torch.Tensor | None:
         if key not in self.memory:
             file = self.folder / f"{key}.safetensors"
