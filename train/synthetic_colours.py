@@ -29,7 +29,12 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=150, help="held-out images")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per adapter")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
-    parser.add_argument("--shuffle-choices", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--shuffle-choices",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="harder: options in random order",
+    )
     parser.add_argument("--out", default="runs/synthetic_colours", help="adapters and predictions")
     args = parser.parse_args()
 
