@@ -1,5 +1,6 @@
 """The real embedded SmolLM2-135M-Instruct and the real Alpaca rows: zero-init, learning, checkpoints, generation."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,15 @@ from llama_adapter.train import accumulate_gradients, evaluate
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_cores():
+    """The real model gains from every core; conftest keeps the tiny models on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
