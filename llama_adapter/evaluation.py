@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from . import data, scienceqa
@@ -80,28 +79,17 @@ def evaluate_problems(
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
 
 
-@torch.no_grad()
 def _most_likely_answers(model: LlamaAdapterModel, problems: list[Problem], image_context: str, images: dict):
-    """Each problem's most likely answer text among "The answer is A." ... , one row per option, one forward."""
-    rows, owners = [], []
-    for index, problem in enumerate(problems):
-        instruction, input = scienceqa.question_prompt(problem, image_context)
-        for choice in range(len(problem.choices)):
-            answer = scienceqa.answer_text(dataclasses.replace(problem, answer=choice))
-            rows.append({"instruction": instruction, "input": input, "output": answer})
-            owners.append(index)
-    # No truncation: a candidate cut short would be scored on fewer tokens than its rivals.
-    examples = [data.encode(model.tokenizer, row, max_len=1_000_000) for row in rows]
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    batch = data.collate(examples, pad_id)
-    owner_index = torch.tensor(owners)
-    if images:
-        batch |= {name: tensor[owner_index] for name, tensor in images.items()}
-    scores = model.response_logprobs(**{k: v.to(model.device) for k, v in batch.items()}).cpu()
+    """Each problem's most likely answer among "The answer is A." ...; the question's prompt runs once for all."""
     answers = []
-    for index in range(len(problems)):
-        candidates = (owner_index == index).nonzero()[:, 0]
-        answers.append(rows[candidates[scores[candidates].argmax()]]["output"])
+    for row, problem in enumerate(problems):
+        prompt = data.format_prompt(*scienceqa.question_prompt(problem, image_context))
+        options = [scienceqa.answer_text(dataclasses.replace(problem, answer=i)) for i in range(len(problem.choices))]
+        features = None
+        if images and images["has_image"][row]:
+            features = images["image_features"][row : row + 1]
+        scores = model.continuation_logprobs(prompt, options, features)
+        answers.append(options[int(scores.argmax())])
     return answers
 
 

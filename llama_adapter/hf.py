@@ -139,6 +139,34 @@ def base_identity(model: PreTrainedModel) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Scoring continuations of one prompt
+
+
+def continuation_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, continuations: list[list[int]]):
+    """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt (1, P) only once.
+
+    The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
+    so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
+    """
+    prefill = model(input_ids=prompt_ids, use_cache=True)
+    first = prefill.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
+    cache = prefill.past_key_values
+    cache.batch_repeat_interleave(len(continuations))
+    width = max(len(tokens) for tokens in continuations)
+    ids = torch.zeros(len(continuations), width, dtype=torch.long, device=prompt_ids.device)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(continuations):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    attention = torch.cat(
+        [torch.ones(len(continuations), prompt_ids.shape[1], dtype=torch.long, device=ids.device), mask], 1
+    )
+    logprobs = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits.float().log_softmax(-1)
+    later = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # token t predicted at t - 1
+    return first[ids[:, 0]] + later.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Attaching adaption prompts
 
 

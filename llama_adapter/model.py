@@ -192,6 +192,22 @@ class LlamaAdapterModel(nn.Module):
         token_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         return torch.zeros(input_ids.shape[0], device=logits.device).index_add_(0, rows, token_logprobs)
 
+    @torch.no_grad()
+    def continuation_logprobs(
+        self, prompt: str, continuations: list[str], image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(n,) log-probability of each continuation text (plus EOS) after a formatted prompt; the prompt runs once.
+
+        `image_features` (1, clip_dim) for a multimodal adapter; the same image serves every continuation.
+        """
+        prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
+        tokens = [
+            self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            for text in continuations
+        ]  # tokenised apart from the prompt, exactly as training's `data.encode` does
+        with self.images(image_features):
+            return hf.continuation_logprobs(self.base, prompt_ids, tokens).cpu()
+
     def _response_logits(self, input_ids, attention_mask, labels, image_features=None, has_image=None):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,)."""
         with self.images(image_features, has_image):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from test_scienceqa import sqa_dir  # noqa: F401 - the ScienceQA fixture folder
+from test_visual import write_image
 
 from llama_adapter import cli, data, scienceqa
 from llama_adapter.config import SamplingConfig, VisualConfig
@@ -149,3 +150,25 @@ def test_cli_trains_on_scienceqa_then_evaluates(tmp_path, sqa_dir, make_base, to
               "--missing-images", "text-only", "--max-new-tokens", "3"])  # fmt: skip
     assert "scoring: generate" in capsys.readouterr().out
     assert len(scienceqa.read_predictions(out)) == 6
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_continuations_after_a_shared_prompt_score_as_whole_rows(
+    make_model, tokenizer, randomize_adapter, tiny_clip, tmp_path, impl, with_image
+):
+    model = make_model(impl, adapter_len=4, adapter_layers=3, visual=VisualConfig(clip_model=tiny_clip))
+    randomize_adapter(model, seed=7)
+    with torch.no_grad():
+        model.visual_proj.linear.weight.normal_()  # make the image matter
+    features = model.encode_images([write_image(tmp_path / "red.png", "red")]) if with_image else None
+    options = ["The answer is A.", "B", "The answer is (C), because it is."]  # unequal lengths: padding
+    prompt = data.format_prompt("Which one?", "Some context.")
+    shared = model.continuation_logprobs(prompt, options, features)
+
+    rows = [{"instruction": "Which one?", "input": "Some context.", "output": option} for option in options]
+    batch = data.collate([data.encode(tokenizer, row, 10_000) for row in rows], tokenizer.pad_token_id)
+    images = {} if features is None else {"image_features": features.expand(3, -1)}
+    with torch.no_grad():
+        whole = model.response_logprobs(**batch, **images)
+    torch.testing.assert_close(shared, whole, atol=1e-4, rtol=1e-5)

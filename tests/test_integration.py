@@ -127,4 +127,3 @@ def test_real_scienceqa_image_through_a_zero_init_multimodal_adapter(data_dir):
     sampling = SamplingConfig(max_new_tokens=12)
     answer = model.generate(instruction, context, sampling, image=problem.image)
     assert answer.strip() and answer == model.generate(instruction, context, sampling)
-
