@@ -69,7 +69,7 @@ def evaluate_problems(
             if scoring == "generate":
                 outputs = generate_batch(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), **images)
             else:
-                outputs = _most_likely_answers(model, chunk, image_context, images)
+                outputs = _most_likely_answers(model, chunk, prompts, images)
             for problem, prompt, output in zip(chunk, prompts, outputs):
                 scienceqa.append_prediction(handle, scienceqa.prediction_record(problem, prompt, output))
             progress.update(len(chunk))
@@ -79,11 +79,10 @@ def evaluate_problems(
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
 
 
-def _most_likely_answers(model: LlamaAdapterModel, problems: list[Problem], image_context: str, images: dict):
+def _most_likely_answers(model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict):
     """Each problem's most likely answer among "The answer is A." ...; the question's prompt runs once for all."""
     answers = []
-    for row, problem in enumerate(problems):
-        prompt = data.format_prompt(*scienceqa.question_prompt(problem, image_context))
+    for row, (problem, prompt) in enumerate(zip(problems, prompts)):
         options = [scienceqa.answer_text(dataclasses.replace(problem, answer=i)) for i in range(len(problem.choices))]
         features = None
         if images and images["has_image"][row]:
