@@ -18,10 +18,8 @@ from tqdm.auto import tqdm
 from . import data, scienceqa
 from .config import SamplingConfig, option
 from .generation import generate_batch
-from .hf import cache_dir
 from .model import LlamaAdapterModel
 from .scienceqa import Problem
-from .visual import FeatureCache
 
 
 @dataclass
@@ -58,7 +56,7 @@ def evaluate_problems(
     """Predict every problem not yet in `out`, append the predictions, and return the scores of all of them."""
     done = scienceqa.read_predictions(out)
     todo = [problem for problem in problems if problem.pid not in done]
-    cache = FeatureCache(model.image_encoder, cache_dir() / "clip-features") if model.multimodal else None
+    cache = model.feature_cache()
     progress = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"eval ({scoring})", unit="q")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as handle:

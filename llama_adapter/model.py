@@ -18,7 +18,7 @@ from torch import nn
 from . import hf
 from .adapter import VisualProjection
 from .config import AdapterConfig, SamplingConfig, VisualConfig, default_device
-from .visual import ImageEncoder
+from .visual import FeatureCache, ImageEncoder
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -236,6 +236,10 @@ class LlamaAdapterModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     # Images
+
+    def feature_cache(self) -> "FeatureCache | None":
+        """The on-disk cache of this adapter's image features (under the user cache dir); None if text-only."""
+        return FeatureCache(self.image_encoder, hf.cache_dir() / "clip-features") if self.multimodal else None
 
     def encode_images(self, images: list) -> torch.Tensor:
         """(N, clip_dim) CLIP features of image files or PIL images."""

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import data, scienceqa
 from .config import PRECISIONS, AdapterConfig, ScienceQAConfig, VisualConfig, default_precision, option
-from .hf import DEFAULT_BASE, cache_dir
+from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
 from .visual import FeatureCache
 
@@ -86,7 +86,7 @@ def train(
     check_images_exist(rows, cfg.data)
     train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
     model = model or LlamaAdapterModel.from_base(cfg.base, adapter_cfg, PRECISIONS[cfg.precision], visual=visual_cfg)
-    cache = FeatureCache(model.image_encoder, cache_dir() / "clip-features") if model.multimodal else None
+    cache = model.feature_cache()
     with_images = sum(1 for row in rows if row.get("image"))
     if with_images and not model.multimodal:
         print(
