@@ -58,8 +58,6 @@ def generate_batch(
 ) -> list[str]:
     """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column."""
     tokenizer = model.tokenizer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     with model.images(image_features, has_image):
         out = model.base.generate(**encoded, **generation_kwargs(sampling, tokenizer))
@@ -71,7 +69,7 @@ def generation_kwargs(sampling: SamplingConfig, tokenizer) -> dict:
     kwargs = {
         "max_new_tokens": sampling.max_new_tokens,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
     }
     if sampling.temperature > 0:
         return kwargs | {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}

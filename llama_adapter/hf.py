@@ -47,6 +47,9 @@ def load_base(name: str, dtype: torch.dtype, attn_implementation: str | None = N
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token serves; LLaMA ships none.
+        tokenizer.pad_token = tokenizer.eos_token
     check_architecture(model, name)
     model.requires_grad_(False)
     model.eval()
@@ -148,7 +151,7 @@ def continuation_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, cont
     The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
     so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
     """
-    prefill = model(input_ids=prompt_ids, use_cache=True)
+    prefill = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)  # the prompt's other logits go unused
     first = prefill.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
     cache = prefill.past_key_values
     cache.batch_repeat_interleave(len(continuations))

@@ -445,9 +445,7 @@ def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
     A record whose "correct" disagrees with its "pred" and the problem's answer was made against other problems
     (a different problems file), so it is an error rather than a number to average.
     """
-    correct = dict.fromkeys(COLUMNS, 0)
-    count = dict.fromkeys(COLUMNS, 0)
-    unparsed = 0
+    credits = []
     seen = set()
     for record in records:
         pid = record["pid"]
@@ -462,11 +460,28 @@ def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
                 f"prediction for pid {pid}: correct={record['correct']} but pred={record['pred']} "
                 f"and the answer is {problem.answer}"
             )
-        unparsed += record["pred"] is None
+        credits.append((problem, float(record["correct"]), record["pred"] is None))
+    return _percent_by_column(credits)
+
+
+def chance(problems: Iterable[Problem]) -> dict:
+    """What guessing uniformly among each problem's options scores on average, in `score`'s shape.
+
+    Options number 2 to 5, so chance differs between subsets; a table row for it makes that visible.
+    """
+    return _percent_by_column((problem, 1 / len(problem.choices), False) for problem in problems)
+
+
+def _percent_by_column(credits: Iterable[tuple[Problem, float, bool]]) -> dict:
+    total = dict.fromkeys(COLUMNS, 0.0)
+    count = dict.fromkeys(COLUMNS, 0)
+    unparsed = 0
+    for problem, credit, was_unparsed in credits:
+        unparsed += was_unparsed
         for column in _columns_of(problem):
             count[column] += 1
-            correct[column] += bool(record["correct"])
-    accuracy = {c: 100 * correct[c] / count[c] if count[c] else None for c in COLUMNS}
+            total[column] += credit
+    accuracy = {c: 100 * total[c] / count[c] if count[c] else None for c in COLUMNS}
     return accuracy | {"count": count, "unparsed": unparsed}
 
 

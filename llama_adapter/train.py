@@ -105,7 +105,7 @@ def train(
     params = list(model.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    pad_id = model.tokenizer.pad_token_id
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(

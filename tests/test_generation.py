@@ -1,5 +1,6 @@
 """generate/stream on the tiny model: determinism, streaming pieces, early stop, error propagation, sampling config."""
 
+import copy
 import threading
 import time
 from types import SimpleNamespace
@@ -9,7 +10,8 @@ import torch
 
 from llama_adapter.config import SamplingConfig
 from llama_adapter.data import format_prompt
-from llama_adapter.generation import generation_kwargs
+from llama_adapter.generation import generate_batch, generation_kwargs
+from llama_adapter.model import LlamaAdapterModel
 
 NEW_TOKENS = 32
 
@@ -157,6 +159,14 @@ def test_generation_kwargs_greedy_and_sampling():
     assert sampled["top_k"] == 0  # pure nucleus sampling, no top-k cut
 
 
-def test_generation_kwargs_pads_with_eos_when_tokenizer_has_no_pad():
-    tok = SimpleNamespace(eos_token_id=3, pad_token_id=None)
-    assert generation_kwargs(SamplingConfig(), tok)["pad_token_id"] == 3
+def test_base_without_pad_token_pads_with_eos(make_base, tokenizer, tmp_path):
+    """LLaMA tokenizers ship no pad token; loading one must still allow batched (padded) generation."""
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    make_base().save_pretrained(tmp_path)
+    no_pad.save_pretrained(tmp_path)
+    model = LlamaAdapterModel.from_base(str(tmp_path))
+    assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id
+    prompts = [format_prompt({"instruction": "Hi."}), format_prompt({"instruction": "A much longer question?"})]
+    batched = generate_batch(model, prompts, greedy(5))
+    assert batched == [generate_batch(model, [p], greedy(5))[0] for p in prompts]

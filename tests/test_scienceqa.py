@@ -1,6 +1,7 @@
 """ScienceQA: loading with clear errors, prompts, answer parsing, the score table, the resumable predictions file."""
 
 import json
+import random
 
 import pytest
 from PIL import Image
@@ -466,6 +467,32 @@ def test_columns_without_problems_are_none_not_zero(tmp_path):
     assert sqa.format_table(scores).splitlines()[2] == "| - | - | - | 100.00 | 100.00 | 0.00 | - | - | 66.67 |"
     empty = sqa.score([], {})
     assert all(empty[c] is None for c in sqa.COLUMNS) and empty["unparsed"] == 0
+
+
+def test_chance_is_the_expected_score_of_uniform_guessing(sqa_dir):
+    problems = text_only(sqa_dir)  # option counts: 1 has 3, 5 has 4, the others 2
+    scores = sqa.chance(problems)
+    expected = {
+        "NAT": 100 * (1 / 3 + 1 / 2 + 1 / 2) / 3,
+        "SOC": 50.0,
+        "LAN": 25.0,
+        "TXT": 50.0,
+        "IMG": 100 * (1 / 3 + 1 / 2 + 1 / 2) / 3,
+        "NO": 100 * (1 / 2 + 1 / 4) / 2,
+        "G1-6": 100 * (1 / 3 + 1 / 2 + 1 / 4) / 3,
+        "G7-12": 50.0,
+        "Avg": 100 * (1 / 3 + 1 / 2 * 4 + 1 / 4) / 6,
+    }
+    assert {c: scores[c] for c in sqa.COLUMNS} == pytest.approx(expected)
+    assert scores["unparsed"] == 0 and scores["count"]["Avg"] == 6
+    # Averaging many seeded random guesses converges on it.
+    rng = random.Random(0)
+    by_pid = {p.pid: p for p in problems}
+    trials = [
+        sqa.score(records_for(problems, [rng.randrange(len(p.choices)) for p in problems]), by_pid)["Avg"]
+        for _ in range(4000)
+    ]
+    assert sum(trials) / len(trials) == pytest.approx(scores["Avg"], abs=1.0)
 
 
 def test_score_refuses_inconsistent_records(sqa_dir):
