@@ -43,10 +43,18 @@ class VisualConfig:
         "open_clip pretrained tag (needs internet, e.g. openai) or a local checkpoint file; unset = random init", None
     )
     clip_seed: int = option("seed of the random CLIP init without weights, saved so reloads rebuild the same", 0)
+    clip_layers: tuple[int, ...] = option(
+        "multi-scale features (paper sec. 3.3): also the class token of these ViT blocks (0-based), concatenated "
+        "with the image embedding; none = the embedding alone",
+        (),
+    )
 
     def __post_init__(self):
         if self.clip_weights and not self.clip_model:
             raise ValueError("clip_weights needs clip_model: the architecture the weights belong to")
+        self.clip_layers = tuple(sorted(set(self.clip_layers)))  # JSON gives a list; the encoder yields block order
+        if self.clip_layers and not self.clip_model:
+            raise ValueError("clip_layers needs clip_model: the encoder whose blocks they name")
 
 
 @dataclass
@@ -122,9 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is typing.Literal:
             kwargs["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is tuple:
+            kwargs |= {"nargs": "*", "type": typing.get_args(kind)[0]}
         else:
             kwargs["type"] = kind
-        if default is not None and kind is not bool:
+        if default not in (None, ()) and kind is not bool:
             kwargs["help"] += f" (default: {default})"
         group.add_argument(flag, **kwargs)
 

@@ -1,7 +1,8 @@
 """The frozen CLIP image encoder (open_clip) and an on-disk cache of its features.
 
-The encoder gives one global feature per image, the CLIP image embedding; `adapter.VisualProjection` maps it
-to the LLM width. Without pretrained weights the encoder is randomly initialised from a saved seed: a random
+The encoder gives one global feature per image: the CLIP image embedding, optionally concatenated with the
+class tokens of earlier ViT blocks (the paper's multi-scale global features); `adapter.VisualProjection` maps
+it to the LLM width. Without pretrained weights the encoder is randomly initialised from a saved seed: a random
 but fixed feature extractor, enough to test the wiring and to learn simple visual tasks, not to understand
 pictures. Every such load says so on stderr.
 """
@@ -47,7 +48,7 @@ class ImageEncoder(nn.Module):
                 config.clip_model, pretrained=config.clip_weights
             )
         self.tower = clip.visual.requires_grad_(False).eval()
-        self.clip_dim = self.tower.output_dim
+        self.clip_dim = self.tower.output_dim + len(config.clip_layers) * self._block_width(open_clip)
         if not config.clip_weights:
             print(
                 f"WARNING: CLIP {config.clip_model} is randomly initialised (seed {config.clip_seed}), not pretrained: "
@@ -58,15 +59,35 @@ class ImageEncoder(nn.Module):
     def train(self, mode: bool = True) -> "ImageEncoder":
         return super().train(False)  # frozen: always in eval mode, whatever the surrounding model does
 
+    def _block_width(self, open_clip) -> int:
+        """Width of the ViT blocks whose class tokens `clip_layers` adds; checks the blocks exist."""
+        layers = self.config.clip_layers
+        if not layers:
+            return 0
+        if not isinstance(self.tower, open_clip.transformer.VisionTransformer):
+            # A bad setting, not a bad argument type: ValueError like every other config check.
+            raise ValueError(f"clip_layers needs a ViT image tower; {self.config.clip_model} has none")  # noqa: TRY004
+        depth = len(self.tower.transformer.resblocks)
+        if not all(0 <= layer < depth for layer in layers):
+            raise ValueError(f"clip_layers {list(layers)}: {self.config.clip_model} has blocks 0..{depth - 1}")
+        return self.tower.transformer.width
+
     @torch.no_grad()
     def forward(self, images: list) -> torch.Tensor:
-        device = next(self.tower.parameters()).device
-        pixels = torch.stack([self.preprocess(load_image(image)) for image in images]).to(device)
-        return self.tower(pixels.to(next(self.tower.parameters()).dtype)).float()
+        weight = next(self.tower.parameters())
+        pixels = torch.stack([self.preprocess(load_image(image)) for image in images]).to(weight)
+        if not self.config.clip_layers:
+            return self.tower(pixels).float()
+        out = self.tower.forward_intermediates(
+            pixels, indices=list(self.config.clip_layers), normalize_intermediates=True, output_extra_tokens=True
+        )
+        class_tokens = [tokens[:, 0] for tokens in out["image_intermediates_prefix"]]
+        return torch.cat([out["image_features"], *class_tokens], dim=-1).float()
 
     def identity(self) -> str:
-        """A short key for this encoder's features: architecture, weights and seed."""
-        key = json.dumps([self.config.clip_model, self.config.clip_weights, self.config.clip_seed])
+        """A short key for this encoder's features: architecture, weights, seed and the blocks it reads."""
+        config = self.config
+        key = json.dumps([config.clip_model, config.clip_weights, config.clip_seed, list(config.clip_layers)])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

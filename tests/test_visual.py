@@ -1,5 +1,6 @@
 """The multimodal adapter on a tiny random LLaMA and a tiny random CLIP: zero-init, per-row images, save/load, cache."""
 
+import argparse
 import shutil
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 from test_adapter import random_batch, reference_attention
 
-from llama_adapter.config import SamplingConfig, VisualConfig
+from llama_adapter.config import SamplingConfig, VisualConfig, add_arguments, from_arguments
 from llama_adapter.model import CONFIG_NAME, LlamaAdapterModel
 from llama_adapter.visual import FeatureCache, load_image
 
@@ -182,3 +183,45 @@ def test_feature_cache_encodes_each_image_content_once(multimodal, images, tmp_p
     assert calls == []
     assert torch.equal(again, first)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_multi_scale_features_append_chosen_blocks_class_tokens(make_model, tiny_clip, images):
+    plain = make_model(visual=VisualConfig(clip_model=tiny_clip)).image_encoder
+    multi = make_model(visual=VisualConfig(clip_model=tiny_clip, clip_layers=[1, 0, 1])).image_encoder
+    assert multi.config.clip_layers == (0, 1)
+    assert (plain.clip_dim, multi.clip_dim) == (24, 24 + 2 * 32)
+
+    captured = []
+    for block in multi.tower.transformer.resblocks:
+        block.register_forward_hook(lambda module, args, output: captured.append(output))
+    features = multi(images)
+    tower = multi.tower
+    class_tokens = [tower.ln_post(tokens if tower.transformer.batch_first else tokens.transpose(0, 1))[:, 0]
+                    for tokens in captured]  # fmt: skip
+    torch.testing.assert_close(features, torch.cat([plain(images), *class_tokens], dim=-1))
+
+
+def test_multi_scale_adapter_round_trips_and_refuses_missing_blocks(make_model, tiny_clip, tokenizer, images, tmp_path):
+    model = make_model(visual=VisualConfig(clip_model=tiny_clip, clip_layers=(0,)))
+    assert model.visual_proj.linear.in_features == 24 + 32
+    base_dir = tmp_path / "base"
+    model.base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model.base.name_or_path = str(base_dir)
+    model.save(tmp_path / "adapter")
+    reloaded = LlamaAdapterModel.load(tmp_path / "adapter", device="cpu")
+    assert reloaded.visual_config.clip_layers == (0,)
+    torch.testing.assert_close(reloaded.encode_images(images), model.encode_images(images))
+
+    with pytest.raises(ValueError, match=r"clip_layers \[5\]: tiny-test-clip has blocks 0..1"):
+        make_model(visual=VisualConfig(clip_model=tiny_clip, clip_layers=(5,)))
+    with pytest.raises(ValueError, match="clip_layers needs clip_model"):
+        VisualConfig(clip_layers=(0,))
+
+
+def test_clip_layers_flag_takes_several_block_numbers():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, VisualConfig)
+    visual = from_arguments(VisualConfig, parser.parse_args(["--clip-model", "ViT-L-14", "--clip-layers", "7", "3"]))
+    assert visual.clip_layers == (3, 7)
+    assert from_arguments(VisualConfig, parser.parse_args([])).clip_layers == ()
