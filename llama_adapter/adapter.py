@@ -32,18 +32,15 @@ class AdaptionPrompt(nn.Module):
         self.adapter_gate = nn.Parameter(torch.zeros(num_heads))
         # (B, dim) projected image features of the current batch, set by the model around a forward pass.
         self.visual: torch.Tensor | None = None
+        self._cached_kv: tuple | None = None  # (key, image, keys, values): see _keys_values
 
     def forward(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module, scaling: float) -> torch.Tensor:
         """Gated attention of `query` (B, H, T, hd), rotary already applied, over the prompt.
 
         Returns (B, T, H, hd), the layout in which attention functions return their output, ready to be added.
         """
-        num_heads, head_dim = query.shape[1], query.shape[3]
-        prompt = self.adapter_prompt.to(query.dtype)  # params stay fp32; compute runs in the base's dtype
-        if self.visual is not None:
-            prompt = prompt + self.visual[:, None].to(query.dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
-        keys = _heads(k_proj(prompt), head_dim)  # ([B,] H_kv, K, hd)
-        values = _heads(v_proj(prompt), head_dim)
+        num_heads = query.shape[1]
+        keys, values = self._keys_values(k_proj, v_proj, query.dtype, query.shape[3])
         # Grouped-query attention: each key/value head serves num_heads // H_kv consecutive query heads.
         groups = num_heads // keys.shape[-3]
         keys = keys.repeat_interleave(groups, dim=-3)  # ([B,] H, K, hd)
@@ -54,6 +51,28 @@ class AdaptionPrompt(nn.Module):
         gate = torch.tanh(self.adapter_gate).to(query.dtype).view(1, num_heads, 1, 1)
         out = torch.matmul(gate * probs, values)  # (B, H, T, hd)
         return out.transpose(1, 2)
+
+    def _keys_values(self, k_proj: nn.Module, v_proj: nn.Module, dtype: torch.dtype, head_dim: int):
+        """The prompt projected by the layer's k/v, ([B,] H_kv, K, hd) each.
+
+        Without gradients (generation, evaluation) they are computed once and reused while the prompt, the image
+        and the projections stay the same: decoding a token would otherwise cost K extra rows of k/v projection
+        in every adapted layer. Version counters see in-place updates (an optimizer step, loading weights), data
+        pointers see moved or cast weights; the image is compared by identity, and the cache holds it so that
+        its memory (and so a look-alike new tensor) cannot come back at the same address.
+        """
+        weights = [self.adapter_prompt, *k_proj.parameters(), *v_proj.parameters()]
+        key = (dtype, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
+        cached = self._cached_kv
+        if cached is not None and cached[0] == key and cached[1] is self.visual:
+            return cached[2:]
+        prompt = self.adapter_prompt.to(dtype)  # params stay fp32; compute runs in the base's dtype
+        if self.visual is not None:
+            prompt = prompt + self.visual[:, None].to(dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
+        keys = _heads(k_proj(prompt), head_dim)
+        values = _heads(v_proj(prompt), head_dim)
+        self._cached_kv = None if torch.is_grad_enabled() else (key, self.visual, keys, values)
+        return keys, values
 
 
 class VisualProjection(nn.Module):

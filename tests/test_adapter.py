@@ -297,3 +297,45 @@ def test_cached_greedy_generation_matches_uncached(make_model, tokenizer, random
     expected = greedy_without_cache(model, ids, steps, tokenizer.eos_token_id)
     assert expected.shape[1] > ids.shape[1] + 4, "too few tokens generated for a meaningful comparison"
     assert torch.equal(cached, expected)
+
+
+def test_prompt_keys_values_are_projected_once_per_generation(make_model, tokenizer, randomize_adapter):
+    model = make_model(adapter_len=4, adapter_layers=3)
+    randomize_adapter(model, seed=3)
+    prompt_projections = []
+    for layer in model.prompts:
+        k_proj = model.base.model.layers[layer].self_attn.k_proj
+        # Token inputs are (B, T, dim); the prompt of a text-only adapter is (K, dim).
+        k_proj.register_forward_hook(lambda module, args, out: prompt_projections.append(args[0].dim() == 2))
+    ids = tokenizer("Tell me a story:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model.base.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, min_new_tokens=8
+        )
+    assert sum(prompt_projections) == len(model.prompts)  # once per layer, not once per decoded token
+
+
+def test_prompt_cache_follows_weight_updates(make_model, tokenizer, randomize_adapter):
+    model = make_model(adapter_len=4, adapter_layers=3)
+    randomize_adapter(model, seed=3)
+    ids, mask = random_batch(len(tokenizer))
+
+    def uncached():
+        for prompt in model.prompts.values():
+            prompt._cached_kv = None
+        return model(ids, mask)
+
+    optimizer = torch.optim.SGD(model.adapter_state().values(), lr=0.5)
+    with torch.no_grad():
+        before = model(ids, mask)
+    model.loss(ids, mask, labels=ids).backward()  # gradients on: nothing cached, nothing stale
+    optimizer.step()  # an in-place update of the prompts the cache was made from
+    with torch.no_grad():
+        after = model(ids, mask)
+        assert not torch.allclose(after, before, atol=1e-4)
+        assert torch.equal(after, uncached())
+        for prompt in model.prompts.values():  # new data behind the same parameters, as loading or casting does
+            prompt.adapter_prompt.data = torch.randn_like(prompt.adapter_prompt)
+        swapped = model(ids, mask)
+        assert not torch.allclose(swapped, after, atol=1e-4)
+        assert torch.equal(swapped, uncached())

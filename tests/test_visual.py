@@ -225,3 +225,16 @@ def test_clip_layers_flag_takes_several_block_numbers():
     visual = from_arguments(VisualConfig, parser.parse_args(["--clip-model", "ViT-L-14", "--clip-layers", "7", "3"]))
     assert visual.clip_layers == (3, 7)
     assert from_arguments(VisualConfig, parser.parse_args([])).clip_layers == ()
+
+
+def test_prompt_cache_never_mixes_up_images(multimodal, tokenizer, randomize_adapter, images):
+    """Evaluation projects a new image batch each step; freed tensors' addresses come back, the cache must not."""
+    model = multimodal()
+    randomize_adapter(model)
+    ids, mask = random_batch(len(tokenizer), batch=1)
+    features = model.encode_images(images)
+    with torch.no_grad():
+        alone = [model(ids, mask, features[i : i + 1]) for i in range(2)]
+        assert not torch.allclose(alone[0], alone[1], atol=1e-4)
+        for step in range(6):
+            assert torch.equal(model(ids, mask, features[step % 2 : step % 2 + 1]), alone[step % 2])
