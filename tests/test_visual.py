@@ -20,6 +20,15 @@ def write_image(path, colour, size=40):
     return path
 
 
+def save_and_reload(model, tokenizer, folder) -> LlamaAdapterModel:
+    """Save the tiny base where the adapter can name it, save the adapter, and load it back."""
+    model.base.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    model.base.name_or_path = str(folder / "base")
+    model.save(folder / "adapter")
+    return LlamaAdapterModel.load(folder / "adapter", device="cpu")
+
+
 @pytest.fixture
 def images(tmp_path):
     return [write_image(tmp_path / f"{name}.png", name) for name in ("red", "blue")]
@@ -131,13 +140,7 @@ def test_save_and_load_rebuild_the_same_random_encoder(multimodal, tokenizer, ra
     randomize_adapter(model)
     with torch.no_grad():
         model.visual_proj.linear.weight.normal_()
-    base_dir = tmp_path / "base"
-    model.base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    model.base.name_or_path = str(base_dir)
-    model.save(tmp_path / "adapter")
-
-    reloaded = LlamaAdapterModel.load(tmp_path / "adapter", device="cpu")
+    reloaded = save_and_reload(model, tokenizer, tmp_path)
     ids, mask = random_batch(len(tokenizer))
     with torch.no_grad():
         expected = model(ids, mask, model.encode_images(images))
@@ -204,12 +207,7 @@ def test_multi_scale_features_append_chosen_blocks_class_tokens(make_model, tiny
 def test_multi_scale_adapter_round_trips_and_refuses_missing_blocks(make_model, tiny_clip, tokenizer, images, tmp_path):
     model = make_model(visual=VisualConfig(clip_model=tiny_clip, clip_layers=(0,)))
     assert model.visual_proj.linear.in_features == 24 + 32
-    base_dir = tmp_path / "base"
-    model.base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    model.base.name_or_path = str(base_dir)
-    model.save(tmp_path / "adapter")
-    reloaded = LlamaAdapterModel.load(tmp_path / "adapter", device="cpu")
+    reloaded = save_and_reload(model, tokenizer, tmp_path)
     assert reloaded.visual_config.clip_layers == (0,)
     torch.testing.assert_close(reloaded.encode_images(images), model.encode_images(images))
 
