@@ -116,9 +116,14 @@ def encode(tokenizer, row: dict, max_len: int) -> Example | None:
     prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
     if len(prompt) >= max_len:
         return None
-    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response = response_ids(tokenizer, row["output"])
     labels = [IGNORE_INDEX] * len(prompt) + response
     return Example((prompt + response)[:max_len], labels[:max_len], row.get("image"))
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """A response's tokens as the model learns and scores them: tokenised apart from the prompt, then EOS."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def encode_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example], int]:

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import hf
+from . import data, hf
 from .adapter import VisualProjection
 from .config import AdapterConfig, SamplingConfig, VisualConfig, default_device
 from .visual import FeatureCache, ImageEncoder
@@ -201,10 +201,7 @@ class LlamaAdapterModel(nn.Module):
         `image_features` (1, clip_dim) for a multimodal adapter; the same image serves every continuation.
         """
         prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        tokens = [
-            self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-            for text in continuations
-        ]  # tokenised apart from the prompt, exactly as training's `data.encode` does
+        tokens = [data.response_ids(self.tokenizer, text) for text in continuations]
         with self.images(image_features):
             return hf.continuation_logprobs(self.base, prompt_ids, tokens).cpu()
 
