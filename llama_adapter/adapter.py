@@ -61,17 +61,19 @@ class AdaptionPrompt(nn.Module):
         pointers see moved or cast weights; the image is compared by identity, and the cache holds it so that
         its memory (and so a look-alike new tensor) cannot come back at the same address.
         """
-        weights = [self.adapter_prompt, *k_proj.parameters(), *v_proj.parameters()]
-        key = (dtype, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
-        cached = self._cached_kv
-        if cached is not None and cached[0] == key and cached[1] is self.visual:
-            return cached[2:]
+        caching = not torch.is_grad_enabled()  # training recomputes every step: no key to build, nothing to keep
+        if caching:
+            weights = [self.adapter_prompt, *k_proj.parameters(), *v_proj.parameters()]
+            key = (dtype, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
+            cached = self._cached_kv
+            if cached is not None and cached[0] == key and cached[1] is self.visual:
+                return cached[2:]
         prompt = self.adapter_prompt.to(dtype)  # params stay fp32; compute runs in the base's dtype
         if self.visual is not None:
             prompt = prompt + self.visual[:, None].to(dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
         keys = _heads(k_proj(prompt), head_dim)
         values = _heads(v_proj(prompt), head_dim)
-        self._cached_kv = None if torch.is_grad_enabled() else (key, self.visual, keys, values)
+        self._cached_kv = (key, self.visual, keys, values) if caching else None
         return keys, values
 
 
