@@ -10,6 +10,7 @@ from . import scienceqa
 from .config import (
     PRECISIONS,
     AdapterConfig,
+    DemoConfig,
     ModelConfig,
     SamplingConfig,
     ScienceQAConfig,
@@ -26,8 +27,9 @@ from .train import TrainConfig, load_task_rows, train
 
 @dataclass
 class ChatConfig:
-    """What to ask about, besides the instruction."""
+    """Who answers, and what to ask about besides the instruction."""
 
+    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
     input: str = option("optional context for the instruction (the Alpaca 'input' field)", "")
     image: str | None = option("an image file the instruction is about (multimodal adapters)", None)
 
@@ -53,13 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(chat, ModelConfig)
     add_arguments(chat, ChatConfig)
     add_arguments(chat, SamplingConfig)
+
+    demo = commands.add_parser("demo", help="the chat demo in your browser (Gradio), text and images")
+    add_arguments(demo, DemoConfig)
+    add_arguments(demo, ModelConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"train": run_train, "eval": run_eval, "chat": run_chat}[args.command](args)
+        {"train": run_train, "eval": run_eval, "chat": run_chat, "demo": run_demo}[args.command](args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         sys.exit(f"llama-adapter {args.command}: error: {err}")
 
@@ -79,9 +85,10 @@ def run_eval(args: argparse.Namespace) -> None:
         "scoring": cfg.scoring,
         "image_context": sqa.image_context,
         "max_new_tokens": cfg.max_new_tokens,
+        "adapter": cfg.adapter,
     } | dataclasses.asdict(model_cfg)
     check_resume_settings(cfg.out, settings)
-    model = load_model(model_cfg)
+    model = load_model(model_cfg, cfg.adapter)
     scores = evaluate_problems(
         model, problems, cfg.out, cfg.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens
     )
@@ -91,17 +98,17 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"predictions: {cfg.out}; scores: {path}")
 
 
-def load_model(cfg: ModelConfig) -> LlamaAdapterModel:
+def load_model(cfg: ModelConfig, adapter: str | None) -> LlamaAdapterModel:
     dtype = PRECISIONS[cfg.precision]
-    if cfg.adapter:
-        return LlamaAdapterModel.load(cfg.adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights)
+    if adapter:
+        return LlamaAdapterModel.load(adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights)
     # A fresh adapter has zero gates, so this is exactly the base model.
     return LlamaAdapterModel.from_base(cfg.base or DEFAULT_BASE, dtype=dtype)
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    model = load_model(from_arguments(ModelConfig, args))
     cfg = from_arguments(ChatConfig, args)
+    model = load_model(from_arguments(ModelConfig, args), cfg.adapter)
     sampling = from_arguments(SamplingConfig, args)
     if args.instruction is not None:
         answer(model, args.instruction, cfg.input, sampling, cfg.image)
@@ -119,6 +126,13 @@ def run_chat(args: argparse.Namespace) -> None:
             answer(model, instruction, "", sampling, cfg.image)
         except KeyboardInterrupt:
             print("\n[stopped]")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import build_app, launch, load_choices  # gradio is a heavy import; only the demo needs it
+
+    cfg = from_arguments(DemoConfig, args)
+    launch(build_app(load_choices(from_arguments(ModelConfig, args), cfg.adapter)), cfg)
 
 
 def answer(model: LlamaAdapterModel, instruction: str, input: str, sampling: SamplingConfig, image: str | None) -> None:

@@ -59,9 +59,8 @@ class VisualConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model answers: an adapter on its base, or a base alone."""
+    """The frozen models under the adapters: the LLM, its dtype, and where CLIP weights are on this machine."""
 
-    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
     base: str | None = option("base model (default: the one the adapter names, else the embedded SmolLM2)", None)
     precision: Literal["fp32", "bf16"] | None = option(
         "weights and compute dtype (default: bf16 on CUDA, else fp32)", None
@@ -88,6 +87,15 @@ class ScienceQAConfig:
     missing_images: Literal["error", "text-only"] = option(
         "a problem whose image file is missing: stop with an error, or use it without the image (counted)", "error"
     )
+
+
+@dataclass
+class DemoConfig:
+    """Which adapters the browser demo offers and where it listens."""
+
+    adapter: tuple[str, ...] = option("adapter folders the chooser offers, beside the base model alone", ())
+    host: str = option("address to listen on; 0.0.0.0 opens the demo to your whole network", "127.0.0.1")
+    port: int = option("port to listen on", 7860)
 
 
 @dataclass

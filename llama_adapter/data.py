@@ -15,17 +15,26 @@ PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
+HEADER_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
+TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_NO_INPUT = HEADER_NO_INPUT + TURN
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
     if input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def format_conversation(earlier: list[tuple[str, str]], instruction: str) -> str:
+    """A multi-turn prompt: the Alpaca header once, each earlier (instruction, answer) exchange, the new instruction.
+
+    Without earlier exchanges it is exactly `format_prompt(instruction)`, the prompt the adapter was trained on.
+    """
+    exchanges = "".join(TURN.format(instruction=asked) + answer.strip() + "\n\n" for asked, answer in earlier)
+    return HEADER_NO_INPUT + exchanges + TURN.format(instruction=instruction)
 
 
 class DataError(ValueError):

@@ -28,6 +28,7 @@ class EvalConfig:
 
     data: str = option("ScienceQA folder (problems.json, pid_splits.json, images/)")
     out: str = option("predictions JSONL; an existing file is resumed; scores go beside it (.scores.json)")
+    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
     split: str = option("which split of the problems file", "test")
     llava: str | None = option("LLaVA's llava_test_CQM-A.json: its 4241 test questions instead of the split", None)
     scoring: Literal["generate", "likelihood"] = option(

@@ -7,19 +7,21 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .config import SamplingConfig
-from .data import format_prompt
+from .data import format_conversation
+
+WORKER_NAME = "llama-adapter-generate"  # the generation thread's name: a stopped stream leaves none behind
 
 
-def stream(
-    model, instruction: str, input: str, sampling: SamplingConfig, image_features: torch.Tensor | None = None
-) -> Iterator[str]:
-    """Generate in a worker thread and yield text as it arrives; `image_features` (1, clip_dim) or None.
+def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.Tensor | None = None) -> Iterator[str]:
+    """Generate after a formatted prompt in a worker thread and yield text as it arrives.
+
+    `image_features`: (1, clip_dim) or None.
 
     Closing the iterator early (a Stop button, Ctrl-C) stops the worker at the next token; an exception in
     the worker is re-raised here instead of leaving the consumer waiting.
     """
     tokenizer = model.tokenizer
-    encoded = tokenizer(format_prompt(instruction, input), return_tensors="pt").to(model.device)
+    encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     failure: list[BaseException] = []
@@ -37,7 +39,7 @@ def stream(
             failure.append(err)
             streamer.end()
 
-    worker = threading.Thread(target=work, daemon=True)
+    worker = threading.Thread(target=work, name=WORKER_NAME, daemon=True)
     worker.start()
     try:
         yield from streamer
@@ -46,6 +48,19 @@ def stream(
         worker.join()
     if failure:
         raise failure[0]
+
+
+def conversation_prompt(tokenizer, earlier: list[tuple[str, str]], instruction: str, room: int) -> tuple[str, int]:
+    """The prompt for `instruction` after the earlier (instruction, answer) exchanges, in at most `room` tokens.
+
+    The oldest exchanges are left out until it fits; returns the prompt and how many were left out.
+    """
+    for left_out in range(len(earlier) + 1):
+        prompt = format_conversation(earlier[left_out:], instruction)
+        length = len(tokenizer(prompt)["input_ids"])
+        if length <= room:
+            return prompt, left_out
+    raise ValueError(f"the message is {length} tokens with the prompt template; the context has room for {room}")
 
 
 @torch.no_grad()

@@ -177,14 +177,31 @@ def attach_adaption_prompts(model: PreTrainedModel, adapter_len: int, adapter_la
     """Give each of the top `adapter_layers` attention layers an AdaptionPrompt; returns them by layer index."""
     layers = attention_layers(model)
     config = model.config
-    dtype_device = {"device": layers[0].q_proj.weight.device}
-    prompts = {}
-    for layer in layers[len(layers) - adapter_layers :]:
-        prompt = AdaptionPrompt(adapter_len, config.hidden_size, config.num_attention_heads).to(**dtype_device)
-        layer.add_module(_ADAPTION, prompt)
-        prompts[layer.layer_idx] = prompt
+    device = layers[0].q_proj.weight.device
+    prompts = {
+        layer.layer_idx: AdaptionPrompt(adapter_len, config.hidden_size, config.num_attention_heads).to(device)
+        for layer in layers[len(layers) - adapter_layers :]
+    }
+    use_adaption_prompts(model, prompts)
     _route_attention_through_adapter(model)
     return prompts
+
+
+def use_adaption_prompts(model: PreTrainedModel, prompts: dict[int, AdaptionPrompt]) -> None:
+    """Put these prompts on their layers and take any others off: adapters that share one base take turns."""
+    for layer in attention_layers(model):
+        wanted = prompts.get(layer.layer_idx)
+        if getattr(layer, _ADAPTION, None) is wanted:
+            continue
+        if wanted is None:
+            delattr(layer, _ADAPTION)
+        else:
+            layer.add_module(_ADAPTION, wanted)
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """How many positions (prompt plus answer) the base was trained for."""
+    return model.config.max_position_embeddings
 
 
 def _route_attention_through_adapter(model: PreTrainedModel) -> None:

@@ -34,7 +34,15 @@ class LlamaAdapterModel(nn.Module):
     >>> model.generate("What colour is the shape?", image="shape.png")   # a multimodal adapter (clip_model set)
     """
 
-    def __init__(self, base, tokenizer, config: AdapterConfig, visual: VisualConfig | None = None):
+    def __init__(
+        self,
+        base,
+        tokenizer,
+        config: AdapterConfig,
+        visual: VisualConfig | None = None,
+        alongside: "LlamaAdapterModel | None" = None,
+    ):
+        """`alongside`: another model on the same `base` object; the two take turns and never run at once."""
         super().__init__()
         depth = base.config.num_hidden_layers
         self.config = dataclasses.replace(config, adapter_layers=min(config.adapter_layers, depth))
@@ -48,8 +56,9 @@ class LlamaAdapterModel(nn.Module):
             device = base.get_input_embeddings().weight.device
             self.image_encoder = ImageEncoder(self.visual_config).to(device)
             self.visual_proj = VisualProjection(self.image_encoder.clip_dim, base.config.hidden_size).to(device)
-        # The prompts read the batch's image features from an attribute (see `images`); one batch at a time.
-        self._images_lock = threading.RLock()
+        # The prompts read the batch's image features from an attribute (see `images`), and adapters sharing a
+        # base put their prompts on its layers for each call: one batch at a time on a base.
+        self._base_lock = alongside._base_lock if alongside is not None else threading.RLock()
 
     @property
     def multimodal(self) -> bool:
@@ -80,19 +89,24 @@ class LlamaAdapterModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         clip_weights: str | None = None,
+        alongside: "LlamaAdapterModel | None" = None,
     ) -> "LlamaAdapterModel":
         """Load a saved adapter onto `base` (default: the base named in its config); refuses a different base.
 
         `clip_weights` points a multimodal adapter at this machine's copy of the CLIP weights it was trained with.
+        `alongside`: a loaded model whose base (and so dtype and device) this adapter shares instead of loading
+        its own copy; switching between such models costs nothing, each call puts its own prompts in place.
         """
         adapter_dir = Path(adapter_dir)
         saved = read_adapter_config(adapter_dir)
         visual = VisualConfig(**saved.get("visual", {}))
         if clip_weights:
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
-        model = cls.from_base(
-            base or saved["base"]["name"], AdapterConfig(**saved["adapter"]), dtype, device, None, visual
-        )
+        config = AdapterConfig(**saved["adapter"])
+        if alongside is None:
+            model = cls.from_base(base or saved["base"]["name"], config, dtype, device, None, visual)
+        else:
+            model = cls(alongside.base, alongside.tokenizer, config, visual, alongside)
         check_same_base(saved["base"], hf.base_identity(model.base), adapter_dir / CONFIG_NAME)
         model.load_adapter_weights(adapter_dir / WEIGHTS_NAME)
         return model
@@ -160,6 +174,11 @@ class LlamaAdapterModel(nn.Module):
     def device(self) -> torch.device:
         return self.base.device
 
+    @property
+    def context_length(self) -> int:
+        """Positions the base handles: a prompt and its answer together must fit."""
+        return hf.context_length(self.base)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -225,7 +244,7 @@ class LlamaAdapterModel(nn.Module):
         from .generation import stream
 
         features = None if image is None else self.encode_images([image])
-        return stream(self, instruction, input, sampling or SamplingConfig(), features)
+        return stream(self, data.format_prompt(instruction, input), sampling or SamplingConfig(), features)
 
     def generate(self, instruction: str, input: str = "", sampling: SamplingConfig | None = None, image=None) -> str:
         """The whole answer to an Alpaca-style instruction (about `image`, if given)."""
@@ -250,7 +269,8 @@ class LlamaAdapterModel(nn.Module):
 
         features: (B, clip_dim) or None (text only); has_image: (B,) bool, False rows get no image.
         """
-        with self._images_lock:
+        with self._base_lock:
+            hf.use_adaption_prompts(self.base, self.prompts)
             visual = None
             if features is not None:
                 if not self.multimodal:

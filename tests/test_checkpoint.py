@@ -215,3 +215,17 @@ def test_failed_load_leaves_the_model_unchanged(saved, make_model):
         target.load_adapter_weights(path)
     for name, param in target.adapter_state().items():
         assert torch.equal(param, before[name]), f"{name} changed by a load that failed"
+
+
+def test_adapters_sharing_a_base_take_turns(saved, make_model, tokenizer, tmp_path):
+    """Loaded alongside another model, an adapter reuses its base object, and each call runs with its own prompts."""
+    original, out = saved
+    other = make_model(adapter_len=2, adapter_layers=1)  # a different shape: other layers carry prompts
+    other.base.name_or_path = BASE_NAME
+    with torch.no_grad():
+        other_alone = other(_ids(tokenizer))
+        loaded = LlamaAdapterModel.load(out, alongside=other)
+        assert loaded.base is other.base
+        assert torch.equal(loaded(_ids(tokenizer)), original(_ids(tokenizer)))
+        assert torch.equal(other(_ids(tokenizer)), other_alone)  # its prompts back, the loaded one's gone
+        assert torch.equal(loaded(_ids(tokenizer)), original(_ids(tokenizer)))

@@ -31,6 +31,16 @@ def test_template_with_and_without_input():
     assert data.format_prompt("Say hi.", "  \n") == data.format_prompt("Say hi.")
 
 
+def test_conversation_prompt_repeats_the_turn_template():
+    assert data.format_conversation([], "Say hi.") == data.format_prompt("Say hi.")
+    assert data.format_conversation([("Say hi.", " Hi! \n"), ("Louder.", "HI!")], "Thanks.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nSay hi.\n\n### Response:\nHi!\n\n"
+        "### Instruction:\nLouder.\n\n### Response:\nHI!\n\n"
+        "### Instruction:\nThanks.\n\n### Response:\n"
+    )
+
+
 def test_reads_json_list_and_jsonl(tmp_path):
     as_json = write(tmp_path / "a.json", json.dumps(ROWS))
     as_jsonl = write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llama_adapter.config import SamplingConfig
-from llama_adapter.data import format_prompt
-from llama_adapter.generation import generate_batch, generation_kwargs
+from llama_adapter.data import format_conversation, format_prompt
+from llama_adapter.generation import conversation_prompt, generate_batch, generation_kwargs
 from llama_adapter.model import LlamaAdapterModel
 
 NEW_TOKENS = 32
@@ -167,6 +167,19 @@ def test_base_without_pad_token_pads_with_eos(make_base, tokenizer, tmp_path):
     no_pad.save_pretrained(tmp_path)
     model = LlamaAdapterModel.from_base(str(tmp_path))
     assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id
-    prompts = [format_prompt({"instruction": "Hi."}), format_prompt({"instruction": "A much longer question?"})]
+    prompts = [format_prompt("Hi."), format_prompt("A much longer question?")]
     batched = generate_batch(model, prompts, greedy(5))
     assert batched == [generate_batch(model, [p], greedy(5))[0] for p in prompts]
+
+
+def test_conversation_prompt_leaves_out_the_oldest_exchanges_first(tokenizer):
+    earlier = [("First?", "One."), ("Second?", "Two."), ("Third?", "Three.")]
+    full = format_conversation(earlier, "Fourth?")
+    length = len(tokenizer(full)["input_ids"])  # characters plus BOS with the test tokenizer
+    assert conversation_prompt(tokenizer, earlier, "Fourth?", length) == (full, 0)
+    prompt, left_out = conversation_prompt(tokenizer, earlier, "Fourth?", length - 1)
+    assert (prompt, left_out) == (format_conversation(earlier[1:], "Fourth?"), 1)
+    alone = len(tokenizer(format_prompt("Fourth?"))["input_ids"])
+    assert conversation_prompt(tokenizer, earlier, "Fourth?", alone) == (format_prompt("Fourth?"), 3)
+    with pytest.raises(ValueError, match=f"the message is {alone} tokens .* room for {alone - 1}"):
+        conversation_prompt(tokenizer, earlier, "Fourth?", alone - 1)

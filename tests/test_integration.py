@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,40 @@ def test_chat_command_streams_an_answer():
     )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_demo_app_answers_through_its_http_api():
+    """`python demo/app.py` on the embedded model: a browser-less client asks a question and gets Paris."""
+    from conftest import REPO_ROOT, free_port
+    from gradio_client import Client
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "demo" / "app.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = _connect(f"http://127.0.0.1:{port}/", server, Client)
+        message = {"text": QUESTION, "files": []}
+        messages, notes, _ = client.predict(message, "base model (no adapter)", 0.0, 1.0, 24, api_name="/chat")
+        assert "Paris" in messages[-1]["content"][0]["text"] and notes == ""
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _connect(url, server, client_class, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the demo exited with {server.returncode}: {server.stdout.read()}")
+        try:
+            return client_class(url, verbose=False, download_files=False)
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(1)
+    pytest.fail(f"the demo did not answer at {url} within {timeout} s")
 
 
 def test_train_module_entry_point_runs_on_real_data(data_dir, tmp_path):

@@ -169,6 +169,17 @@ def test_unreadable_images_name_the_file(tmp_path):
         load_image(tmp_path / "missing.png")
 
 
+@pytest.mark.parametrize("side", [9_000, 14_000])  # over our limit; over Pillow's own bomb limit too
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (side, side)).save(bomb)  # tens of megapixels in a few kilobytes
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ValueError, match="bomb.png: too many pixels"):
+        load_image(bomb)
+    Image.new("1", (7_000, 7_000)).save(bomb)  # 49 megapixels: a large photo, accepted
+    assert load_image(bomb).size == (7_000, 7_000)
+
+
 def test_feature_cache_encodes_each_image_content_once(multimodal, images, tmp_path):
     model = multimodal()
     calls = []

@@ -1,0 +1,233 @@
+"""The browser chat demo: a Gradio page over the library's generation API.
+
+Every adapter offered shares one frozen base in memory (`LlamaAdapterModel.load(..., alongside=...)`), so the
+chooser switches adapters at no cost. One answer is generated at a time; the queue keeps the others waiting.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import gradio as gr
+from matplotlib.figure import Figure
+
+from . import synthetic
+from .config import PRECISIONS, AdapterConfig, DemoConfig, ModelConfig, SamplingConfig
+from .generation import conversation_prompt, stream
+from .hf import DEFAULT_BASE
+from .model import CONFIG_NAME, LlamaAdapterModel
+from .scienceqa import format_options
+from .visual import load_image
+
+BASE_CHOICE = "base model (no adapter)"
+# ScienceQA's prompt shape (scienceqa.question_prompt), which the synthetic colour task trains on too.
+COLOUR_QUESTION = (
+    f"Question: {synthetic.QUESTION}\nOptions: {format_options(synthetic.COLOURS)}\n"
+    "Answer with the letter of the correct option."
+)
+EXAMPLES = Path(__file__).parent / "examples"
+MAX_UPLOAD = "10mb"
+QUEUE_SIZE = 64  # requests waiting beyond this are turned away with "queue full" rather than waiting for ever
+log = logging.getLogger(__name__)
+
+
+def load_choices(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> dict[str, LlamaAdapterModel]:
+    """The chooser's models by label: the base alone first, then each adapter on that same base object."""
+    dtype = PRECISIONS[model_cfg.precision]
+    choices, first = {}, None
+    for folder in adapters:
+        model = LlamaAdapterModel.load(
+            folder, base=model_cfg.base, dtype=dtype, clip_weights=model_cfg.clip_weights, alongside=first
+        )
+        first = first or model
+        choices[folder] = model
+    if first is None:
+        plain = LlamaAdapterModel.from_base(model_cfg.base or DEFAULT_BASE, dtype=dtype)
+    else:
+        # Zero gates: exactly the base model (see adapter.py), without loading it a second time.
+        plain = LlamaAdapterModel(first.base, first.tokenizer, AdapterConfig(), alongside=first)
+    return {BASE_CHOICE: plain} | choices
+
+
+def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
+    chat = _Chat(choices)
+    default = list(choices)[min(1, len(choices) - 1)]  # the first adapter given, else the base
+    context = next(iter(choices.values())).context_length  # one base serves every choice
+    with gr.Blocks(title="LLaMA-Adapter") as app:
+        gr.Markdown(
+            "## LLaMA-Adapter chat\nA frozen LLaMA-architecture model steered by zero-initialised, gated adaption "
+            "prompts. Attach an image to a message for a multimodal adapter."
+        )
+        turns = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="conversation")
+                box = gr.MultimodalTextbox(
+                    placeholder="Type a message; attach an image (optional) with the clip button",
+                    file_types=["image"],
+                    file_count="single",
+                    sources=["upload"],
+                    show_label=False,
+                    elem_id="message",
+                )
+                with gr.Row():
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    retry = gr.Button("Retry", elem_id="retry")
+                    clear = gr.Button("Clear", elem_id="clear")
+                notes = gr.Markdown(elem_id="notes")
+                gr.Examples(examples=_examples(), inputs=box, label="Examples")
+            with gr.Column(scale=2):
+                chooser = gr.Dropdown(list(choices), value=default, label="Adapter", elem_id="adapter")
+                temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                longest = min(1024, context // 2)  # leaves the conversation at least half of the context
+                max_new_tokens = gr.Slider(1, longest, value=min(256, longest), step=1, label="Max new tokens")
+                summary = gr.Markdown(elem_id="adapter-summary")
+                gates = gr.Plot(label="Gates per layer and head: tanh(g)", elem_id="gates")
+                with gr.Accordion("Adapter config", open=False):
+                    config = gr.JSON(show_label=False)
+
+        sampling = [chooser, temperature, top_p, max_new_tokens]
+        shown = [chatbot, turns, notes]
+        send = box.submit(chat.send, [box, turns, *sampling], [*shown, box], api_name="chat", concurrency_id="generate")
+        again = retry.click(chat.retry, [turns, *sampling], shown, api_name="retry", concurrency_id="generate")
+        stop.click(None, cancels=[send, again])
+        clear.click(lambda: ([], [], ""), None, shown, api_name="clear", queue=False)
+        chooser.change(chat.describe, chooser, [summary, gates, config], api_name="describe")
+        app.load(chat.describe, chooser, [summary, gates, config])
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return app
+
+
+def launch(app: gr.Blocks, cfg: DemoConfig, block: bool = True) -> None:
+    """Serve the app on cfg.host:cfg.port, never through a public share link; `block=False` returns at once."""
+    app.launch(
+        server_name=cfg.host, server_port=cfg.port, share=False, max_file_size=MAX_UPLOAD, prevent_thread_lock=not block
+    )
+
+
+class _Chat:
+    """The event handlers: a conversation is a list of turns {"text", "image", "answer"} in the session's state."""
+
+    def __init__(self, choices: dict[str, LlamaAdapterModel]):
+        self.choices = choices
+
+    def send(self, message: dict | None, turns: list[dict], choice, temperature, top_p, max_new_tokens):
+        text = ((message or {}).get("text") or "").strip()
+        files = (message or {}).get("files") or []
+        if not text:
+            raise gr.Error("Type a message first" + (": an image alone asks nothing." if files else "."))
+        image = _checked_image(files[0]) if files else None
+        turns = [*turns, {"text": text, "image": image, "answer": ""}]
+        cleared = {"text": "", "files": []}
+        for update in self._answer(turns, choice, temperature, top_p, max_new_tokens):
+            yield *update, cleared
+            cleared = gr.skip()  # the user may be typing the next message already
+
+    def retry(self, turns: list[dict], choice, temperature, top_p, max_new_tokens):
+        if not turns:
+            raise gr.Error("Nothing to retry yet: send a message first.")
+        turns = [*turns[:-1], turns[-1] | {"answer": ""}]
+        yield from self._answer(turns, choice, temperature, top_p, max_new_tokens)
+
+    def _answer(self, turns: list[dict], choice, temperature, top_p, max_new_tokens):
+        """Stream the last turn's answer: yields (chat messages, turns, notes) after every piece."""
+        model = self._model(choice)
+        try:
+            sampling = SamplingConfig(int(max_new_tokens), float(temperature), float(top_p))
+            room = model.context_length - sampling.max_new_tokens  # the slider keeps it at half the context or more
+            *earlier, turn = turns
+            prompt, left_out = conversation_prompt(
+                model.tokenizer, [(t["text"], t["answer"]) for t in earlier], turn["text"], room
+            )
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        notes = []
+        if left_out:
+            notes.append(f"The context is full: the {left_out} oldest exchange(s) are left out of the prompt.")
+        # The adapter sees one image: the latest one still in the prompt.
+        image = next((t["image"] for t in reversed(turns[left_out:]) if t["image"]), None)
+        if image and not model.multimodal:
+            notes.append("This adapter has no visual encoder: it answers from the text alone, without the image.")
+            image = None
+        features = model.encode_images([image]) if image else None
+        note = " ".join(notes)
+        yield _messages(turns), turns, note
+        pieces = stream(model, prompt, sampling, features)
+        try:
+            for piece in pieces:
+                turn["answer"] += piece
+                yield _messages(turns), turns, note
+        except Exception as err:
+            log.exception("generation failed")
+            raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
+        finally:
+            pieces.close()  # a Stop click closes this generator: the model stops at its next token
+
+    def describe(self, choice):
+        """The chooser's panel: a summary line, the gate heatmap and the saved config."""
+        model = self._model(choice)
+        if choice == BASE_CHOICE:
+            return f"**{BASE_CHOICE}**: {model.base.name_or_path}, no prompts take part (every gate is 0).", None, {}
+        visual = model.visual_config.clip_model
+        summary = (
+            f"**{choice}**: {model.num_trainable_parameters():,} trainable parameters; "
+            f"{model.config.adapter_len} prompts in each of the top {model.config.adapter_layers} layers; "
+            + (f"CLIP {visual} image encoder." if visual else "text only (no image encoder).")
+        )
+        config = json.loads((Path(choice) / CONFIG_NAME).read_text(encoding="utf-8"))
+        return summary, gate_figure(model), config
+
+    def _model(self, choice) -> LlamaAdapterModel:
+        if choice not in self.choices:
+            raise gr.Error(f"Unknown adapter {choice!r}; choose one of {list(self.choices)}.")
+        return self.choices[choice]
+
+
+def gate_figure(model: LlamaAdapterModel):
+    """Heatmap of tanh(gate): one row per adapted layer, one column per head; 0 means the head ignores its prompts."""
+    gates = model.gates()
+    layers = sorted(gates)
+    values = [gates[layer].float().numpy() for layer in layers]
+    figure = Figure(figsize=(5, max(2.5, 0.16 * len(layers) + 1)))  # no pyplot: no global figure registry
+    axes = figure.subplots()
+    image = axes.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    step = max(1, len(layers) // 10)
+    axes.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
+    figure.colorbar(image, ax=axes, label="tanh(gate)")
+    figure.tight_layout()
+    return figure
+
+
+def _checked_image(upload) -> str:
+    """The uploaded file's path, once it is known to open as an image; a clear message otherwise."""
+    path = upload if isinstance(upload, str) else upload.get("path")
+    try:
+        load_image(path)
+    except (ValueError, FileNotFoundError) as err:
+        name = Path(path).name
+        raise gr.Error(f"{name} cannot be used as an image: {str(err).removeprefix(f'{path}: ')}") from None
+    return path
+
+
+def _messages(turns: list[dict]) -> list[dict]:
+    messages = []
+    for turn in turns:
+        if turn["image"]:
+            messages.append({"role": "user", "content": {"path": turn["image"]}})
+        messages.append({"role": "user", "content": turn["text"]})
+        messages.append({"role": "assistant", "content": turn["answer"]})
+    return messages
+
+
+def _examples() -> list[dict]:
+    text = [
+        "Give three tips for staying healthy.",
+        "Write a haiku about the sea.",
+        "Explain in two sentences what a neural network is.",
+    ]
+    return [{"text": t, "files": []} for t in text] + [
+        {"text": COLOUR_QUESTION, "files": [str(EXAMPLES / name)]} for name in ("red-circle.png", "blue-triangle.png")
+    ]
