@@ -20,6 +20,7 @@ from .config import (
     option,
 )
 from .evaluation import EvalConfig, check_resume_settings, evaluate_problems, load_eval_problems, write_scores
+from .generation import stream_conversation
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
 from .train import TrainConfig, load_task_rows, train
@@ -111,10 +112,11 @@ def run_chat(args: argparse.Namespace) -> None:
     model = load_model(from_arguments(ModelConfig, args), cfg.adapter)
     sampling = from_arguments(SamplingConfig, args)
     if args.instruction is not None:
-        answer(model, args.instruction, cfg.input, sampling, cfg.image)
+        show(model.stream(args.instruction, cfg.input, sampling, cfg.image))
         return
     about = f" about {cfg.image}" if cfg.image else ""
     print(f"Interactive chat{about}: type an instruction, an empty line or Ctrl-D to quit; Ctrl-C stops an answer.")
+    earlier: list[tuple[str, str]] = []  # the conversation so far: each answer sees the exchanges before it
     while True:
         try:
             instruction = input("> ").strip()
@@ -122,8 +124,11 @@ def run_chat(args: argparse.Namespace) -> None:
             break
         if not instruction:
             break
+        pieces, left_out = stream_conversation(model, earlier, instruction, sampling, cfg.image)
+        if left_out:
+            print(f"[the context is full: the {left_out} oldest exchange(s) are left out of the prompt]")
         try:
-            answer(model, instruction, "", sampling, cfg.image)
+            earlier.append((instruction, show(pieces)))
         except KeyboardInterrupt:
             print("\n[stopped]")
 
@@ -135,14 +140,17 @@ def run_demo(args: argparse.Namespace) -> None:
     launch(build_app(load_choices(from_arguments(ModelConfig, args), cfg.adapter)), cfg)
 
 
-def answer(model: LlamaAdapterModel, instruction: str, input: str, sampling: SamplingConfig, image: str | None) -> None:
-    pieces = model.stream(instruction, input, sampling, image)
+def show(pieces) -> str:
+    """Print an answer as it streams in; returns it whole."""
+    answer = []
     try:
         for piece in pieces:
             print(piece, end="", flush=True)
+            answer.append(piece)
     finally:
         pieces.close()
     print()
+    return "".join(answer)
 
 
 if __name__ == "__main__":

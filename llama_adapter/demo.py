@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from . import synthetic
 from .config import PRECISIONS, AdapterConfig, DemoConfig, ModelConfig, SamplingConfig
-from .generation import conversation_prompt, stream
+from .generation import stream_conversation
 from .hf import DEFAULT_BASE
 from .model import CONFIG_NAME, LlamaAdapterModel
 from .scienceqa import format_options
@@ -133,27 +133,23 @@ class _Chat:
     def _answer(self, turns: list[dict], choice, temperature, top_p, max_new_tokens):
         """Stream the last turn's answer: yields (chat messages, turns, notes) after every piece."""
         model = self._model(choice)
-        try:
-            sampling = SamplingConfig(int(max_new_tokens), float(temperature), float(top_p))
-            room = model.context_length - sampling.max_new_tokens  # the slider keeps it at half the context or more
-            *earlier, turn = turns
-            prompt, left_out = conversation_prompt(
-                model.tokenizer, [(t["text"], t["answer"]) for t in earlier], turn["text"], room
-            )
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
+        *earlier, turn = turns
+        # The adapter sees one image: the latest one in the conversation.
+        image = next((t["image"] for t in reversed(turns) if t["image"]), None)
         notes = []
-        if left_out:
-            notes.append(f"The context is full: the {left_out} oldest exchange(s) are left out of the prompt.")
-        # The adapter sees one image: the latest one still in the prompt.
-        image = next((t["image"] for t in reversed(turns[left_out:]) if t["image"]), None)
         if image and not model.multimodal:
             notes.append("This adapter has no visual encoder: it answers from the text alone, without the image.")
             image = None
-        features = model.encode_images([image]) if image else None
+        try:
+            sampling = SamplingConfig(int(max_new_tokens), float(temperature), float(top_p))
+            exchanges = [(t["text"], t["answer"]) for t in earlier]
+            pieces, left_out = stream_conversation(model, exchanges, turn["text"], sampling, image)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if left_out:
+            notes.insert(0, f"The context is full: the {left_out} oldest exchange(s) are left out of the prompt.")
         note = " ".join(notes)
         yield _messages(turns), turns, note
-        pieces = stream(model, prompt, sampling, features)
         try:
             for piece in pieces:
                 turn["answer"] += piece

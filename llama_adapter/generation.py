@@ -50,6 +50,20 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
         raise failure[0]
 
 
+def stream_conversation(
+    model, earlier: list[tuple[str, str]], instruction: str, sampling: SamplingConfig, image=None
+) -> tuple[Iterator[str], int]:
+    """Stream the answer to `instruction` after the earlier (instruction, answer) exchanges, about `image` if given.
+
+    The oldest exchanges are left out when the prompt and `sampling.max_new_tokens` would overflow the model's
+    context; returns the answer's pieces and how many exchanges were left out.
+    """
+    room = model.context_length - sampling.max_new_tokens
+    prompt, left_out = conversation_prompt(model.tokenizer, earlier, instruction, room)
+    features = model.encode_images([image]) if image is not None else None
+    return stream(model, prompt, sampling, features), left_out
+
+
 def conversation_prompt(tokenizer, earlier: list[tuple[str, str]], instruction: str, room: int) -> tuple[str, int]:
     """The prompt for `instruction` after the earlier (instruction, answer) exchanges, in at most `room` tokens.
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from llama_adapter import cli, data
+from llama_adapter.data import format_conversation
+from llama_adapter.generation import stream
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel
 from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
 
@@ -125,7 +127,13 @@ def test_cli_chat_interactive_reads_until_empty_line(tiny_base_dir, monkeypatch,
     answers = iter(["Say hi.", "Say bye.", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
     cli.main(["chat", "--base", str(tiny_base_dir), "--max-new-tokens", "3"])
-    assert "Interactive chat" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("Interactive chat")
+    # The second answer follows the whole conversation, not the second instruction alone.
+    model, greedy = LlamaAdapterModel.from_base(str(tiny_base_dir)), cli.SamplingConfig(max_new_tokens=3)
+    first = model.generate("Say hi.", sampling=greedy)
+    second = "".join(stream(model, format_conversation([("Say hi.", first)], "Say bye."), greedy))
+    assert printed[1:] == [first, second] and second != model.generate("Say bye.", sampling=greedy)
 
 
 def test_cli_reports_bad_input_without_a_traceback(tiny_base_dir, tmp_path):
