@@ -5,10 +5,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_demo import expected, squash
 
-from llama_adapter.config import SamplingConfig
 from llama_adapter.data import format_prompt
-from llama_adapter.generation import WORKER_NAME, stream
+from llama_adapter.generation import WORKER_NAME
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the [test] extra)")
@@ -17,7 +17,7 @@ if not CHROMIUM.exists():
         f"{CHROMIUM} not found: apt-get install chromium (scripts/setup.sh does where it may)", allow_module_level=True
     )
 
-NEW = 12
+NEW = 12  # as test_demo's expected() answers by default
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +36,6 @@ def page(browser, served):
     page.locator("#message textarea").wait_for()
     yield page
     page.close()
-
-
-def squash(text: str) -> str:
-    return " ".join(text.split())
-
-
-def expected(model, prompt, image=None, max_new_tokens=NEW) -> str:
-    """The library's greedy answer as the page shows it (the served models add a space after each character)."""
-    features = model.encode_images([image]) if image else None
-    return squash("".join(stream(model, prompt, SamplingConfig(max_new_tokens=max_new_tokens), features)))
 
 
 def set_max_new_tokens(page, value: int) -> None:
