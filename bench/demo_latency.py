@@ -54,7 +54,7 @@ def main() -> None:
         app.close()
 
     results = {
-        "command": "python bench/demo_latency.py " + " ".join(f"--adapter {a}" for a in args.adapter),
+        "command": " ".join(["python bench/demo_latency.py", *(["--adapter", *args.adapter] if args.adapter else [])]),
         "model": choice,
         "threads": torch.get_num_threads(),
         "new_tokens": NEW_TOKENS,
