@@ -20,6 +20,8 @@ from llama_adapter.data import format_conversation, format_prompt
 from llama_adapter.demo import BASE_CHOICE, load_choices
 from llama_adapter.generation import WORKER_NAME, conversation_prompt, stream
 
+pytestmark = pytest.mark.slow  # a real server: seconds per test, not milliseconds
+
 NEW = 12  # new tokens per answer: enough to tell answers apart, quick on the tiny model
 
 

@@ -17,6 +17,8 @@ if not CHROMIUM.exists():
         f"{CHROMIUM} not found: apt-get install chromium (scripts/setup.sh does where it may)", allow_module_level=True
     )
 
+pytestmark = pytest.mark.slow  # a real server and browser: seconds per test, not milliseconds
+
 NEW = 12  # as test_demo's expected() answers by default
 
 
