@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from . import scienceqa
 from .config import (
-    PRECISIONS,
     AdapterConfig,
     DemoConfig,
     ModelConfig,
@@ -21,8 +20,7 @@ from .config import (
 )
 from .evaluation import EvalConfig, check_resume_settings, evaluate_problems, load_eval_problems, write_scores
 from .generation import stream_conversation
-from .hf import DEFAULT_BASE
-from .model import LlamaAdapterModel
+from .model import load_model
 from .train import TrainConfig, load_task_rows, train
 
 
@@ -97,14 +95,6 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {cfg.scoring}, unparsed: {scores['unparsed']}")
     print(scienceqa.format_table(scores))
     print(f"predictions: {cfg.out}; scores: {path}")
-
-
-def load_model(cfg: ModelConfig, adapter: str | None) -> LlamaAdapterModel:
-    dtype = PRECISIONS[cfg.precision]
-    if adapter:
-        return LlamaAdapterModel.load(adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights)
-    # A fresh adapter has zero gates, so this is exactly the base model.
-    return LlamaAdapterModel.from_base(cfg.base or DEFAULT_BASE, dtype=dtype)
 
 
 def run_chat(args: argparse.Namespace) -> None:

@@ -4,7 +4,6 @@ Every adapter offered shares one frozen base in memory (`LlamaAdapterModel.load(
 chooser switches adapters at no cost. One answer is generated at a time; the queue keeps the others waiting.
 """
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,10 +11,9 @@ import gradio as gr
 from matplotlib.figure import Figure
 
 from . import synthetic
-from .config import PRECISIONS, AdapterConfig, DemoConfig, ModelConfig, SamplingConfig
+from .config import DemoConfig, ModelConfig, SamplingConfig
 from .generation import stream_conversation
-from .hf import DEFAULT_BASE
-from .model import CONFIG_NAME, LlamaAdapterModel
+from .model import LlamaAdapterModel, load_model, read_adapter_config
 from .scienceqa import format_options
 from .visual import load_image
 
@@ -33,20 +31,11 @@ log = logging.getLogger(__name__)
 
 def load_choices(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> dict[str, LlamaAdapterModel]:
     """The chooser's models by label: the base alone first, then each adapter on that same base object."""
-    dtype = PRECISIONS[model_cfg.precision]
     choices, first = {}, None
     for folder in adapters:
-        model = LlamaAdapterModel.load(
-            folder, base=model_cfg.base, dtype=dtype, clip_weights=model_cfg.clip_weights, alongside=first
-        )
-        first = first or model
-        choices[folder] = model
-    if first is None:
-        plain = LlamaAdapterModel.from_base(model_cfg.base or DEFAULT_BASE, dtype=dtype)
-    else:
-        # Zero gates: exactly the base model (see adapter.py), without loading it a second time.
-        plain = LlamaAdapterModel(first.base, first.tokenizer, AdapterConfig(), alongside=first)
-    return {BASE_CHOICE: plain} | choices
+        choices[folder] = load_model(model_cfg, folder, alongside=first)
+        first = first or choices[folder]
+    return {BASE_CHOICE: load_model(model_cfg, None, alongside=first)} | choices
 
 
 def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
@@ -171,8 +160,7 @@ class _Chat:
             f"{model.config.adapter_len} prompts in each of the top {model.config.adapter_layers} layers; "
             + (f"CLIP {visual} image encoder." if visual else "text only (no image encoder).")
         )
-        config = json.loads((Path(choice) / CONFIG_NAME).read_text(encoding="utf-8"))
-        return summary, gate_figure(model), config
+        return summary, gate_figure(model), read_adapter_config(Path(choice))
 
     def _model(self, choice) -> LlamaAdapterModel:
         if choice not in self.choices:

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import data, hf
 from .adapter import VisualProjection
-from .config import AdapterConfig, SamplingConfig, VisualConfig, default_device
+from .config import PRECISIONS, AdapterConfig, ModelConfig, SamplingConfig, VisualConfig, default_device
 from .visual import FeatureCache, ImageEncoder
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -285,6 +285,22 @@ class LlamaAdapterModel(nn.Module):
             finally:
                 for prompt in self.prompts.values():
                     prompt.visual = None
+
+
+def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterModel | None = None) -> LlamaAdapterModel:
+    """The model a command answers with: `adapter` on the configured base, or the base alone without one.
+
+    `alongside`: a loaded model whose base object to share (see `LlamaAdapterModel.load`).
+    """
+    dtype = PRECISIONS[cfg.precision]
+    if adapter:
+        return LlamaAdapterModel.load(
+            adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights, alongside=alongside
+        )
+    # A fresh adapter has zero gates, so this is exactly the base model.
+    if alongside is not None:
+        return LlamaAdapterModel(alongside.base, alongside.tokenizer, AdapterConfig(), alongside=alongside)
+    return LlamaAdapterModel.from_base(cfg.base or hf.DEFAULT_BASE, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
