@@ -10,7 +10,7 @@ import torch
 
 from llama_adapter.config import SamplingConfig
 from llama_adapter.data import format_conversation, format_prompt
-from llama_adapter.generation import conversation_prompt, generate_batch, generation_kwargs
+from llama_adapter.generation import WORKER_NAME, conversation_prompt, generate_batch, generation_kwargs
 from llama_adapter.model import LlamaAdapterModel
 
 NEW_TOKENS = 32
@@ -40,11 +40,16 @@ def greedy(max_new_tokens=NEW_TOKENS):
     return SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
 
 
+def _workers() -> int:
+    """Generation threads alive; counted by name, since other tests' servers start and end threads of their own."""
+    return sum(1 for thread in threading.enumerate() if thread.name == WORKER_NAME)
+
+
 def _wait_for_threads(count, timeout=5.0):
     deadline = time.monotonic() + timeout
-    while threading.active_count() > count and time.monotonic() < deadline:
+    while _workers() > count and time.monotonic() < deadline:
         time.sleep(0.01)
-    return threading.active_count()
+    return _workers()
 
 
 def test_generate_returns_the_greedy_continuation(model, tokenizer):
@@ -82,21 +87,21 @@ def test_seeded_sampling_is_reproducible(model):
 
 
 def test_closing_the_stream_stops_generation(model):
-    threads_before = threading.active_count()
+    threads_before = _workers()
     budget = 400
     stream = model.stream("Write a long essay.", sampling=greedy(budget))
     next(stream)
-    assert threading.active_count() == threads_before + 1  # the worker is running
+    assert _workers() == threads_before + 1  # the worker is running
     started = time.monotonic()
     stream.close()
     assert time.monotonic() - started < 2.0
     # close() joins the worker, so it must already be gone, not merely on its way out.
-    assert threading.active_count() == threads_before
+    assert _workers() == threads_before
     assert model.steps < budget // 4, f"worker kept generating after close ({model.steps} of {budget} steps)"
 
 
 def test_exception_in_generation_reaches_the_consumer(model, monkeypatch):
-    threads_before = threading.active_count()
+    threads_before = _workers()
 
     def broken_generate(**kwargs):
         raise RuntimeError("generation exploded")
@@ -109,7 +114,7 @@ def test_exception_in_generation_reaches_the_consumer(model, monkeypatch):
 
 def test_exception_mid_stream_arrives_after_the_pieces_before_it(model):
     """A failure in the model's forward pass after a few tokens: the consumer sees those tokens, then the error."""
-    threads_before = threading.active_count()
+    threads_before = _workers()
 
     def fail_on_fifth_step(module, args, output):
         if model.steps >= 5:
