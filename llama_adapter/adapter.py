@@ -18,7 +18,6 @@ each sample attends to prompts shifted by its own image. Rows without an image a
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,49 +31,45 @@ class AdaptionPrompt(nn.Module):
         self.adapter_gate = nn.Parameter(torch.zeros(num_heads))
         # (B, dim) projected image features of the current batch, set by the model around a forward pass.
         self.visual: torch.Tensor | None = None
-        self._cached_kv: tuple | None = None  # (key, image, keys, values): see _keys_values
+        self._cached_kv: tuple | None = None  # (key, image, keys_t, values): see _keys_values
 
     def forward(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module, scaling: float) -> torch.Tensor:
         """Gated attention of `query` (B, H, T, hd), rotary already applied, over the prompt.
 
         Returns (B, T, H, hd), the layout in which attention functions return their output, ready to be added.
         """
-        num_heads = query.shape[1]
-        keys, values = self._keys_values(k_proj, v_proj, query.dtype, query.shape[3])
-        # Grouped-query attention: each key/value head serves num_heads // H_kv consecutive query heads.
-        groups = num_heads // keys.shape[-3]
-        keys = keys.repeat_interleave(groups, dim=-3)  # ([B,] H, K, hd)
-        values = values.repeat_interleave(groups, dim=-3)
+        keys_t, values = self._keys_values(k_proj, v_proj, query.dtype, query.shape[1], query.shape[3], scaling)
+        probs = torch.matmul(query, keys_t).float().softmax(-1).to(query.dtype)  # (B, H, T, K), summed in fp32
+        return torch.matmul(probs, values).transpose(1, 2)
 
-        scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling  # (B, H, T, K)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        gate = torch.tanh(self.adapter_gate).to(query.dtype).view(1, num_heads, 1, 1)
-        out = torch.matmul(gate * probs, values)  # (B, H, T, hd)
-        return out.transpose(1, 2)
+    def _keys_values(self, k_proj, v_proj, dtype: torch.dtype, num_heads: int, head_dim: int, scaling: float):
+        """The prompt projected by the layer's k/v for every query head: keys transposed ([B,] H, hd, K), values
+        ([B,] H, K, hd).
 
-    def _keys_values(self, k_proj: nn.Module, v_proj: nn.Module, dtype: torch.dtype, head_dim: int):
-        """The prompt projected by the layer's k/v, ([B,] H_kv, K, hd) each.
-
-        Without gradients (generation, evaluation) they are computed once and reused while the prompt, the image
-        and the projections stay the same: decoding a token would otherwise cost K extra rows of k/v projection
-        in every adapted layer. Version counters see in-place updates (an optimizer step, loading weights), data
-        pointers see moved or cast weights; the image is compared by identity, and the cache holds it so that
-        its memory (and so a look-alike new tensor) cannot come back at the same address.
+        The softmax scale is folded into the keys and the gate into the values -- tanh(g) softmax(.) V equals
+        softmax(.) (tanh(g) V) since the gate is per head -- so attending to them is two matrix products.
+        Without gradients (generation, evaluation) they are computed once and reused while the prompt, the gate,
+        the image and the projections stay the same: decoding a token would otherwise cost K extra rows of k/v
+        projection in every adapted layer. Version counters see in-place updates (an optimizer step, loading
+        weights), data pointers see moved or cast weights; the image is compared by identity, and the cache holds
+        it so that its memory (and so a look-alike new tensor) cannot come back at the same address.
         """
         caching = not torch.is_grad_enabled()  # training recomputes every step: no key to build, nothing to keep
         if caching:
-            weights = [self.adapter_prompt, *k_proj.parameters(), *v_proj.parameters()]
-            key = (dtype, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
+            weights = [self.adapter_prompt, self.adapter_gate, *k_proj.parameters(), *v_proj.parameters()]
+            key = (dtype, num_heads, head_dim, scaling, *((w.device, w.data_ptr(), w._version) for w in weights))
             cached = self._cached_kv
             if cached is not None and cached[0] == key and cached[1] is self.visual:
                 return cached[2:]
         prompt = self.adapter_prompt.to(dtype)  # params stay fp32; compute runs in the base's dtype
         if self.visual is not None:
             prompt = prompt + self.visual[:, None].to(dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
-        keys = _heads(k_proj(prompt), head_dim)
-        values = _heads(v_proj(prompt), head_dim)
-        self._cached_kv = (key, self.visual, keys, values) if caching else None
-        return keys, values
+        # Grouped-query attention: each key/value head serves num_heads // H_kv consecutive query heads.
+        keys_t = (_query_heads(k_proj(prompt), head_dim, num_heads) * scaling).transpose(-1, -2).contiguous()
+        gate = torch.tanh(self.adapter_gate).to(dtype)[:, None, None]  # (H, 1, 1)
+        values = gate * _query_heads(v_proj(prompt), head_dim, num_heads)
+        self._cached_kv = (key, self.visual, keys_t, values) if caching else None
+        return keys_t, values
 
 
 class VisualProjection(nn.Module):
@@ -89,6 +84,7 @@ class VisualProjection(nn.Module):
         return self.norm(self.linear(features))
 
 
-def _heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """([B,] K, H_kv * hd) -> ([B,] H_kv, K, hd)."""
-    return projected.unflatten(-1, (-1, head_dim)).transpose(-3, -2)
+def _query_heads(projected: torch.Tensor, head_dim: int, num_heads: int) -> torch.Tensor:
+    """([B,] K, H_kv * hd) -> ([B,] H, K, hd), each key/value head repeated for its group of query heads."""
+    heads = projected.unflatten(-1, (-1, head_dim)).transpose(-3, -2)
+    return heads.repeat_interleave(num_heads // heads.shape[-3], dim=-3)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama_adapter import hf
 from llama_adapter.config import AdapterConfig
 from llama_adapter.data import IGNORE_INDEX, collate, encode
 from llama_adapter.model import LlamaAdapterModel
@@ -246,6 +247,61 @@ def test_nonzero_gates_give_prompt_gradients(make_model, tokenizer, randomize_ad
     assert all(torch.all(p.adapter_gate.grad != 0) for p in model.prompts.values())
 
 
+def saved_for_backward(run, scope=None) -> list[torch.Tensor]:
+    """The tensors autograd keeps for backward while `run()` executes (only inside `scope`'s forwards, if given)."""
+    saved, inside = [], [scope is None]
+    if scope is not None:
+        scope.register_forward_pre_hook(lambda *args: inside.__setitem__(0, True))
+        scope.register_forward_hook(lambda *args: inside.__setitem__(0, False))
+
+    def pack(tensor):
+        if inside[0]:
+            saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return saved
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_keeping_less(make_model, tokenizer, randomize_adapter):
+    model = make_model(adapter_len=4, adapter_layers=2)  # fewer adapted layers than the base has
+    randomize_adapter(model)
+    model.train()
+    batch = response_batch(tokenizer)
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model.loss(**batch).backward()
+        return {name: p.grad.clone() for name, p in model.adapter_state().items()}
+
+    kept = sum(t.numel() for t in saved_for_backward(lambda: model.loss(**batch)))
+    expected = gradients()
+    hf.enable_gradient_checkpointing(model.base)
+    kept_checkpointed = sum(t.numel() for t in saved_for_backward(lambda: model.loss(**batch)))
+    actual = gradients()
+    assert kept_checkpointed < kept / 2
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+    frozen = model.base.get_input_embeddings().weight
+    assert not frozen.requires_grad and frozen.grad is None
+
+
+def test_bf16_adapter_keeps_bf16_activations_but_its_softmax(make_base, tokenizer, randomize_adapter):
+    """No needless float32 copies: inside the adapter only the softmax, computed in float32 for its sum, is kept."""
+    model = LlamaAdapterModel(make_base("sdpa").to(torch.bfloat16), tokenizer, AdapterConfig(3, 2))
+    randomize_adapter(model)
+    batch = response_batch(tokenizer)
+    top = model.prompts[3]
+    saved = saved_for_backward(lambda: model.loss(**batch), scope=top)
+    heads, length = model.base.config.num_attention_heads, batch["input_ids"].shape[1]
+    probs = 2 * heads * length * 3  # (B, H, T, K)
+    assert any(t.dtype == torch.bfloat16 and t.numel() == probs for t in saved)  # what the second matmul keeps
+    float32 = [t for t in saved if t.dtype == torch.float32 and t.numel() > heads]  # tanh(gate): H numbers
+    assert [tuple(t.shape) for t in float32] == [(2, heads, length, 3)]
+
+
 def test_loss_is_mean_cross_entropy_on_response_tokens(make_model, tokenizer, randomize_adapter):
     model = make_model(adapter_len=4, adapter_layers=3)
     randomize_adapter(model)
@@ -339,3 +395,8 @@ def test_prompt_cache_follows_weight_updates(make_model, tokenizer, randomize_ad
         swapped = model(ids, mask)
         assert not torch.allclose(swapped, after, atol=1e-4)
         assert torch.equal(swapped, uncached())
+        for prompt in model.prompts.values():  # the gate alone: it is folded into the cached values
+            prompt.adapter_gate.mul_(-1)
+        flipped = model(ids, mask)
+        assert not torch.allclose(flipped, swapped, atol=1e-4)
+        assert torch.equal(flipped, uncached())
