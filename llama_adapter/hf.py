@@ -46,15 +46,20 @@ def load_base(name: str, dtype: torch.dtype, attn_implementation: str | None = N
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of attention and loss, so any token serves; LLaMA ships none.
-        tokenizer.pad_token = tokenizer.eos_token
     check_architecture(model, name)
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = name
-    return model, tokenizer
+    return model, load_tokenizer(name)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a base model named as `load_base` takes it, with a padding token."""
+    tokenizer = AutoTokenizer.from_pretrained(default_base_dir() if name == DEFAULT_BASE else name)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token serves; LLaMA ships none.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def default_base_dir() -> Path:
@@ -197,6 +202,20 @@ def use_adaption_prompts(model: PreTrainedModel, prompts: dict[int, AdaptionProm
             delattr(layer, _ADAPTION)
         else:
             layer.add_module(_ADAPTION, wanted)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Keep only each decoder layer's input and recompute the rest during the backward pass.
+
+    Non-reentrant checkpointing, so gradients reach the adapter parameters inside a layer even though the
+    frozen base's activations do not require gradients.
+    """
+    # transformers 5.x renamed gradient_checkpointing_enable (still there, with a warning) activation_checkpointing_enable
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    # Enabling also makes the input embeddings require gradients, which reentrant checkpointing needs; this one
+    # does not, and it would run the backward pass through the layers below the adapted ones.
+    model.disable_input_require_grads()
 
 
 def context_length(model: PreTrainedModel) -> int:

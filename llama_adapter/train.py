@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from . import data, scienceqa
+from . import data, hf, scienceqa
 from .config import PRECISIONS, AdapterConfig, ScienceQAConfig, VisualConfig, default_precision, option
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
@@ -48,6 +48,11 @@ class TrainConfig:
     grad_accum: int = option("forward passes per optimizer step", 1)
     max_steps: int | None = option("stop after this many optimizer steps (default: epochs' worth)", None)
     max_len: int = option("truncate prompt + response to this many tokens", 512)
+    gradient_checkpointing: bool = option(
+        "recompute each layer's activations in the backward pass: far less memory for long sequences, about a "
+        "third more compute",
+        False,
+    )
     seed: int = option("seed for the split, the shuffling and the prompt initialisation", 0)
     val_fraction: float = option("share of rows held out for validation loss", 0.05)
     weight_decay: float = option("AdamW weight decay", 0.02)
@@ -86,6 +91,8 @@ def train(
     check_images_exist(rows, cfg.data)
     train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
     model = model or LlamaAdapterModel.from_base(cfg.base, adapter_cfg, PRECISIONS[cfg.precision], visual=visual_cfg)
+    if cfg.gradient_checkpointing:
+        hf.enable_gradient_checkpointing(model.base)
     cache = model.feature_cache()
     with_images = sum(1 for row in rows if row.get("image"))
     if with_images and not model.multimodal:
