@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end on a two-layer random LLaMA and write the results the README quotes.
+
+Speed is measured by the scripts, not here: these tests check that every number they report is there and
+consistent with the others, so a broken benchmark is caught before anyone runs it for an hour.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses that load SmolLM2's tokenizer
+
+
+def run_bench(script: str, tmp_path, *args) -> dict:
+    out = tmp_path / f"{script}.json"
+    command = [sys.executable, str(REPO_ROOT / "bench" / f"{script}.py"), "--model", "tiny", "--out", str(out), *args]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["command"].startswith(f"python bench/{script}.py --model tiny")
+    assert results["device"].startswith("CPU") and results["precision"] == "fp32"
+    return results
+
+
+def check_spread(timing: dict) -> None:
+    assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+
+
+def test_train_step_benchmark(tmp_path):
+    results = run_bench(
+        "train_step", tmp_path, "--batch-size", "2", "--seq-len", "16", "--repeats", "3", "--memory-runs", "1",
+        "--profile",
+    )  # fmt: skip
+    methods = results["methods"]
+    assert set(methods) == {"floor", "ours", "peft"}
+    for method in methods.values():
+        check_spread(method)
+        assert method["tokens_per_s"] == pytest.approx(2 * 16 / method["median_s"], rel=0.01)
+        assert method["saved_activations_mib"] > 0
+        assert 0 < method["peak_memory_mib"]["min"] <= method["peak_memory_mib"]["max"]
+    assert results["ours_over_floor"] == pytest.approx(methods["ours"]["median_s"] / methods["floor"]["median_s"], 0.01)
+    assert results["peft_over_ours"] == pytest.approx(methods["peft"]["median_s"] / methods["ours"]["median_s"], 0.01)
+    assert results["targets"]["ours_over_floor <= 1.10"] == (results["ours_over_floor"] <= 1.10)
+    assert any(op.startswith("aten::") for op in results["profile_top_ops_ms"]["ours"])
+    if not results["targets"]["peft_over_ours >= 1.4"]:  # always, so far: the why comes from the run's profile
+        assert "matrix products" in results["missed"]["peft_over_ours >= 1.4"]["why"]
+
+
+def test_generation_benchmark(tmp_path):
+    results = run_bench(
+        "generation", tmp_path, "--batch-sizes", "1", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2"
+    )
+    assert set(results["batches"]) == {"1", "2"}
+    for batch, summary in results["batches"].items():
+        for method in ("base", "ours", "peft"):
+            check_spread(summary[method])
+            assert summary[method]["tokens_per_s"] == pytest.approx(int(batch) * 4 / summary[method]["median_s"], 0.01)
+        assert summary["ours_over_base"] == pytest.approx(
+            summary["base"]["median_s"] / summary["ours"]["median_s"], 0.01
+        )
+    assert len(results["targets"]) == 4
+    below_base = sorted(name for name, ok in results["targets"].items() if not ok and "base" in name)
+    assert sorted(results.get("missed", {})) == below_base  # every missed throughput target is explained
+
+
+def test_finetune_benchmark(tmp_path):
+    rows = [
+        {"instruction": f"Repeat the word {word!r} {n} times.", "input": "", "output": " ".join([word] * n)}
+        for n, word in enumerate(["cat", "sunny", "blue", "seven", "tree"] * 8, start=1)
+    ]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    results = run_bench("finetune", tmp_path, "--data", str(data))
+    assert results["train_rows"] == 38  # 5% of 40 held out
+    assert results["steps"] == 10 and results["recipe"]["batch_size"] == 4  # the default recipe, one epoch
+    # Lengths differ a lot from row to row: length-grouped batches pad far less than random ones.
+    assert results["padding_share"] < results["padding_share_random_batches"] / 2
+    rows_per_s = results["train_rows"] / results["wall_time_s"]
+    assert results["alpaca52k_x5_projected_hours"] == pytest.approx(52002 * 5 / rows_per_s / 3600, rel=0.02)
+    assert results["peak_memory_mib"] > 0 and results["val_loss_before"] > 0
