@@ -65,7 +65,7 @@ def main() -> None:
         "train_rows": len(examples),
         "steps": summary["steps"],
         "train_tokens": summary["train_tokens"],
-        "wall_time_s": round(summary["wall_time_s"], 1),
+        "wall_time_s": round(summary["wall_time_s"], 2),
         "tokens_per_s": round(summary["tokens_per_s"], 1),
         "padding_share": round(summary["padding_share"], 4),
         "padding_share_random_batches": round(random_batch_padding(examples, cfg.batch_size, cfg.seed), 4),
