@@ -13,10 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+import peft
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llama_adapter import DEFAULT_BASE, hf
+from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel, hf
 from llama_adapter.config import PRECISIONS, default_device, default_precision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,27 @@ def shared_copy(base):
     """A copy of the model's modules that shares its (frozen) weights: methods that rewire a model in place each
     get their own, at no memory cost."""
     return copy.deepcopy(base, memo={id(tensor): tensor for tensor in [*base.parameters(), *base.buffers()]})
+
+
+def adapter_config(base) -> AdapterConfig:
+    """The paper's K=10 prompts in the top L=30 layers, or in every layer of a shallower base."""
+    return AdapterConfig(adapter_len=10, adapter_layers=min(30, base.config.num_hidden_layers))
+
+
+def our_adapter(base) -> LlamaAdapterModel:
+    """Our adapter on a weight-sharing copy of `base`, gates at zero."""
+    return LlamaAdapterModel(shared_copy(base), None, adapter_config(base)).to(base.device)
+
+
+def peft_adapter(base) -> peft.PeftModel:
+    """Hugging Face PEFT's AdaptionPrompt with the same K and L on a weight-sharing copy of `base`, gates at zero."""
+    config = adapter_config(base)
+    return peft.get_peft_model(
+        shared_copy(base),
+        peft.AdaptionPromptConfig(
+            adapter_len=config.adapter_len, adapter_layers=config.adapter_layers, task_type="CAUSAL_LM"
+        ),
+    )
 
 
 def frozen_training_flops(base, tokens: int, seq_len: float, scored: int) -> float:

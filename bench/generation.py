@@ -16,11 +16,18 @@ import argparse
 import statistics
 import time
 
-import peft
 import torch
-from common import MODELS, RESULTS, default_model, load_base, shared_copy, synchronize, write_results
-
-from llama_adapter import AdapterConfig, LlamaAdapterModel
+from common import (
+    MODELS,
+    RESULTS,
+    adapter_config,
+    default_model,
+    load_base,
+    our_adapter,
+    peft_adapter,
+    synchronize,
+    write_results,
+)
 
 METHODS = ("base", "ours", "peft")
 BASE_TARGET = "ours >= 0.95x base tokens/s"
@@ -71,7 +78,7 @@ def main() -> None:
 def why_slower_than_base(summary: dict, new_tokens: int, base) -> dict:
     """How far the throughput target is missed at one batch size, and where the time goes, from this run."""
     extra_ms = (summary["ours"]["median_s"] - summary["base"]["median_s"]) / new_tokens * 1000
-    layers = min(30, base.config.num_hidden_layers)
+    layers = adapter_config(base).adapter_layers
     return {
         "by": f"{0.95 - summary['ours_over_base']:.3f} below 0.95",
         "why": (
@@ -84,19 +91,13 @@ def why_slower_than_base(summary: dict, new_tokens: int, base) -> dict:
 
 def build_models(base) -> dict:
     """The base itself, our adapter and PEFT's, each on its own copy of the base's modules (weights shared)."""
-    depth = base.config.num_hidden_layers
-    config = AdapterConfig(adapter_len=10, adapter_layers=min(30, depth))
-    ours = LlamaAdapterModel(shared_copy(base), None, config)
-    theirs = peft.get_peft_model(
-        shared_copy(base),
-        peft.AdaptionPromptConfig(adapter_len=10, adapter_layers=config.adapter_layers, task_type="CAUSAL_LM"),
-    )
+    ours, theirs = our_adapter(base), peft_adapter(base)
     for prompt in ours.prompts.values():  # trained-looking gates: open, so the adapter's output is not all zero
         prompt.adapter_gate.data.fill_(0.5)
     for name, param in theirs.named_parameters():
         if name.endswith("adaption_gate"):
             param.data.fill_(0.5)
-    return {"base": base, "ours": ours.to(base.device).base, "peft": theirs}
+    return {"base": base, "ours": ours.base, "peft": theirs}
 
 
 def decoder(model, ids: torch.Tensor, new_tokens: int):

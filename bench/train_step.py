@@ -21,7 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-import peft
 import torch
 import torch.nn.functional as F
 from common import (
@@ -30,13 +29,14 @@ from common import (
     default_model,
     frozen_training_flops,
     load_base,
+    our_adapter,
     peak_flops,
-    shared_copy,
+    peft_adapter,
     synchronize,
     write_results,
 )
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel
+from llama_adapter import LlamaAdapterModel
 
 METHODS = ("floor", "ours", "peft")
 
@@ -136,23 +136,17 @@ def build_steps(base, batch_size: int, seq_len: int, methods=METHODS) -> dict:
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, : seq_len // 2] = -100  # the first half is the prompt
-    config = AdapterConfig(adapter_len=10, adapter_layers=min(30, base.config.num_hidden_layers))
 
     steps = {}
     for method in methods:
         if method == "floor":
             steps[method] = _floor_step(base, ids, mask, labels)
         elif method == "peft":
-            theirs = peft.get_peft_model(
-                shared_copy(base),
-                peft.AdaptionPromptConfig(
-                    adapter_len=config.adapter_len, adapter_layers=config.adapter_layers, task_type="CAUSAL_LM"
-                ),
-            )
+            theirs = peft_adapter(base)
             params = [p for p in theirs.parameters() if p.requires_grad]
             steps[method] = _adapter_step(theirs.base_model.model, params, ids, mask, labels)
         else:
-            ours = LlamaAdapterModel(shared_copy(base), None, config).to(base.device)
+            ours = our_adapter(base)
             steps[method] = _adapter_step(ours.base, list(ours.adapter_state().values()), ids, mask, labels, ours)
     return steps
 
