@@ -1,4 +1,4 @@
-"""The `llama-adapter` command: train, eval and chat. Each subcommand maps its flags onto config dataclasses."""
+"""The `llama-adapter` command: train, eval, chat, demo and convert. Each maps its flags onto config dataclasses."""
 
 import argparse
 import dataclasses
@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from . import scienceqa
+from . import distributed, scienceqa
 from .config import (
     AdapterConfig,
     DemoConfig,
@@ -18,10 +18,12 @@ from .config import (
     from_arguments,
     option,
 )
+from .convert import ConvertConfig, convert_official
+from .distributed import DistributedConfig
 from .evaluation import EvalConfig, check_resume_settings, evaluate_problems, load_eval_problems, write_scores
 from .generation import stream_conversation
 from .model import load_model
-from .train import TrainConfig, load_task_rows, train
+from .train import TrainConfig, TrainingStopped, train
 
 
 @dataclass
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, AdapterConfig)
     add_arguments(train, VisualConfig)
     add_arguments(train, ScienceQAConfig)
+    add_arguments(train, DistributedConfig)
 
     evaluate = commands.add_parser("eval", help="answer a multiple-choice benchmark, print and save its table")
     evaluate.add_argument("benchmark", choices=["scienceqa"])
@@ -58,22 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the chat demo in your browser (Gradio), text and images")
     add_arguments(demo, DemoConfig)
     add_arguments(demo, ModelConfig)
+
+    convert = commands.add_parser("convert", help="an official LLaMA-Adapter v1 release checkpoint (.pth) as ours")
+    add_arguments(convert, ConvertConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        {"train": run_train, "eval": run_eval, "chat": run_chat, "demo": run_demo}[args.command](args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        sys.exit(f"llama-adapter {args.command}: error: {err}")
+        handlers = {"train": run_train, "eval": run_eval, "chat": run_chat, "demo": run_demo, "convert": run_convert}
+        handlers[args.command](args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, TrainingStopped) as err:
+        # Under torchrun every process fails alike; one message is enough.
+        sys.exit(f"llama-adapter {args.command}: error: {err}" if distributed.is_main_process() else 1)
 
 
 def run_train(args: argparse.Namespace) -> None:
-    cfg, visual = from_arguments(TrainConfig, args), from_arguments(VisualConfig, args)
-    rows = load_task_rows(cfg, from_arguments(ScienceQAConfig, args), visual)
-    summary = train(cfg, from_arguments(AdapterConfig, args), visual_cfg=visual, rows=rows)
-    print(json.dumps(summary, indent=2))
+    cfg, visual, dist = (from_arguments(c, args) for c in (TrainConfig, VisualConfig, DistributedConfig))
+    if dist.nproc > 1 and not distributed.launched():
+        # Each process runs this command again under torchrun, which would take --nproc for its own --nproc-per-node.
+        sys.exit(distributed.launch(dist.nproc, without_option(args.argv[1:], "--nproc")))
+    sqa = from_arguments(ScienceQAConfig, args)
+    summary = train(cfg, from_arguments(AdapterConfig, args), visual_cfg=visual, sqa_cfg=sqa, fsdp=dist.fsdp)
+    if distributed.is_main_process():
+        print(json.dumps(summary, indent=2))
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -128,6 +142,28 @@ def run_demo(args: argparse.Namespace) -> None:
 
     cfg = from_arguments(DemoConfig, args)
     launch(build_app(load_choices(from_arguments(ModelConfig, args), cfg.adapter)), cfg)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    cfg = from_arguments(ConvertConfig, args)
+    model = convert_official(cfg)
+    print(
+        f"{cfg.checkpoint} -> {cfg.out}: {model.config.adapter_len} prompts in each of the top "
+        f"{model.config.adapter_layers} layers, {model.num_trainable_parameters():,} parameters"
+    )
+
+
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """`argv` less `flag VALUE` and `flag=VALUE`."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == flag:
+            skip_value = True
+        elif not arg.startswith(flag + "="):
+            kept.append(arg)
+    return kept
 
 
 def show(pieces) -> str:

@@ -41,40 +41,74 @@ class DataError(ValueError):
     """Bad training data; the message names the file and the row or line at fault."""
 
 
-def load_rows(path: str | Path) -> list[dict]:
+# A row this long is a broken file (a whole document pasted into a field), not an instruction: refused before it
+# is tokenised, which would cost seconds and gigabytes for nothing, as at most max_len tokens of it are trained.
+MAX_ROW_CHARS = 1_000_000
+
+BadRows = list[tuple[str, str]]  # (where, why): the rows left out by `load_rows(..., skipped=...)`
+
+
+def load_rows(path: str | Path, skipped: BadRows | None = None) -> list[dict]:
     """Read Alpaca rows {instruction, input, output} from a JSON list or a JSONL file, checking every row.
 
     A row may name an image file ("image": path, relative to the data file's folder) for a multimodal adapter.
+    A bad row -- a JSONL line that is not UTF-8 or not JSON, a missing, mistyped or empty field, more than
+    MAX_ROW_CHARS characters -- raises DataError naming the file and the row or line; given a `skipped` list, the
+    row is left out and (where, why) appended to it instead. A file that cannot be read as a whole always raises.
     """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+    records = _json_list(raw, path) if raw.lstrip().startswith(b"[") else _jsonl_records(raw, path)
+    if not records:
+        raise DataError(f"{path}: no rows")
+    rows = []
+    for where, record in records:
+        try:
+            if isinstance(record, DataError):
+                raise record
+            rows.append(_check_row(record, where, path.parent))
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped.append((where, str(err).removeprefix(f"{where}: ")))
+    if not rows:
+        raise DataError(f"{path}: no usable rows: all {len(records)} are bad")
+    return rows
+
+
+def _json_list(raw: bytes, path: Path) -> list[tuple[str, object]]:
+    """(where, record) for each element of a JSON list; a list that does not parse has no rows to keep."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}: not UTF-8 text (line {line}, byte {err.start})") from None
-    if text.lstrip().startswith("["):
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    return [(f"{path}: row {i}", record) for i, record in enumerate(records)]
+
+
+def _jsonl_records(raw: bytes, path: Path) -> list[tuple[str, object]]:
+    """(where, record) for each non-blank line; a line that is not UTF-8 JSON gets its DataError as the record."""
+    records = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
         try:
-            records = json.loads(text)
+            records.append((where, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as err:
+            records.append((where, DataError(f"{where}: not UTF-8 text (byte {err.start} of the line)")))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-        where = [f"{path}: row {i}" for i in range(len(records))]
-    else:
-        records, where = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from None
-            where.append(f"{path}: line {lineno}")
-    if not records:
-        raise DataError(f"{path}: no rows")
-    return [_check_row(record, place, path.parent) for record, place in zip(records, where)]
+            records.append((where, DataError(f"{where}: invalid JSON: {err.msg}")))
+    return records
 
 
 def _check_row(record, where: str, folder: Path) -> dict:
@@ -90,6 +124,9 @@ def _check_row(record, where: str, folder: Path) -> dict:
         if required and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         row[name] = value
+    size = sum(len(value) for value in row.values())
+    if size > MAX_ROW_CHARS:
+        raise DataError(f"{where}: {size:,} characters, more than the {MAX_ROW_CHARS:,} a row may hold")
     image = record.get("image")
     if image is not None and not isinstance(image, str):
         raise DataError(f"{where}: field 'image' must be a file path, got {type(image).__name__}")
@@ -114,6 +151,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     image: str | None = None
+
+    @property
+    def response_tokens(self) -> int:
+        """How many tokens the loss scores: each labelled token is predicted from the one before it."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 def encode(tokenizer, row: dict, max_len: int) -> Example | None:

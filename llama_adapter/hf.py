@@ -114,8 +114,17 @@ def _looks_like_path(name: str) -> bool:
 # Model structure
 
 
+def decoder(model: PreTrainedModel) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) without the vocabulary projection."""
+    return model.get_decoder()
+
+
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    return list(decoder(model).layers)
+
+
 def attention_layers(model: PreTrainedModel) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.get_decoder().layers]
+    return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def check_architecture(model: PreTrainedModel, name: str) -> None:

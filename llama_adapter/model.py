@@ -227,7 +227,7 @@ class LlamaAdapterModel(nn.Module):
     def _response_logits(self, input_ids, attention_mask, labels, image_features=None, has_image=None):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,)."""
         with self.images(image_features, has_image):
-            hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = hf.decoder(self.base)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         scored = targets != -100
         # Project only the scored positions onto the vocabulary: prompts and padding need no logits.

@@ -2,14 +2,21 @@
 
 llama-adapter train --data alpaca.json --out runs/alpaca
 python -m llama_adapter.train --data alpaca.json --out runs/alpaca
+torchrun --nproc-per-node 2 -m llama_adapter.train --data alpaca.json --out runs/alpaca    (= llama-adapter train --nproc 2)
+
+A run writes a checkpoint every --save-every steps and at the end of each epoch (checkpoint.py); started again with
+the same --out it goes on from its last checkpoint exactly as if it had never stopped.
 """
 
 import csv
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,13 +24,20 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from . import data, hf, scienceqa
+from . import checkpoint, data, distributed, hf, scienceqa
 from .config import PRECISIONS, AdapterConfig, ScienceQAConfig, VisualConfig, default_precision, option
+from .distributed import World
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
 from .visual import FeatureCache
 
 PAPER_BASE_LR = 9e-3  # the reference's --blr; lr = blr * effective batch / 256
+# Settings a resumed run may change: none of them changes what is computed.
+RESUMABLE_CHANGES = ("out", "resume", "save_every", "gradient_checkpointing")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a loss that is not finite); what it saved before is intact."""
 
 
 @dataclass
@@ -33,7 +47,7 @@ class TrainConfig:
     data: str = option(
         "alpaca: JSON list or JSONL file of {instruction, input, output[, image]}; scienceqa: its folder"
     )
-    out: str = option("output folder for the adapter, metrics.csv and loss.png")
+    out: str = option("output folder for the adapter, checkpoints, metrics.csv and loss.png")
     task: Literal["alpaca", "scienceqa"] = option("what --data holds", "alpaca")
     cot: bool = option("scienceqa: train the answer followed by its lecture and solution (chain of thought)", False)
     base: str = option("base model: the embedded default, a Hugging Face folder or a hub name", DEFAULT_BASE)
@@ -44,7 +58,7 @@ class TrainConfig:
         f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper)", None
     )
     epochs: int = option("passes over the training rows", 5)
-    batch_size: int = option("rows per forward pass", 4)
+    batch_size: int = option("rows per forward pass, over all processes together", 4)
     grad_accum: int = option("forward passes per optimizer step", 1)
     max_steps: int | None = option("stop after this many optimizer steps (default: epochs' worth)", None)
     max_len: int = option("truncate prompt + response to this many tokens", 512)
@@ -57,9 +71,14 @@ class TrainConfig:
     val_fraction: float = option("share of rows held out for validation loss", 0.05)
     weight_decay: float = option("AdamW weight decay", 0.02)
     warmup: float = option("share of steps with linear warm-up before cosine decay (2 of 5 epochs in the paper)", 0.4)
+    save_every: int = option("write a checkpoint every this many optimizer steps, besides each epoch's end", 50)
+    resume: bool = option("go on from the last checkpoint in --out, if any (--no-resume starts over)", True)
+    on_bad_row: Literal["error", "skip"] = option(
+        "a bad data row (or image) stops the run naming it, or is left out and counted in the report", "error"
+    )
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "max_len"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -72,126 +91,248 @@ class TrainConfig:
         self.lr = self.lr or PAPER_BASE_LR * self.batch_size * self.grad_accum / 256
 
 
+@dataclass
+class Progress:
+    """Where a run stands: saved in every checkpoint, and with the tensors all a resumed run needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 1  # the epoch in progress, from 1
+    group: int = 0  # optimizer steps done in that epoch: the position in its batches
+    tokens: int = 0  # non-padding tokens trained, all processes together
+    padded: int = 0  # batch positions, padding included
+    elapsed_s: float = 0.0
+    log_rows: int = 0  # rows in metrics.csv
+    val_loss_before: float = math.nan
+    val_loss: float = math.nan
+    done: bool = False
+
+
 def train(
     cfg: TrainConfig,
     adapter_cfg: AdapterConfig,
     model: LlamaAdapterModel | None = None,
     *,
     visual_cfg: VisualConfig | None = None,
+    sqa_cfg: ScienceQAConfig | None = None,
     rows: list[dict] | None = None,
+    fsdp: bool = False,
 ) -> dict:
     """Train, validating before the first step and after each epoch; returns a summary of the run.
 
     `model` defaults to `cfg.base` with a fresh adapter (multimodal if `visual_cfg` names a CLIP model); pass one
-    to train an adapter you built yourself. `rows` default to the Alpaca rows of `cfg.data`.
+    to train an adapter you built yourself. `rows` default to those of `cfg.data`, read as `cfg.task` says.
+    Under torchrun every process runs this and they train as one (distributed.py); `fsdp` shards the base.
     """
+    world = distributed.setup()
+    visual_cfg = visual_cfg or VisualConfig()
+    settings = run_settings(cfg, adapter_cfg, visual_cfg)
+    resume_from = find_resume_point(cfg, settings, world)  # first: a refused resumption costs nothing
+    if resume_from is not None and (finished := checkpoint.read_state(resume_from))["progress"]["done"]:
+        say(world, f"{cfg.out}: this run has finished already ({resume_from}); --no-resume trains it again")
+        return finished["summary"]
+    skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None
+    if rows is None:
+        rows = load_task_rows(cfg, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    rows = rows if rows is not None else data.load_rows(cfg.data)
-    check_images_exist(rows, cfg.data)
-    train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
-    model = model or LlamaAdapterModel.from_base(cfg.base, adapter_cfg, PRECISIONS[cfg.precision], visual=visual_cfg)
-    if cfg.gradient_checkpointing:
-        hf.enable_gradient_checkpointing(model.base)
+    if model is None:
+        with distributed.main_first(world):  # the first load of the default base converts it, once
+            dtype = PRECISIONS[cfg.precision]
+            model = LlamaAdapterModel.from_base(cfg.base, adapter_cfg, dtype, world.device, visual=visual_cfg)
     cache = model.feature_cache()
-    with_images = sum(1 for row in rows if row.get("image"))
-    if with_images and not model.multimodal:
-        print(
-            f"{with_images} rows name an image; this text-only adapter ignores them (--clip-model uses them)",
-            file=sys.stderr,
-        )
+    rows = with_usable_images(rows, cache, skipped, world, cfg.data)
+    train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
     train_set, dropped = data.encode_all(model.tokenizer, train_rows, cfg.max_len)
     val_set, _ = data.encode_all(model.tokenizer, val_rows, cfg.max_len)
     if not train_set:
         raise data.DataError(f"{cfg.data}: every training row's prompt is longer than max_len {cfg.max_len}")
-    if dropped:
-        print(f"Dropped {dropped} training rows whose prompt alone fills max_len {cfg.max_len}", file=sys.stderr)
+    report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, cfg.max_len)
 
+    if cfg.gradient_checkpointing:
+        hf.enable_gradient_checkpointing(model.base)
+    loss_fn = distributed.prepare(model, world, fsdp)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     params = list(model.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     pad_id = model.tokenizer.pad_token_id
+    out = Path(cfg.out)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(settings, indent=2))
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(
-        json.dumps({"train": dataclasses.asdict(cfg), "adapter": dataclasses.asdict(model.config)}, indent=2)
-    )
-    log = MetricsLog(out / "metrics.csv")
-    val_before = evaluate(model, val_set, cfg.batch_size, pad_id, cache)
-    log.write(step=0, epoch=0, val_loss=val_before)
+    progress = Progress()
+    if resume_from is not None:
+        progress = Progress(**checkpoint.restore(resume_from, model, optimizer, scheduler)["progress"])
+        say(world, f"Resuming from {resume_from}: step {progress.step} of {total_steps}, epoch {progress.epoch}")
+    log = MetricsLog(out / "metrics.csv", keep_rows=progress.log_rows, enabled=world.main)
+    if resume_from is None:
+        progress.val_loss_before = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
+        log.write(step=0, epoch=0, val_loss=progress.val_loss_before)
 
-    step, tokens, padded, started = 0, 0, 0, time.perf_counter()
-    progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+    def save_checkpoint(summary: dict | None = None) -> None:
+        progress.elapsed_s, progress.log_rows = time.perf_counter() - started, log.rows
+        if world.main:
+            state = {"progress": dataclasses.asdict(progress), "settings": settings, "summary": summary}
+            checkpoint.save(out, model, optimizer, scheduler, state)
+
+    started = time.perf_counter() - progress.elapsed_s
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not world.main)
     model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        batches = data.length_grouped_batches(train_set, cfg.batch_size, seed=cfg.seed + epoch)
-        for first in range(0, len(batches), cfg.grad_accum):
-            group = [
-                make_batch([train_set[i] for i in b], pad_id, cache) for b in batches[first : first + cfg.grad_accum]
-            ]
-            loss = accumulate_gradients(model, group)
-            torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+    for epoch in range(progress.epoch, cfg.epochs + 1):
+        groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch)
+        for group in groups[progress.group :]:
+            loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+            stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += sum(int(b["attention_mask"].sum()) for b in group)
-            padded += sum(b["attention_mask"].numel() for b in group)
+            progress.step, progress.group = progress.step + 1, progress.group + 1
+            progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded
             elapsed = time.perf_counter() - started
             log.write(
-                step=step,
+                step=progress.step,
                 epoch=epoch,
                 lr=scheduler.get_last_lr()[0],
                 train_loss=loss,
-                tokens=tokens,
-                tokens_per_s=tokens / elapsed,
+                tokens=progress.tokens,
+                tokens_per_s=progress.tokens / elapsed,
                 elapsed_s=elapsed,
             )
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-            progress.update()
-            if step >= total_steps:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{progress.tokens / elapsed:.0f}")
+            bar.update()
+            if progress.step >= total_steps:
                 break
-        val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache)
-        log.write(step=step, epoch=epoch, val_loss=val_loss)
-        progress.write(f"epoch {epoch}: validation loss {val_loss:.4f}", file=sys.stderr)
-        model.save(out)
-        plot_losses(log.path, out / "loss.png")
-        if step >= total_steps:
+            # The end of an epoch has its own checkpoint, after validation: saving there twice would be for nothing.
+            if progress.step % cfg.save_every == 0 and progress.group < len(groups):
+                save_checkpoint()
+        progress.val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
+        log.write(step=progress.step, epoch=epoch, val_loss=progress.val_loss)
+        if world.main:
+            bar.write(f"epoch {epoch}: validation loss {progress.val_loss:.4f}", file=sys.stderr)
+        progress.epoch, progress.group = epoch + 1, 0
+        progress.done = progress.step >= total_steps or epoch == cfg.epochs
+        summary = run_summary(progress, time.perf_counter() - started, model, dropped, skipped, world) | {
+            "resumed_from_step": checkpoint_step(resume_from)
+        }
+        if world.main:
+            model.save(out)
+            plot_losses(log.path, out / "loss.png")
+        save_checkpoint(summary if progress.done else None)
+        if progress.done:
             break
-    progress.close()
-    elapsed = time.perf_counter() - started
+    bar.close()
+    distributed.finish(world)
+    return summary
+
+
+def train_step(
+    loss_fn, group: list[list[data.Example]], pad_id: int, cache: FeatureCache | None, world: World, device
+) -> tuple[float, int, int]:
+    """Forward and backward over one optimizer step's batches, this process's share of each.
+
+    Every response token of the step weighs the same, whichever batch and process it is in: a share's mean loss is
+    weighted by its share of the step's response tokens, times the world size because DDP averages gradients.
+    Returns the step's loss, and its non-padding tokens and batch positions, all processes together.
+    """
+    total = sum(example.response_tokens for batch in group for example in batch)
+    loss_sum, tokens, padded = 0.0, 0, 0
+    for index, batch in enumerate(group):
+        rows, counts = distributed.share(batch, world)
+        weight = world.size * sum(example.response_tokens for example in rows) / total if counts else 0.0
+        inputs = {name: tensor.to(device) for name, tensor in make_batch(rows, pad_id, cache).items()}
+        with distributed.gradient_sync(loss_fn, now=index == len(group) - 1):
+            loss = loss_fn(inputs) * weight
+            loss.backward()
+        loss_sum += loss.item() / world.size
+        if counts:
+            tokens += int(inputs["attention_mask"].sum())
+            padded += inputs["attention_mask"].numel()
+    loss_sum, tokens, padded = distributed.all_sum([loss_sum, tokens, padded], world)
+    return loss_sum, int(tokens), int(padded)
+
+
+def step_groups(examples: list[data.Example], batch_size: int, grad_accum: int, seed: int) -> list[list[list]]:
+    """One epoch: for each optimizer step, its `grad_accum` batches of examples (length-grouped, seeded)."""
+    batches = [[examples[i] for i in batch] for batch in data.length_grouped_batches(examples, batch_size, seed)]
+    return [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
+
+
+def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights; the last checkpoint stays as it was."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    last = checkpoint.latest(out)
+    kept = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+    raise TrainingStopped(
+        f"step {step}: the loss is {loss} and the gradient norm {grad_norm}: training diverged and was stopped "
+        f"before this step changed the adapter; {kept}. A lower --lr, or bf16 -> fp32, usually helps."
+    )
+
+
+def find_resume_point(cfg: TrainConfig, settings: dict, world: World) -> Path | None:
+    """The checkpoint to go on from: the newest in cfg.out, if resuming and it was made with the same settings."""
+    last = checkpoint.latest(cfg.out)
+    if last is None:
+        return None
+    if not cfg.resume:
+        if world.main:
+            shutil.rmtree(Path(cfg.out) / checkpoint.FOLDER)  # their steps would pass for this run's
+            say(world, f"--no-resume: removed the checkpoints of the earlier run in {cfg.out}")
+        return None
+    before = checkpoint.read_state(last)["settings"]
+    changed = {
+        key: (before.get(key), value)
+        for key, value in settings.items()
+        if key not in RESUMABLE_CHANGES and before.get(key) != value
+    }
+    if changed:
+        raise ValueError(
+            f"{last}: made with other settings {changed} (then, now): resuming would not continue that run; "
+            "use the same settings, another --out, or --no-resume to start over"
+        )
+    return last
+
+
+def checkpoint_step(folder: Path | None) -> int | None:
+    return None if folder is None else checkpoint.read_state(folder)["progress"]["step"]
+
+
+def run_settings(cfg: TrainConfig, adapter_cfg: AdapterConfig, visual_cfg: VisualConfig) -> dict:
+    """Everything that decides what a run computes, as JSON (saved with the run, compared on resuming)."""
+    settings = dataclasses.asdict(cfg) | {
+        "adapter": dataclasses.asdict(adapter_cfg),
+        "visual": dataclasses.asdict(visual_cfg),
+    }
+    return json.loads(json.dumps(settings))  # tuples become lists, as they come back from the file
+
+
+def run_summary(progress: Progress, elapsed: float, model, dropped: int, skipped, world: World) -> dict:
     return {
-        "steps": step,
-        "val_loss_before": val_before,
-        "val_loss_after": val_loss,
-        "train_tokens": tokens,
-        "padding_share": 1 - tokens / padded,
-        "tokens_per_s": tokens / elapsed,
+        "steps": progress.step,
+        "val_loss_before": progress.val_loss_before,
+        "val_loss_after": progress.val_loss,
+        "train_tokens": progress.tokens,
+        "padding_share": 1 - progress.tokens / progress.padded,
+        "tokens_per_s": progress.tokens / elapsed,
         "wall_time_s": elapsed,
         "trainable_parameters": model.num_trainable_parameters(),
         "dropped_rows": dropped,
+        "skipped_rows": len(skipped or []),
+        "processes": world.size,
     }
 
 
-def accumulate_gradients(model: LlamaAdapterModel, batches: list[dict]) -> float:
-    """Backward over a group of batches, each weighted by its share of response tokens; returns the group loss."""
-    device = model.device
-    counts = [int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches]
-    total_loss = 0.0
-    for batch, count in zip(batches, counts):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model.loss(**batch) * (count / sum(counts))
-        loss.backward()
-        total_loss += loss.item()
-    return total_loss
+def load_task_rows(
+    cfg: TrainConfig, sqa: ScienceQAConfig, visual: VisualConfig, skipped: data.BadRows | None = None
+) -> list[dict]:
+    """Training rows for `cfg.task`: Alpaca rows as they are, or ScienceQA's train split as Alpaca rows.
 
-
-def load_task_rows(cfg: TrainConfig, sqa: ScienceQAConfig, visual: VisualConfig) -> list[dict]:
-    """Training rows for `cfg.task`: Alpaca rows as they are, or ScienceQA's train split as Alpaca rows."""
+    Bad Alpaca rows go into `skipped` when it is given (see `data.load_rows`).
+    """
     if cfg.task == "alpaca":
-        return data.load_rows(cfg.data)
+        return data.load_rows(cfg.data, skipped)
     # A text-only adapter never opens the image files, so it needs none of them.
     missing_images = sqa.missing_images if visual.clip_model else "text-only"
     problems, missing = scienceqa.load_problems(cfg.data, "train", sqa.problems, sqa.splits, missing_images)
@@ -202,11 +343,48 @@ def load_task_rows(cfg: TrainConfig, sqa: ScienceQAConfig, visual: VisualConfig)
     return scienceqa.to_rows(problems, sqa.image_context, cfg.cot)
 
 
-def check_images_exist(rows: list[dict], source: str) -> None:
-    """Fail before training, not mid-epoch, when rows name image files that are not there."""
-    missing = [row["image"] for row in rows if row.get("image") and not Path(row["image"]).is_file()]
-    if missing:
-        raise data.DataError(f"{source}: {len(missing)} rows name image files that do not exist, e.g. {missing[:3]}")
+def with_usable_images(
+    rows: list[dict], cache: FeatureCache | None, skipped: data.BadRows | None, world: World, source: str
+) -> list[dict]:
+    """The rows whose images a multimodal adapter can use, every image encoded (and cached) before training.
+
+    An image that is missing, unreadable, corrupt or a decompression bomb raises DataError, or with a `skipped`
+    list leaves its row out. A text-only adapter reads no image, so its rows are kept as they are.
+    """
+    named = [row["image"] for row in rows if row.get("image")]
+    if cache is None:
+        if named:
+            say(world, f"{len(named)} rows name an image; this text-only adapter ignores them (--clip-model uses them)")
+        return rows
+    with distributed.main_first(world):  # one process encodes, the others read its cache
+        failed = cache.precompute(named, show_progress=world.main)
+    if failed and skipped is None:
+        why = next(iter(failed.values()))
+        raise data.DataError(
+            f"{source}: {len(failed)} rows name an image that cannot be used, e.g. {why}; "
+            "--on-bad-row skip leaves such rows out"
+        )
+    if failed:
+        skipped += [(f"{source}: image {path}", why.removeprefix(f"{path}: ")) for path, why in failed.items()]
+    return [row for row in rows if row.get("image") not in failed]
+
+
+def report_left_out(world: World, skipped: data.BadRows, total: int, dropped: int, max_len: int) -> None:
+    """Say on stderr which rows the run leaves out and why, the reasons counted, the first few named."""
+    if skipped:
+        reasons = Counter(why for _, why in skipped)
+        counted = "; ".join(f"{n} x {why}" for why, n in reasons.most_common())
+        say(world, f"Skipped {len(skipped)} of {total} rows (--on-bad-row skip): {counted}")
+        for where, why in skipped[:5]:
+            say(world, f"  {where}: {why}")
+    if dropped:
+        say(world, f"Dropped {dropped} training rows whose prompt alone fills max_len {max_len}")
+
+
+def say(world: World, message: str) -> None:
+    """A message on stderr, once: from the main process."""
+    if world.main:
+        print(message, file=sys.stderr)
 
 
 def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:
@@ -222,18 +400,22 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     cache: FeatureCache | None = None,
+    world: World | None = None,
 ) -> float:
-    """Token-weighted mean response loss over `examples` (nan when there are none)."""
+    """Token-weighted mean response loss over `examples` (nan when there are none); each process takes its share."""
+    world = world or World(0, 1, model.device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = make_batch([examples[i] for i in order[start : start + batch_size]], pad_id, cache)
-        n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-        total += model.loss(**{k: v.to(model.device) for k, v in batch.items()}).item() * n
-        count += n
+    ordered = sorted(examples, key=lambda example: len(example.input_ids))
+    for start in range(0, len(ordered), batch_size):
+        rows, counts = distributed.share(ordered[start : start + batch_size], world)
+        loss = model.loss(**{k: v.to(model.device) for k, v in make_batch(rows, pad_id, cache).items()})
+        if counts:
+            n = sum(example.response_tokens for example in rows)
+            total, count = total + loss.item() * n, count + n
     model.train(was_training)
+    total, count = distributed.all_sum([total, count], world)
     return total / count if count else math.nan
 
 
@@ -251,18 +433,34 @@ def warmup_cosine(total_steps: int, warmup: float):
 
 
 class MetricsLog:
-    """metrics.csv: one row per optimizer step and one per validation, written through so a crash keeps it."""
+    """metrics.csv: one row per optimizer step and one per validation, written through so a crash keeps it.
+
+    A resumed run keeps the rows its checkpoint had seen (`keep_rows`) and drops those written after it, which the
+    run is about to write again. Only the main process writes (`enabled`); every process counts the rows.
+    """
 
     FIELDS = ("step", "epoch", "lr", "train_loss", "val_loss", "tokens", "tokens_per_s", "elapsed_s")
 
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(self.FIELDS)
+    def __init__(self, path: Path, keep_rows: int = 0, enabled: bool = True):
+        self.path, self.rows, self.enabled = path, keep_rows, enabled
+        if not enabled:
+            return
+        kept = []
+        if keep_rows and path.exists():
+            with open(path, newline="") as f:
+                kept = list(csv.DictReader(f))[:keep_rows]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
 
     def write(self, **values) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(values)
+        self.rows += 1
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.FIELDS).writerow(values)
 
 
 def plot_losses(metrics_csv: Path, png: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import VisualConfig
 
@@ -118,6 +119,37 @@ class FeatureCache:
                 self._store(key, feature)
         return torch.stack([self.memory[key] for key in keys])
 
+    def precompute(self, paths: list[str], batch_size: int = 32, show_progress: bool = True) -> dict[str, str]:
+        """Encode every image not cached yet, a batch at a time; returns {path: why} for those that cannot be used.
+
+        Training runs this before its first step: a missing, unreadable, corrupt or oversized image is found, and
+        its row reported, before any work is done, and no training step waits for the encoder.
+        """
+        failed, todo = {}, {}
+        for path in dict.fromkeys(paths):
+            try:
+                key = _content_hash(path)
+            except (FileNotFoundError, ValueError) as err:
+                failed[path] = str(err)
+                continue
+            if self._lookup(key) is None:
+                todo[key] = path
+        pending = list(todo.items())
+        for start in tqdm(
+            range(0, len(pending), batch_size), desc="encode images", unit="batch", disable=not show_progress
+        ):
+            keys, images = [], []
+            for key, path in pending[start : start + batch_size]:
+                try:
+                    images.append(load_image(path))  # decodes every pixel: a truncated file fails here
+                    keys.append(key)
+                except (FileNotFoundError, ValueError) as err:
+                    failed[path] = str(err)
+            if images:
+                for key, feature in zip(keys, self.encoder(images).cpu()):
+                    self._store(key, feature)
+        return failed
+
     def model_inputs(self, paths: list[str | None]) -> dict[str, torch.Tensor]:
         """`image_features` (B, clip_dim) and `has_image` (B,) for rows that may name an image; {} if none does."""
         present = [i for i, path in enumerate(paths) if path]
@@ -150,3 +182,5 @@ def _content_hash(path: str) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such image file") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None

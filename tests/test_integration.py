@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_adapter import DEFAULT_BASE, LlamaAdapterModel, SamplingConfig, VisualConfig, data, hf, scienceqa
+from llama_adapter import (
+    DEFAULT_BASE,
+    LlamaAdapterModel,
+    SamplingConfig,
+    VisualConfig,
+    data,
+    distributed,
+    hf,
+    scienceqa,
+)
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME
-from llama_adapter.train import accumulate_gradients, evaluate
+from llama_adapter.train import evaluate, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +71,14 @@ def test_generation_answers_a_real_question(smollm2):
 def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_path):
     examples, _ = data.encode_all(smollm2.tokenizer, alpaca_rows[:8], max_len=160)
     pad = smollm2.tokenizer.pad_token_id
-    batches = [data.collate(examples[i : i + 4], pad) for i in (0, 4)]
+    world = distributed.setup()
+    loss_fn = distributed.prepare(smollm2, world, fsdp=False)
     params = list(smollm2.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
     before = evaluate(smollm2, examples, batch_size=4, pad_id=pad)
     smollm2.train()
     for _ in range(4):
-        accumulate_gradients(smollm2, batches)
+        train_step(loss_fn, [examples[:4], examples[4:8]], pad, None, world, smollm2.device)
         optimizer.step()
         optimizer.zero_grad()
     smollm2.eval()
