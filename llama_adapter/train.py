@@ -161,9 +161,10 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(settings, indent=2))
 
-    progress = Progress()
+    progress, resumed_at = Progress(), None
     if resume_from is not None:
         progress = Progress(**checkpoint.restore(resume_from, model, optimizer, scheduler)["progress"])
+        resumed_at = progress.step
         say(world, f"Resuming from {resume_from}: step {progress.step} of {total_steps}, epoch {progress.epoch}")
     log = MetricsLog(out / "metrics.csv", keep_rows=progress.log_rows, enabled=world.main)
     if resume_from is None:
@@ -214,7 +215,7 @@ def train(
         progress.epoch, progress.group = epoch + 1, 0
         progress.done = progress.step >= total_steps or epoch == cfg.epochs
         summary = run_summary(progress, time.perf_counter() - started, model, dropped, skipped, world) | {
-            "resumed_from_step": checkpoint_step(resume_from)
+            "resumed_from_step": resumed_at
         }
         if world.main:
             model.save(out)
@@ -293,10 +294,6 @@ def find_resume_point(cfg: TrainConfig, settings: dict, world: World) -> Path | 
             "use the same settings, another --out, or --no-resume to start over"
         )
     return last
-
-
-def checkpoint_step(folder: Path | None) -> int | None:
-    return None if folder is None else checkpoint.read_state(folder)["progress"]["step"]
 
 
 def run_settings(cfg: TrainConfig, adapter_cfg: AdapterConfig, visual_cfg: VisualConfig) -> dict:
