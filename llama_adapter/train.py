@@ -126,7 +126,7 @@ def train(
     world = distributed.setup()
     visual_cfg = visual_cfg or VisualConfig()
     settings = run_settings(cfg, adapter_cfg, visual_cfg)
-    resume_from = find_resume_point(cfg, settings, world)  # first: a refused resumption costs nothing
+    resume_from = find_resume_point(cfg, settings)  # first: a refused resumption costs nothing
     if resume_from is not None and (finished := checkpoint.read_state(resume_from))["progress"]["done"]:
         say(world, f"{cfg.out}: this run has finished already ({resume_from}); --no-resume trains it again")
         return finished["summary"]
@@ -155,17 +155,22 @@ def train(
     params = list(model.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
-    pad_id = model.tokenizer.pad_token_id
-    out = Path(cfg.out)
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(settings, indent=2))
-
     progress, resumed_at = Progress(), None
     if resume_from is not None:
         progress = Progress(**checkpoint.restore(resume_from, model, optimizer, scheduler)["progress"])
         resumed_at = progress.step
         say(world, f"Resuming from {resume_from}: step {progress.step} of {total_steps}, epoch {progress.epoch}")
+    pad_id = model.tokenizer.pad_token_id
+    out = Path(cfg.out)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and checkpoint.latest(out) is not None:
+            # --no-resume: the earlier run's checkpoints would pass for this one's. Removed only now, when the data,
+            # the images and the model have all loaded: a run that fails on bad input leaves them as they were.
+            shutil.rmtree(out / checkpoint.FOLDER)
+            say(world, f"--no-resume: removed the checkpoints of the earlier run in {out}")
+        (out / "train_config.json").write_text(json.dumps(settings, indent=2))
+
     log = MetricsLog(out / "metrics.csv", keep_rows=progress.log_rows, enabled=world.main)
     if resume_from is None:
         progress.val_loss_before = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
@@ -272,15 +277,12 @@ def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> N
     )
 
 
-def find_resume_point(cfg: TrainConfig, settings: dict, world: World) -> Path | None:
+def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
     """The checkpoint to go on from: the newest in cfg.out, if resuming and it was made with the same settings."""
     last = checkpoint.latest(cfg.out)
     if last is None:
         return None
     if not cfg.resume:
-        if world.main:
-            shutil.rmtree(Path(cfg.out) / checkpoint.FOLDER)  # their steps would pass for this run's
-            say(world, f"--no-resume: removed the checkpoints of the earlier run in {cfg.out}")
         return None
     before = checkpoint.read_state(last)["settings"]
     changed = {
@@ -358,8 +360,7 @@ def with_usable_images(
     if failed and skipped is None:
         why = next(iter(failed.values()))
         raise data.DataError(
-            f"{source}: {len(failed)} rows name an image that cannot be used, e.g. {why}; "
-            "--on-bad-row skip leaves such rows out"
+            f"{source}: {len(failed)} image(s) cannot be used, e.g. {why}; --on-bad-row skip leaves their rows out"
         )
     if failed:
         skipped += [(f"{source}: image {path}", why.removeprefix(f"{path}: ")) for path, why in failed.items()]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,10 @@ def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     try:
-        with Image.open(source) as image:  # reads the header only: the size is known before decoding
+        with warnings.catch_warnings():  # PIL warns of big images; ours is the stricter check, right below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)  # reads the header only: the size is known before decoding
+        with image:
             if image.width * image.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height}")
             return image.convert("RGB")

@@ -123,12 +123,10 @@ def data_dir() -> Path:
 TINY_CLIP = "tiny-test-clip"
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> str:
+def register_tiny_clip(folder: Path) -> str:
     """Registers a 2-layer, 32-wide open_clip architecture (random init, built in milliseconds); returns its name."""
     import open_clip
 
-    folder = tmp_path_factory.mktemp("clip-configs")
     config = {
         "embed_dim": 24,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
@@ -137,6 +135,11 @@ def tiny_clip(tmp_path_factory) -> str:
     (folder / f"{TINY_CLIP}.json").write_text(json.dumps(config))
     open_clip.add_model_config(folder)
     return TINY_CLIP
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    return register_tiny_clip(tmp_path_factory.mktemp("clip-configs"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_adapter import checkpoint, train as train_module
+from llama_adapter import checkpoint
+from llama_adapter import train as train_module
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.train import MetricsLog, TrainConfig, TrainingStopped, train
 
@@ -62,8 +63,8 @@ def adapter_tensors(folder) -> dict[str, torch.Tensor]:
 
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
 class Crash(Exception):

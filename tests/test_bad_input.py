@@ -1,0 +1,355 @@
+"""Bad input at every entry point (train, eval, chat, demo, convert, resuming): a clear error that names the file and
+the line, row or field, a non-zero exit, and nothing already saved is changed.
+
+Each case builds its bad file in a workspace that also holds a base model, a trained adapter, a finished training
+run with its checkpoints and an earlier predictions file; after the failed command every one of those is byte for
+byte what it was. `scripts/bad_input_table.py` runs these same cases and writes the table in docs/bad-input.md.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CLIP, build_tokenizer, register_tiny_clip, tiny_config
+from PIL import Image
+
+from llama_adapter import checkpoint, cli, demo
+from llama_adapter.config import AdapterConfig, VisualConfig
+from llama_adapter.data import MAX_ROW_CHARS
+from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel
+from llama_adapter.train import TrainConfig, train
+
+ADAPTER_FLAGS = ["--adapter-len", "3", "--adapter-layers", "2"]
+ROW = {"instruction": "Say hi.", "input": "", "output": "hi"}
+RUN = {"max_steps": 2, "save_every": 1}  # the workspace's training run, besides its data, output and base
+
+
+@dataclass
+class Workspace:
+    """What a user already has on disk when a command meets bad input: all of it must survive."""
+
+    root: Path
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    base = property(lambda self: self.path("base"))
+    other_base = property(lambda self: self.path("other-base"))  # another shape: hidden size 32
+    adapter = property(lambda self: self.path("adapter"))  # text-only, on base
+    visual_adapter = property(lambda self: self.path("visual-adapter"))  # tiny random CLIP, on base
+    run = property(lambda self: self.path("run"))  # a finished training run with its checkpoint
+    rows = property(lambda self: self.path("rows.json"))  # the rows that run trained on
+    sqa = property(lambda self: self.path("sqa"))  # a ScienceQA folder of two problems
+    predictions = property(lambda self: self.path("preds/test.jsonl"))  # an earlier evaluation's
+
+
+def build_workspace(root: Path) -> Workspace:
+    from transformers import LlamaForCausalLM
+
+    ws = Workspace(root)
+    register_tiny_clip(root)
+    tokenizer = build_tokenizer()
+    for folder, width in ((ws.base, 64), (ws.other_base, 32)):
+        torch.manual_seed(0)
+        LlamaForCausalLM._from_config(tiny_config(tokenizer, hidden_size=width)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    for folder, visual in ((ws.adapter, None), (ws.visual_adapter, VisualConfig(clip_model=TINY_CLIP))):
+        LlamaAdapterModel.from_base(ws.base, AdapterConfig(3, 2), device="cpu", visual=visual).save(folder)
+    Path(ws.rows).write_text(json.dumps([ROW | {"output": f"hi {i}"} for i in range(8)]))
+    train(TrainConfig(**RUN, data=ws.rows, out=ws.run, base=ws.base), AdapterConfig(3, 2))
+    Path(ws.sqa).mkdir()
+    problem = {"question": "Is ice cold?", "choices": ["yes", "no"], "answer": 0, "hint": "", "image": None}
+    problem |= {"subject": "natural science", "grade": "grade2", "split": "test"}
+    Path(ws.sqa, "problems.json").write_text(json.dumps({"1": problem, "2": problem | {"question": "Is fire hot?"}}))
+    Path(ws.sqa, "pid_splits.json").write_text(json.dumps({"test": ["1", "2"]}))
+    Path(ws.predictions).parent.mkdir()
+    Path(ws.predictions).write_text(json.dumps({"pid": "1", "output": "A"}) + "\n")
+    return ws
+
+
+def snapshot(ws: Workspace) -> dict[str, str]:
+    """Every file of the workspace but the cases' own, by content."""
+    return {
+        str(path.relative_to(ws.root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(ws.root.rglob("*"))
+        if path.is_file() and path.relative_to(ws.root).parts[0] != "cases"
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cases: each writes its bad input into `here` and returns the command's arguments
+
+
+def write(here: Path, name: str, content: str | bytes) -> str:
+    path = here / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def jsonl(*rows) -> str:
+    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+
+
+def train_on(ws: Workspace, data: str, *more: str) -> list[str]:
+    """Train into the earlier run's folder, --no-resume: were the data read too late, its checkpoints would go."""
+    return ["train", "--base", ws.base, "--data", data, "--out", ws.run, "--no-resume", "--max-steps", "1", *more]
+
+
+def image_rows(here: Path, image: str) -> str:
+    return write(here, "rows.jsonl", jsonl(ROW, ROW | {"image": image}))
+
+
+def train_with_image(ws: Workspace, here: Path, image: str) -> list[str]:
+    return train_on(ws, image_rows(here, image), "--clip-model", "tiny-test-clip")
+
+
+def corrupt_png(here: Path) -> str:
+    return write(here, "corrupt.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+
+
+def truncated_png(here: Path) -> str:
+    Image.effect_noise((64, 64), 64).convert("RGB").save(here / "full.png")
+    return write(here, "truncated.png", (here / "full.png").read_bytes()[:2000])
+
+
+def bomb_png(here: Path) -> str:
+    Image.new("1", (10_000, 10_000)).save(here / "bomb.png")  # 100 megapixels in 12 kB
+    return str(here / "bomb.png")
+
+
+def adapter_copy(ws: Workspace, here: Path, damage: Callable[[Path], None]) -> str:
+    folder = here / "adapter"
+    shutil.copytree(ws.adapter, folder)
+    damage(folder)
+    return str(folder)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def resume_damaged(ws: Workspace, here: Path, damage: Callable[[Path], None]) -> list[str]:
+    """Resume a copy of the workspace's run, its checkpoint damaged, with the run's own settings."""
+    folder = here / "run"
+    shutil.copytree(ws.run, folder)
+    damage(checkpoint.latest(folder))
+    settings = [f"--{key.replace('_', '-')}={value}" for key, value in RUN.items()]
+    return ["train", "--base", ws.base, "--data", ws.rows, "--out", str(folder), *settings, *ADAPTER_FLAGS]
+
+
+def unfinished_and_torn(folder: Path) -> None:
+    """A checkpoint of a run that had not finished, its tensors file cut short (a disk fault: saves are atomic)."""
+    state = json.loads((folder / checkpoint.STATE_JSON).read_text())
+    state["progress"]["done"] = False
+    (folder / checkpoint.STATE_JSON).write_text(json.dumps(state))
+    truncate(folder / checkpoint.STATE_TENSORS)
+
+
+def sqa_copy(ws: Workspace, here: Path, edit: Callable[[dict], None]) -> str:
+    folder = here / "sqa"
+    shutil.copytree(ws.sqa, folder)
+    problems = json.loads((folder / "problems.json").read_text())
+    edit(problems)
+    (folder / "problems.json").write_text(json.dumps(problems))
+    return str(folder)
+
+
+def eval_on(ws: Workspace, data: str) -> list[str]:
+    return ["eval", "scienceqa", "--data", data, "--base", ws.base, "--out", ws.predictions]
+
+
+def chat_about(ws: Workspace, image: str) -> list[str]:
+    return ["chat", "--adapter", ws.visual_adapter, "--image", image, "What colour is it?"]
+
+
+class EvilPickle:
+    """Unpickling this would run a command: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", "/tmp/llama-adapter-pwned"],))
+
+
+def evil_pth(here: Path) -> str:
+    torch.save({"adapter_query.weight": torch.zeros(6, 64), "payload": EvilPickle()}, here / "evil.pth")
+    return str(here / "evil.pth")
+
+
+@dataclass
+class Case:
+    entry: str  # the command
+    name: str  # the bad input, as the docs table names it
+    argv: Callable[[Workspace, Path], list[str]]
+    message: str  # a regular expression the error must match, after the file name
+
+
+CASES = [
+    Case("train", "malformed JSON list", lambda ws, h: train_on(ws, write(h, "rows.json", '[{"instruction": "a",\n "output": ]')),
+         r"rows.json: invalid JSON at line 2, column 12: Expecting value"),
+    Case("train", "malformed JSONL line", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW, '{"instruction": "a",'))),
+         r"rows.jsonl: line 2: invalid JSON: Expecting property name"),
+    Case("train", "row missing a field", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW, {"instruction": "a"}))),
+         r"rows.jsonl: line 2: missing field 'output'"),
+    Case("train", "field of the wrong type", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW | {"input": 7}))),
+         r"rows.jsonl: line 1: field 'input' must be a string, got int"),
+    Case("train", "empty instruction", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW | {"instruction": " "}))),
+         r"rows.jsonl: line 1: field 'instruction' is empty"),
+    Case("train", "empty output", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW, ROW, ROW | {"output": ""}))),
+         r"rows.jsonl: line 3: field 'output' is empty"),
+    Case("train", "non-UTF-8 text", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW).encode() + b'{"a": "\xff"}\n')),
+         r"rows.jsonl: line 2: not UTF-8 text \(byte 7 of the line\)"),
+    Case("train", "one enormous row", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW, ROW | {"input": "x" * MAX_ROW_CHARS}))),
+         r"rows.jsonl: line 2: 1,000,009 characters, more than the 1,000,000 a row may hold"),
+    Case("train", "empty dataset", lambda ws, h: train_on(ws, write(h, "rows.jsonl", "\n\n")),
+         r"rows.jsonl: no rows"),
+    Case("train", "every row bad, --on-bad-row skip", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl({"a": 1}, "[")), "--on-bad-row", "skip"),
+         r"rows.jsonl: no usable rows: all 2 are bad"),
+    Case("train", "missing data file", lambda ws, h: train_on(ws, str(h / "nowhere.json")),
+         r"nowhere.json: no such file"),
+    Case("train", "missing image", lambda ws, h: train_with_image(ws, h, "gone.png"),
+         r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*gone.png: no such image file; --on-bad-row skip leaves their rows"),
+    Case("train", "unreadable image (a folder)", lambda ws, h: train_with_image(ws, h, (h / "folder.png").mkdir() or "folder.png"),
+         r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*folder.png: cannot be read \(Is a directory\)"),
+    Case("train", "corrupt image", lambda ws, h: train_with_image(ws, h, corrupt_png(h)),
+         r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*corrupt.png: not a readable image"),
+    Case("train", "truncated image", lambda ws, h: train_with_image(ws, h, truncated_png(h)),
+         r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*truncated.png: not a readable image \(image file is truncated"),
+    Case("train", "decompression-bomb image", lambda ws, h: train_with_image(ws, h, bomb_png(h)),
+         r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*bomb.png: too many pixels \(over 64,000,000\) for an image; refused"),
+    Case("train", "missing base path", lambda ws, h: ["train", "--base", str(h / "no-model"), "--data", ws.rows, "--out", str(h / "o")],
+         r"--base '.*no-model': no such folder"),
+    Case("train", "resume: torn trainer_state.json", lambda ws, h: resume_damaged(ws, h, lambda c: truncate(c / checkpoint.STATE_JSON)),
+         r"trainer_state.json: not valid JSON"),
+    Case("train", "resume: torn trainer_state.safetensors", lambda ws, h: resume_damaged(ws, h, unfinished_and_torn),
+         r"trainer_state.safetensors: not a readable safetensors file"),
+    Case("train", "resume with other settings", lambda ws, h: resume_damaged(ws, h, lambda c: None) + ["--lr", "0.5"],
+         r"step-00000002: made with other settings \{'lr': \(0.000140625, 0.5\)\}"),
+    Case("eval", "ScienceQA answer index out of range", lambda ws, h: eval_on(ws, sqa_copy(ws, h, lambda p: p["2"].update(answer=5))),
+         r"problems.json: problem 2: field 'answer' must be an integer index into the 2 choices, got 5"),
+    Case("eval", "ScienceQA problem missing a field", lambda ws, h: eval_on(ws, sqa_copy(ws, h, lambda p: p["1"].pop("question"))),
+         r"problems.json: problem 1: missing field 'question'"),
+    Case("chat", "missing image", lambda ws, h: chat_about(ws, str(h / "gone.png")),
+         r"gone.png: no such image file"),
+    Case("chat", "truncated image", lambda ws, h: chat_about(ws, truncated_png(h)),
+         r"truncated.png: not a readable image \(image file is truncated"),
+    Case("chat", "decompression-bomb image", lambda ws, h: chat_about(ws, bomb_png(h)),
+         r"bomb.png: too many pixels"),
+    Case("chat", "image for a text-only adapter", lambda ws, h: ["chat", "--adapter", ws.adapter, "--image", corrupt_png(h), "hi"],
+         r"this adapter is text-only \(trained without --clip-model\); it cannot take images"),
+    Case("chat", "corrupt adapter.safetensors", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, lambda a: (a / WEIGHTS_NAME).write_bytes(b"junk" * 100)), "hi"],
+         r"adapter.safetensors: not a readable safetensors file"),
+    Case("chat", "truncated adapter.safetensors", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, lambda a: truncate(a / WEIGHTS_NAME)), "hi"],
+         r"adapter.safetensors: not a readable safetensors file"),
+    Case("chat", "malformed adapter_config.json", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, lambda a: truncate(a / CONFIG_NAME)), "hi"],
+         r"adapter_config.json: not valid JSON"),
+    Case("chat", "adapter made for a different base", lambda ws, h: ["chat", "--adapter", ws.adapter, "--base", ws.other_base, "hi"],
+         r"adapter_config.json: this adapter was trained on a different base model .*hidden_size: adapter has 64, base has 32"),
+    Case("chat", "missing base path", lambda ws, h: ["chat", "--base", str(h / "no-model"), "hi"],
+         r"--base '.*no-model': no such folder"),
+    Case("demo", "corrupt adapter", lambda ws, h: ["demo", "--adapter", adapter_copy(ws, h, lambda a: truncate(a / WEIGHTS_NAME))],
+         r"adapter.safetensors: not a readable safetensors file"),
+    Case("demo", "not an adapter folder", lambda ws, h: ["demo", "--adapter", str(h / "empty")],
+         r"adapter_config.json: no adapter config"),
+    Case("convert", "checkpoint with pickled code", lambda ws, h: ["convert", "--checkpoint", evil_pth(h), "--out", str(h / "o"), "--base", ws.base],
+         r"evil.pth: refused: it holds pickled Python objects other than tensors .*nothing in it was executed"),
+]  # fmt: skip
+
+
+def run_case(case: Case, ws: Workspace) -> tuple[list[str], int, str]:
+    """The command's arguments, its exit code and its error message, run in this process."""
+    here = ws.root / "cases" / f"{case.entry}-{case.name}".replace(" ", "-")
+    here.mkdir(parents=True)
+    argv = case.argv(ws, here)
+    try:
+        cli.main(argv)
+    except SystemExit as exit:
+        code = exit.code
+        return argv, (1 if isinstance(code, str) else code or 0), code if isinstance(code, str) else ""
+    return argv, 0, ""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    return build_workspace(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{case.entry}: {case.name}" for case in CASES])
+def test_bad_input_gets_a_clear_error_and_damages_nothing(case, workspace, monkeypatch):
+    monkeypatch.setattr(demo, "launch", lambda *a, **k: pytest.fail("the demo started despite the bad input"))
+    before = snapshot(workspace)
+    argv, code, message = run_case(case, workspace)
+    assert code != 0, f"{argv} succeeded"
+    assert argv[0] == case.entry and message.startswith(f"llama-adapter {case.entry}: error: "), message
+    assert re.search(case.message, message), message
+    assert "Traceback" not in message
+    assert snapshot(workspace) == before
+    assert not Path("/tmp/llama-adapter-pwned").exists()
+
+
+def test_skipping_bad_rows_trains_on_the_rest_and_says_how_many_and_why(workspace, tmp_path, capsys):
+    bad = [{"instruction": "a"}, ROW | {"output": " "}, '{"instruction": ', ROW | {"input": ["x"]}]
+    rows = write(tmp_path, "rows.jsonl", jsonl(*[ROW | {"output": f"hi {i}"} for i in range(6)], *bad))
+    argv = ["train", "--base", workspace.base, "--data", rows, "--out", str(tmp_path / "o"), "--max-steps", "1"]
+    cli.main([*argv, "--on-bad-row", "skip"])
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["skipped_rows"] == 4
+    assert "Skipped 4 of 10 rows (--on-bad-row skip): " in printed.err
+    for why in (
+        "missing field 'output'",
+        "field 'output' is empty",
+        "invalid JSON: Expecting value",
+        "field 'input' must be a string, got list",
+    ):
+        assert f"1 x {why}" in printed.err
+    assert f"{rows}: line 7: missing field 'output'" in printed.err  # each skipped row named, with its line
+
+
+def test_skipping_rows_whose_image_is_bad(workspace, tmp_path, capsys):
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    good = [ROW | {"output": f"red {i}", "image": "red.png"} for i in range(4)]
+    rows = write(tmp_path, "rows.jsonl", jsonl(*good, ROW | {"image": corrupt_png(tmp_path)}))
+    argv = ["train", "--base", workspace.base, "--data", rows, "--out", str(tmp_path / "o"), "--max-steps", "1"]
+    cli.main([*argv, "--clip-model", TINY_CLIP, "--on-bad-row", "skip", "--val-fraction", "0"])
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["skipped_rows"] == 1
+    assert f"  {rows}: image {tmp_path / 'corrupt.png'}: not a readable image" in printed.err
+
+
+def test_the_command_exits_non_zero_with_one_line_and_no_traceback(workspace, tmp_path):
+    rows = write(tmp_path, "rows.jsonl", jsonl(ROW, {"instruction": "a"}))
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_adapter.cli", "train", "--base", workspace.base, "--data", rows, "--out", "o"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"llama-adapter train: error: {rows}: line 2: missing field 'output'"
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_demo_listens_on_localhost_only_and_caps_uploads_by_default():
+    calls = []
+
+    class App:
+        def launch(self, **kwargs):
+            calls.append(kwargs)
+
+    demo.launch(App(), cli.DemoConfig())
+    assert calls == [
+        {
+            "server_name": "127.0.0.1",
+            "server_port": 7860,
+            "share": False,
+            "max_file_size": "10mb",
+            "prevent_thread_lock": False,
+        }
+    ]
