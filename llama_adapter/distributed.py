@@ -7,6 +7,7 @@ global batch, the learning rate and the order of the data are exactly those of t
 the adapter comes out the same up to floating-point summation order.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import hf
@@ -98,7 +100,9 @@ def prepare(model, world: World, fsdp: bool) -> nn.Module:
     DDP all-reduces the gradients of the parameters that require them: the adapter's. It does not broadcast the
     model at the start (that would send the whole frozen base over the network); every process builds the same
     model from the same seed and files, and the adapter alone is broadcast once here to be sure.
-    With `fsdp`, the base's decoder layers are sharded first; the adapter's parameters stay whole on every process.
+    With `fsdp`, the model comes in on the CPU (see `load_device`): FSDP moves each decoder layer to this process's
+    device and keeps only its shard there, one layer at a time, so no device ever holds the whole base; the rest
+    (embeddings' vocabulary projection, the adapter, an image encoder) follows whole.
     """
     loss = _Loss(model)
     if world.size == 1:
@@ -108,6 +112,7 @@ def prepare(model, world: World, fsdp: bool) -> nn.Module:
         for layer in hf.decoder_layers(model.base):
             fully_shard(layer, ignored_params=set(trainable))
         fully_shard(hf.decoder(model.base), ignored_params=set(trainable))
+        _move_unsharded(model, world.device)
     with torch.no_grad():
         for param in trainable:
             dist.broadcast(param, src=0)
@@ -118,6 +123,19 @@ def prepare(model, world: World, fsdp: bool) -> nn.Module:
         forward_sync_buffers=False,  # the base's buffers (rotary tables) are the same everywhere and never change
         find_unused_parameters=model.multimodal,  # the image projection gets no gradient from a batch without images
     )
+
+
+def load_device(world: World, fsdp: bool) -> torch.device:
+    """Where to load the model: the CPU when FSDP is to shard it onto the devices, else this process's device."""
+    return torch.device("cpu") if fsdp and world.size > 1 else world.device
+
+
+def _move_unsharded(model: nn.Module, device: torch.device) -> None:
+    """Move what FSDP left whole to `device`, in place, so parameters keep their identity."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if not isinstance(tensor, DTensor) and tensor.device != device:
+                tensor.data = tensor.data.to(device)
 
 
 class _Loss(nn.Module):
@@ -146,6 +164,12 @@ def share(rows: list, world: World) -> tuple[list, bool]:
     """
     mine = rows[world.rank :: world.size]
     return (mine, True) if mine else (rows[:1], False)
+
+
+def weights_mib(model: nn.Module) -> float:
+    """The memory this process holds for the model's parameters: its shards of what FSDP shards, the rest whole."""
+    local = (param.to_local() if isinstance(param, DTensor) else param for param in model.parameters())
+    return sum(tensor.nbytes for tensor in local) / 2**20
 
 
 def all_sum(values: list[float], world: World) -> list[float]:

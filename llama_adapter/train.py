@@ -129,6 +129,7 @@ def train(
     resume_from = find_resume_point(cfg, settings)  # first: a refused resumption costs nothing
     if resume_from is not None and (finished := checkpoint.read_state(resume_from))["progress"]["done"]:
         say(world, f"{cfg.out}: this run has finished already ({resume_from}); --no-resume trains it again")
+        distributed.finish(world)
         return finished["summary"]
     skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None
     if rows is None:
@@ -137,15 +138,10 @@ def train(
     if model is None:
         with distributed.main_first(world):  # the first load of the default base converts it, once
             dtype = PRECISIONS[cfg.precision]
-            model = LlamaAdapterModel.from_base(cfg.base, adapter_cfg, dtype, world.device, visual=visual_cfg)
+            device = distributed.load_device(world, fsdp)
+            model = LlamaAdapterModel.from_base(cfg.base, adapter_cfg, dtype, device, visual=visual_cfg)
     cache = model.feature_cache()
-    rows = with_usable_images(rows, cache, skipped, world, cfg.data)
-    train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
-    train_set, dropped = data.encode_all(model.tokenizer, train_rows, cfg.max_len)
-    val_set, _ = data.encode_all(model.tokenizer, val_rows, cfg.max_len)
-    if not train_set:
-        raise data.DataError(f"{cfg.data}: every training row's prompt is longer than max_len {cfg.max_len}")
-    report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, cfg.max_len)
+    train_set, val_set, dropped = training_examples(cfg, model, rows, cache, skipped, world)
 
     if cfg.gradient_checkpointing:
         hf.enable_gradient_checkpointing(model.base)
@@ -231,6 +227,21 @@ def train(
     bar.close()
     distributed.finish(world)
     return summary
+
+
+def training_examples(
+    cfg: TrainConfig, model: LlamaAdapterModel, rows: list[dict], cache, skipped: data.BadRows | None, world: World
+) -> tuple[list[data.Example], list[data.Example], int]:
+    """The training and validation examples of `rows`, with the rows whose images cannot be used left out (or an
+    error), and how many training rows were dropped because their prompt alone fills max_len; reports both."""
+    rows = with_usable_images(rows, cache, skipped, world, cfg.data)
+    train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
+    train_set, dropped = data.encode_all(model.tokenizer, train_rows, cfg.max_len)
+    val_set, _ = data.encode_all(model.tokenizer, val_rows, cfg.max_len)
+    if not train_set:
+        raise data.DataError(f"{cfg.data}: every training row's prompt is longer than max_len {cfg.max_len}")
+    report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, cfg.max_len)
+    return train_set, val_set, dropped
 
 
 def train_step(
@@ -320,6 +331,7 @@ def run_summary(progress: Progress, elapsed: float, model, dropped: int, skipped
         "dropped_rows": dropped,
         "skipped_rows": len(skipped or []),
         "processes": world.size,
+        "weights_mib_per_process": round(distributed.weights_mib(model), 1),
     }
 
 
