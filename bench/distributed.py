@@ -2,8 +2,8 @@
 
     python bench/distributed.py                # writes bench/results/distributed.json
 
-Trains the embedded SmolLM2-135M-Instruct on real Alpaca rows (the first --rows of ../shared/data/alpaca/
-alpaca_small.json) for --steps optimizer steps three times, each a fresh `llama-adapter train` command: in one
+Trains a base (`--model`, see bench/common.py: the embedded SmolLM2-135M-Instruct by default on a CPU) on real
+Alpaca rows (the first --rows of ../shared/data/alpaca/alpaca_small.json) for --steps optimizer steps three times, each a fresh `llama-adapter train` command: in one
 process, with `--nproc 2` (torchrun, DDP), and with `--nproc 2 --fsdp`. It reports each run's training throughput
 (non-padding tokens/s over the whole loop, validations included), the peak resident memory of its largest
 process, the memory each process holds for the model's weights (its shards with FSDP), and how far the
@@ -22,8 +22,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import REPO, RESULTS, write_results
+from common import MODELS, REPO, RESULTS, default_model, load_base, write_results
 from safetensors.torch import load_file
+
+from llama_adapter import DEFAULT_BASE
 
 DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data")) / "alpaca" / "alpaca_small.json"
 RUNS = {"one process": [], "two processes, DDP": ["--nproc", "2"], "two processes, FSDP": ["--nproc", "2", "--fsdp"]}
@@ -40,19 +42,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass, all processes together")
     parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--base", default="smollm2-135m-instruct")
+    parser.add_argument("--model", choices=MODELS, default=default_model())
     parser.add_argument("--out", default=str(RESULTS / "distributed.json"))
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = Path(tmp, "rows.json")
         rows.write_text(json.dumps(json.loads(DATA.read_text())[: args.rows]))
-        flags = ["--base", args.base, "--data", str(rows), "--max-steps", str(args.steps), "--epochs", "1"]
+        flags = ["--base", base_folder(args.model, Path(tmp)), "--data", str(rows), "--max-steps", str(args.steps)]
+        flags += ["--epochs", "1"]
         flags += ["--batch-size", str(args.batch_size), "--max-len", str(args.max_len), "--lr", "2e-3"]
         runs = {name: run(flags + extra, Path(tmp, f"run{i}")) for i, (name, extra) in enumerate(RUNS.items())}
 
     reference = runs["one process"]
-    results = {"base": args.base, "data": os.path.relpath(DATA, REPO), "rows": args.rows, "steps": args.steps}
+    results = {"model": args.model, "data": os.path.relpath(DATA, REPO), "rows": args.rows, "steps": args.steps}
     results["batch_size"], results["max_len"], results["runs"] = args.batch_size, args.max_len, {}
     for name, outcome in runs.items():
         measured = ("tokens_per_s", "peak_rss_mib", "weights_mib_per_process", "val_loss_after", "wall_time_s")
@@ -68,6 +71,16 @@ def main() -> None:
             entry["peak_rss_vs_one_process"] = round(outcome["peak_rss_mib"] / reference["peak_rss_mib"], 3)
         results["runs"][name] = entry
     write_results(results, args.out)
+
+
+def base_folder(model: str, tmp: Path) -> str:
+    """What --base the commands get: the embedded model's name, or a random model saved as a folder."""
+    if model == "smollm2":
+        return DEFAULT_BASE
+    base, tokenizer = load_base(model)
+    base.save_pretrained(tmp / model)
+    tokenizer.save_pretrained(tmp / model)
+    return str(tmp / model)
 
 
 def run(flags: list[str], out: Path) -> dict:

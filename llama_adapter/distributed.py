@@ -102,7 +102,7 @@ def prepare(model, world: World, fsdp: bool) -> nn.Module:
     model from the same seed and files, and the adapter alone is broadcast once here to be sure.
     With `fsdp`, the model comes in on the CPU (see `load_device`): FSDP moves each decoder layer to this process's
     device and keeps only its shard there, one layer at a time, so no device ever holds the whole base; the rest
-    (embeddings' vocabulary projection, the adapter, an image encoder) follows whole.
+    (the vocabulary projection, the adapter, an image encoder) follows whole.
     """
     loss = _Loss(model)
     if world.size == 1:

@@ -146,6 +146,7 @@ def train(
     if cfg.gradient_checkpointing:
         hf.enable_gradient_checkpointing(model.base)
     loss_fn = distributed.prepare(model, world, fsdp)
+    weights_mib = round(distributed.weights_mib(model), 1)  # at rest: FSDP gathers layers only while they run
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     params = list(model.adapter_state().values())
@@ -216,7 +217,8 @@ def train(
         progress.epoch, progress.group = epoch + 1, 0
         progress.done = progress.step >= total_steps or epoch == cfg.epochs
         summary = run_summary(progress, time.perf_counter() - started, model, dropped, skipped, world) | {
-            "resumed_from_step": resumed_at
+            "resumed_from_step": resumed_at,
+            "weights_mib_per_process": weights_mib,
         }
         if world.main:
             model.save(out)
@@ -331,7 +333,6 @@ def run_summary(progress: Progress, elapsed: float, model, dropped: int, skipped
         "dropped_rows": dropped,
         "skipped_rows": len(skipped or []),
         "processes": world.size,
-        "weights_mib_per_process": round(distributed.weights_mib(model), 1),
     }
 
 

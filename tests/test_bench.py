@@ -81,3 +81,21 @@ def test_finetune_benchmark(tmp_path):
     rows_per_s = results["train_rows"] / results["wall_time_s"]
     assert results["alpaca52k_x5_projected_hours"] == pytest.approx(52002 * 5 / rows_per_s / 3600, rel=0.02)
     assert results["peak_memory_mib"] > 0 and results["val_loss_before"] > 0
+
+
+def test_distributed_benchmark(tmp_path):
+    args = ["--rows", "40", "--steps", "2", "--batch-size", "4", "--max-len", "400"]
+    results = run_bench("distributed", tmp_path, *args)
+    runs = results["runs"]
+    assert list(runs) == ["one process", "two processes, DDP", "two processes, FSDP"]
+    one = runs["one process"]
+    for name in ("two processes, DDP", "two processes, FSDP"):
+        assert runs[name]["max_abs_adapter_difference"] < 1e-5
+        assert runs[name]["max_abs_step_loss_difference"] < 1e-5
+        assert runs[name]["throughput_vs_one_process"] == pytest.approx(
+            runs[name]["tokens_per_s"] / one["tokens_per_s"], abs=0.002
+        )
+    # DDP keeps a whole copy of the weights in each process; FSDP only its shard of the decoder layers (and of the
+    # embeddings: most of this model, as the vocabulary projection stays whole).
+    assert runs["two processes, DDP"]["weights_mib_per_process"] == one["weights_mib_per_process"]
+    assert runs["two processes, FSDP"]["weights_mib_per_process"] < one["weights_mib_per_process"]
