@@ -3,13 +3,13 @@
     python bench/distributed.py                # writes bench/results/distributed.json
 
 Trains a base (`--model`, see bench/common.py: the embedded SmolLM2-135M-Instruct by default on a CPU) on real
-Alpaca rows (the first --rows of ../shared/data/alpaca/alpaca_small.json) for --steps optimizer steps three times, each a fresh `llama-adapter train` command: in one
-process, with `--nproc 2` (torchrun, DDP), and with `--nproc 2 --fsdp`. It reports each run's training throughput
-(non-padding tokens/s over the whole loop, validations included), the peak resident memory of its largest
-process, the memory each process holds for the model's weights (its shards with FSDP), and how far the
-two-process adapters and per-step losses are from the one-process run's. The one-process run uses every core;
-each of two processes gets half (torchrun's default of one thread each on two cores).
-On a machine with GPUs the same command runs one process per GPU (NCCL) instead.
+Alpaca rows (the first --rows of ../shared/data/alpaca/alpaca_small.json) for --steps optimizer steps three times,
+each a fresh `llama-adapter train` command: in one process, with `--nproc 2` (torchrun, DDP), and with
+`--nproc 2 --fsdp`. It reports each run's training throughput (non-padding tokens/s over the whole loop,
+validations included), the peak resident memory of its largest process, the memory each process holds for the
+model's weights (its shards with FSDP), and how far the two-process adapters and per-step losses are from the
+one-process run's. The one-process run uses every core; each of two processes gets half (torchrun's default of
+one thread each on two cores). On a machine with GPUs the same command runs one process per GPU (NCCL) instead.
 """
 
 import argparse

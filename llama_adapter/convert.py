@@ -103,7 +103,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: expected a dict of tensors, got a {type(state).__name__}")  # noqa: TRY004 - bad file
     for key, value in state.items():
         if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
-            raise ValueError(f"{path}: expected a dict of tensors, but {key!r} is of type {type(value).__name__}")  # noqa: TRY004
+            kind = type(value).__name__
+            raise ValueError(f"{path}: expected a dict of tensors, but {key!r} is of type {kind}")  # noqa: TRY004
     return state
 
 

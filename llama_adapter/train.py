@@ -2,7 +2,7 @@
 
 llama-adapter train --data alpaca.json --out runs/alpaca
 python -m llama_adapter.train --data alpaca.json --out runs/alpaca
-torchrun --nproc-per-node 2 -m llama_adapter.train --data alpaca.json --out runs/alpaca    (= llama-adapter train --nproc 2)
+torchrun --nproc-per-node 2 -m llama_adapter.train --data alpaca.json --out runs/alpaca   (= train --nproc 2)
 
 A run writes a checkpoint every --save-every steps and at the end of each epoch (checkpoint.py); started again with
 the same --out it goes on from its last checkpoint exactly as if it had never stopped.
@@ -180,53 +180,52 @@ def train(
             checkpoint.save(out, model, optimizer, scheduler, state)
 
     started = time.perf_counter() - progress.elapsed_s
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not world.main)
-    model.train()
-    for epoch in range(progress.epoch, cfg.epochs + 1):
-        groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch)
-        for group in groups[progress.group :]:
-            loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
-            stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step, progress.group = progress.step + 1, progress.group + 1
-            progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded
-            elapsed = time.perf_counter() - started
-            log.write(
-                step=progress.step,
-                epoch=epoch,
-                lr=scheduler.get_last_lr()[0],
-                train_loss=loss,
-                tokens=progress.tokens,
-                tokens_per_s=progress.tokens / elapsed,
-                elapsed_s=elapsed,
-            )
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{progress.tokens / elapsed:.0f}")
-            bar.update()
-            if progress.step >= total_steps:
+    with tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not world.main) as bar:
+        model.train()
+        for epoch in range(progress.epoch, cfg.epochs + 1):
+            groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch)
+            for group in groups[progress.group :]:
+                loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+                stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step, progress.group = progress.step + 1, progress.group + 1
+                progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded
+                elapsed = time.perf_counter() - started
+                log.write(
+                    step=progress.step,
+                    epoch=epoch,
+                    lr=scheduler.get_last_lr()[0],
+                    train_loss=loss,
+                    tokens=progress.tokens,
+                    tokens_per_s=progress.tokens / elapsed,
+                    elapsed_s=elapsed,
+                )
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{progress.tokens / elapsed:.0f}")
+                bar.update()
+                if progress.step >= total_steps:
+                    break
+                # An epoch's last step gets its checkpoint after the validation, below.
+                if progress.step % cfg.save_every == 0 and progress.group < len(groups):
+                    save_checkpoint()
+            progress.val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
+            log.write(step=progress.step, epoch=epoch, val_loss=progress.val_loss)
+            if world.main:
+                bar.write(f"epoch {epoch}: validation loss {progress.val_loss:.4f}", file=sys.stderr)
+            progress.epoch, progress.group = epoch + 1, 0
+            progress.done = progress.step >= total_steps or epoch == cfg.epochs
+            summary = run_summary(progress, time.perf_counter() - started, model, dropped, skipped, world) | {
+                "resumed_from_step": resumed_at,
+                "weights_mib_per_process": weights_mib,
+            }
+            if world.main:
+                model.save(out)
+                plot_losses(log.path, out / "loss.png")
+            save_checkpoint(summary if progress.done else None)
+            if progress.done:
                 break
-            # The end of an epoch has its own checkpoint, after validation: saving there twice would be for nothing.
-            if progress.step % cfg.save_every == 0 and progress.group < len(groups):
-                save_checkpoint()
-        progress.val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
-        log.write(step=progress.step, epoch=epoch, val_loss=progress.val_loss)
-        if world.main:
-            bar.write(f"epoch {epoch}: validation loss {progress.val_loss:.4f}", file=sys.stderr)
-        progress.epoch, progress.group = epoch + 1, 0
-        progress.done = progress.step >= total_steps or epoch == cfg.epochs
-        summary = run_summary(progress, time.perf_counter() - started, model, dropped, skipped, world) | {
-            "resumed_from_step": resumed_at,
-            "weights_mib_per_process": weights_mib,
-        }
-        if world.main:
-            model.save(out)
-            plot_losses(log.path, out / "loss.png")
-        save_checkpoint(summary if progress.done else None)
-        if progress.done:
-            break
-    bar.close()
     distributed.finish(world)
     return summary
 

@@ -111,6 +111,29 @@ def randomize_adapter():
     return _randomize_adapter
 
 
+# Sixteen short instructions a tiny model learns something of in a few steps.
+TRAINING_ROWS = [
+    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+    for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
+] + [{"instruction": "Add the numbers.", "input": f"{a} and {a}", "output": f"{2 * a}"} for a in range(1, 9)]
+
+
+@pytest.fixture
+def rows_file(tmp_path) -> Path:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(TRAINING_ROWS))
+    return path
+
+
+@pytest.fixture
+def tiny_base_dir(make_base, tokenizer, tmp_path) -> Path:
+    """The tiny base of make_base() as a Hugging Face folder, as the commands take a base; same seed, same weights."""
+    folder = tmp_path / "tiny-llama"
+    make_base().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO_ROOT / ".." / "shared" / "data"))

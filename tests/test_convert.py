@@ -25,15 +25,6 @@ ADAPTED = [1, 2, 3]  # the top 3 of 4 layers
 GATE_SHAPES = {"scalar-gate": (1,), "per-head-gate": (1, 4, 1, 1)}
 
 
-@pytest.fixture
-def base_dir(make_base, tokenizer, tmp_path) -> Path:
-    """The tiny base as a Hugging Face folder; make_base() with the same seed rebuilds the same weights."""
-    folder = tmp_path / "tiny-llama"
-    make_base().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def official_state(gate_shape=(1,), layers=ADAPTED, rows=ADAPTER_LAYERS * ADAPTER_LEN, width=64, seed=0) -> dict:
     """A checkpoint in the official layout, in the half precisions releases come in."""
     generator = torch.Generator().manual_seed(seed)
@@ -80,10 +71,10 @@ def batch(tokenizer):
 
 
 @pytest.mark.parametrize("gate_shape", GATE_SHAPES.values(), ids=GATE_SHAPES.keys())
-def test_converted_adapter_computes_the_official_formula(make_base, tokenizer, base_dir, tmp_path, gate_shape):
+def test_converted_adapter_computes_the_official_formula(make_base, tokenizer, tiny_base_dir, tmp_path, gate_shape):
     state = official_state(gate_shape)
     out = tmp_path / "converted"
-    returned = convert_official(ConvertConfig(str(save_official(state, tmp_path)), str(out), str(base_dir)))
+    returned = convert_official(ConvertConfig(str(save_official(state, tmp_path)), str(out), str(tiny_base_dir)))
 
     loaded = LlamaAdapterModel.load(out, device="cpu")
     base = make_base("eager")
@@ -117,14 +108,14 @@ class _RunsCode:
         return Path.touch, (self.marker,)
 
 
-def test_checkpoint_holding_code_is_refused_without_running_it(base_dir, tmp_path):
+def test_checkpoint_holding_code_is_refused_without_running_it(tiny_base_dir, tmp_path):
     marker = tmp_path / "code-ran"
     state = official_state() | {"layers.3.attention.gate": _RunsCode(marker)}
     path = save_official(state, tmp_path)
     out = tmp_path / "converted"
     refused = r"refused: it holds pickled Python objects other than tensors \(here .+\).*nothing in it was executed"
     with pytest.raises(ValueError, match=refused) as info:
-        convert_official(ConvertConfig(str(path), str(out), str(base_dir)))
+        convert_official(ConvertConfig(str(path), str(out), str(tiny_base_dir)))
     assert str(info.value).startswith(str(path))
     assert not marker.exists() and not out.exists()
     torch.load(path, weights_only=False)  # the payload is live: a plain load would have run it
@@ -213,10 +204,10 @@ WRONG_BASE = {
 
 
 @pytest.mark.parametrize("layout, message", WRONG_BASE.values(), ids=WRONG_BASE.keys())
-def test_checkpoint_for_another_base_is_refused(base_dir, tmp_path, layout, message):
+def test_checkpoint_for_another_base_is_refused(tiny_base_dir, tmp_path, layout, message):
     path = save_official(official_state(**layout), tmp_path)
     out = tmp_path / "converted"
     with pytest.raises(ValueError, match=message) as info:
-        convert_official(ConvertConfig(str(path), str(out), str(base_dir)))
+        convert_official(ConvertConfig(str(path), str(out), str(tiny_base_dir)))
     assert str(info.value).startswith(str(path))
     assert not out.exists()

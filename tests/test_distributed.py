@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TRAINING_ROWS
 from safetensors.torch import load_file
 
 from llama_adapter import checkpoint, cli, distributed
@@ -22,10 +23,7 @@ from llama_adapter.train import TrainConfig, train
 
 # 17 rows: 4 held out, 13 to train on in batches of 3, so the last batch of each epoch has a single row and one of
 # the two processes gets none of it.
-ROWS = [
-    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-    for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy", "plum"]
-] + [{"instruction": "Add the numbers.", "input": f"{a} and {a}", "output": f"{2 * a}"} for a in range(1, 9)]
+ROWS = [*TRAINING_ROWS, {"instruction": "Repeat the word plum.", "input": "", "output": "plum plum plum"}]
 FLAGS = {
     "epochs": 2,
     "batch_size": 3,
@@ -64,13 +62,10 @@ def test_the_launcher_passes_every_flag_but_nproc_to_the_processes():
 
 
 @pytest.fixture
-def run_files(make_base, tokenizer, tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_base().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def run_files(tiny_base_dir, tmp_path):
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps(ROWS))
-    return folder, rows
+    return tiny_base_dir, rows
 
 
 @pytest.fixture

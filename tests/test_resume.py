@@ -2,7 +2,6 @@
 read, and a non-finite loss stops the run with the last checkpoint intact."""
 
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -17,18 +16,6 @@ from llama_adapter import checkpoint
 from llama_adapter import train as train_module
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.train import MetricsLog, TrainConfig, TrainingStopped, train
-
-ROWS = [
-    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-    for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
-] + [{"instruction": "Add the numbers.", "input": f"{a} and {a}", "output": f"{2 * a}"} for a in range(1, 9)]
-
-
-@pytest.fixture
-def rows_file(tmp_path):
-    path = tmp_path / "rows.json"
-    path.write_text(json.dumps(ROWS))
-    return path
 
 
 def config(rows_file, out, **overrides) -> TrainConfig:
@@ -271,14 +258,6 @@ def test_metrics_log_keeps_only_the_rows_a_checkpoint_had_seen(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # The real thing: a training process killed with SIGKILL, then started again
-
-
-@pytest.fixture
-def tiny_base_dir(make_base, tokenizer, tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_base().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def train_command(base, rows_file, out) -> list[str]:

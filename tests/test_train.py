@@ -13,18 +13,6 @@ from llama_adapter.generation import stream
 from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel
 from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
 
-ROWS = [
-    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-    for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
-] + [{"instruction": "Add the numbers.", "input": f"{a} and {a}", "output": f"{2 * a}"} for a in range(1, 9)]
-
-
-@pytest.fixture
-def rows_file(tmp_path):
-    path = tmp_path / "rows.json"
-    path.write_text(json.dumps(ROWS))
-    return path
-
 
 def test_paper_defaults_scale_lr_with_the_batch(rows_file, tmp_path):
     cfg = TrainConfig(data=str(rows_file), out=str(tmp_path))
@@ -97,14 +85,6 @@ def test_zero_gates_validation_loss_is_the_base_models(make_model, tokenizer, ro
     logits = model.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     base_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert model.loss(**batch).item() == pytest.approx(base_loss.item(), rel=1e-6)
-
-
-@pytest.fixture
-def tiny_base_dir(make_base, tokenizer, tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_base().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_cli_train_then_chat(tiny_base_dir, rows_file, tmp_path, capsys):
