@@ -38,7 +38,8 @@ MEASURE = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200, help="Alpaca rows to read (5%% held out)")
+    parser.add_argument("--data", default=str(DATA), help="Alpaca-format rows (default: the 2,000-row Alpaca sample)")
+    parser.add_argument("--rows", type=int, default=200, help="how many of them to use (5%% held out)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass, all processes together")
     parser.add_argument("--max-len", type=int, default=256)
@@ -48,14 +49,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = Path(tmp, "rows.json")
-        rows.write_text(json.dumps(json.loads(DATA.read_text())[: args.rows]))
+        rows.write_text(json.dumps(json.loads(Path(args.data).read_text())[: args.rows]))
         flags = ["--base", base_folder(args.model, Path(tmp)), "--data", str(rows), "--max-steps", str(args.steps)]
         flags += ["--epochs", "1"]
         flags += ["--batch-size", str(args.batch_size), "--max-len", str(args.max_len), "--lr", "2e-3"]
         runs = {name: run(flags + extra, Path(tmp, f"run{i}")) for i, (name, extra) in enumerate(RUNS.items())}
 
     reference = runs["one process"]
-    results = {"model": args.model, "data": os.path.relpath(DATA, REPO), "rows": args.rows, "steps": args.steps}
+    results = {"model": args.model, "data": os.path.relpath(args.data, REPO), "rows": args.rows, "steps": args.steps}
     results["batch_size"], results["max_len"], results["runs"] = args.batch_size, args.max_len, {}
     for name, outcome in runs.items():
         measured = ("tokens_per_s", "peak_rss_mib", "weights_mib_per_process", "val_loss_after", "wall_time_s")

@@ -12,6 +12,11 @@ import pytest
 from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # subprocesses that load SmolLM2's tokenizer
+# Rows of very different lengths, so that length grouping has padding to save.
+ROWS = [
+    {"instruction": f"Repeat the word {word!r} {n} times.", "input": "", "output": " ".join([word] * n)}
+    for n, word in enumerate(["cat", "sunny", "blue", "seven", "tree"] * 8, start=1)
+]
 
 
 def run_bench(script: str, tmp_path, *args) -> dict:
@@ -67,12 +72,8 @@ def test_generation_benchmark(tmp_path):
 
 
 def test_finetune_benchmark(tmp_path):
-    rows = [
-        {"instruction": f"Repeat the word {word!r} {n} times.", "input": "", "output": " ".join([word] * n)}
-        for n, word in enumerate(["cat", "sunny", "blue", "seven", "tree"] * 8, start=1)
-    ]
     data = tmp_path / "rows.json"
-    data.write_text(json.dumps(rows))
+    data.write_text(json.dumps(ROWS))
     results = run_bench("finetune", tmp_path, "--data", str(data))
     assert results["train_rows"] == 38  # 5% of 40 held out
     assert results["steps"] == 10 and results["recipe"]["batch_size"] == 4  # the default recipe, one epoch
@@ -84,7 +85,9 @@ def test_finetune_benchmark(tmp_path):
 
 
 def test_distributed_benchmark(tmp_path):
-    args = ["--rows", "40", "--steps", "2", "--batch-size", "4", "--max-len", "400"]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(ROWS))
+    args = ["--data", str(data), "--rows", "40", "--steps", "2", "--batch-size", "4", "--max-len", "400"]
     results = run_bench("distributed", tmp_path, *args)
     runs = results["runs"]
     assert list(runs) == ["one process", "two processes, DDP", "two processes, FSDP"]
