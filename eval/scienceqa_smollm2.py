@@ -87,7 +87,7 @@ def train_or_reuse(model, problems, image_context: str, adapter_dir: Path, epoch
     """Train on the ScienceQA train rows, or load the adapter a previous run of this script saved."""
     summary_file = adapter_dir / "summary.json"
     if (adapter_dir / CONFIG_NAME).is_file() and summary_file.is_file():
-        saved = json.loads((adapter_dir / "train_config.json").read_text())["train"]
+        saved = json.loads((adapter_dir / "train_config.json").read_text())  # the run's settings (train.py)
         if (saved["epochs"], saved["lr"]) != (epochs, lr):
             raise SystemExit(
                 f"{adapter_dir} was trained with --epochs {saved['epochs']} --lr {saved['lr']}, not {epochs} and "

@@ -53,6 +53,12 @@ def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows
         "loss.png",
         "train_config.json",
     }
+    settings = json.loads((out / "train_config.json").read_text())  # what eval/scienceqa_smollm2.py reads back
+    assert (settings["epochs"], settings["lr"], settings["adapter"]) == (
+        6,
+        0.2,
+        {"adapter_len": 4, "adapter_layers": 4},
+    )
     with open(out / "metrics.csv", newline="") as f:
         metrics = list(csv.DictReader(f))
     val_rows = [r for r in metrics if r["val_loss"]]
