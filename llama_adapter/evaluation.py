@@ -58,6 +58,10 @@ def evaluate_problems(
     done = scienceqa.read_predictions(out)
     todo = [problem for problem in problems if problem.pid not in done]
     cache = model.feature_cache()
+    if cache:  # every image encoded before the first prediction: a bad one stops the run before it starts
+        failed = cache.precompute([str(problem.image) for problem in todo if problem.image])
+        if failed:
+            raise data.DataError(f"{len(failed)} image(s) cannot be used, e.g. {next(iter(failed.values()))}")
     progress = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"eval ({scoring})", unit="q")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as handle:

@@ -532,6 +532,9 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
             raise DataError(f"{path}: line {lineno}: not a JSON record") from None
         if not isinstance(record, dict) or not isinstance(record.get("pid"), str):
             raise DataError(f"{path}: line {lineno}: expected an object with a string 'pid'")
+        missing = [name for name in PREDICTION_FIELDS if name not in record]
+        if missing:
+            raise DataError(f"{path}: line {lineno}: not a prediction record: no {', '.join(missing)}")
         if record["pid"] in records:
             raise DataError(
                 f"{path}: line {lineno}: pid {record['pid']} already predicted on line {lines[record['pid']]}"

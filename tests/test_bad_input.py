@@ -71,7 +71,7 @@ def build_workspace(root: Path) -> Workspace:
     Path(ws.sqa, "problems.json").write_text(json.dumps({"1": problem, "2": problem | {"question": "Is fire hot?"}}))
     Path(ws.sqa, "pid_splits.json").write_text(json.dumps({"test": ["1", "2"]}))
     Path(ws.predictions).parent.mkdir()
-    Path(ws.predictions).write_text(json.dumps({"pid": "1", "output": "A"}) + "\n")
+    cli.main(["eval", "scienceqa", "--data", ws.sqa, "--base", ws.base, "--out", ws.predictions, "--limit", "1"])
     return ws
 
 
@@ -166,6 +166,16 @@ def eval_on(ws: Workspace, data: str) -> list[str]:
     return ["eval", "scienceqa", "--data", data, "--base", ws.base, "--out", ws.predictions]
 
 
+def sqa_with_image(ws: Workspace, here: Path, image: Callable[[Path], str] | None) -> str:
+    """A copy of the ScienceQA folder whose problem 2 (not predicted yet) shows an image: the file `image` writes, or
+    none at all."""
+    folder = sqa_copy(ws, here, lambda problems: problems["2"].update(image="image.png"))
+    if image is not None:
+        (Path(folder) / "images" / "test" / "2").mkdir(parents=True)
+        shutil.move(image(here), Path(folder) / "images" / "test" / "2" / "image.png")
+    return folder
+
+
 def chat_about(ws: Workspace, image: str) -> list[str]:
     return ["chat", "--adapter", ws.visual_adapter, "--image", image, "What colour is it?"]
 
@@ -235,6 +245,12 @@ CASES = [
          r"problems.json: problem 2: field 'answer' must be an integer index into the 2 choices, got 5"),
     Case("eval", "ScienceQA problem missing a field", lambda ws, h: eval_on(ws, sqa_copy(ws, h, lambda p: p["1"].pop("question"))),
          r"problems.json: problem 1: missing field 'question'"),
+    Case("eval", "missing image", lambda ws, h: eval_on(ws, sqa_with_image(ws, h, None)),
+         r"problems.json: problem 2: image .*images/test/2/image.png not found \(1 of 2 problems of split 'test' lack their image\); --missing-images text-only"),
+    Case("eval", "corrupt image", lambda ws, h: eval_on(ws, sqa_with_image(ws, h, corrupt_png))[:-2] + ["--out", str(h / "p.jsonl"), "--adapter", ws.visual_adapter],
+         r"1 image\(s\) cannot be used, e.g. .*images/test/2/image.png: not a readable image"),
+    Case("eval", "torn predictions file", lambda ws, h: eval_on(ws, ws.sqa)[:-2] + ["--out", write(h, "p.jsonl", '{"pid": "1"}\n')],
+         r"p.jsonl: line 1: not a prediction record: no prompt, output, pred, pred_letter, answer, correct"),
     Case("chat", "missing image", lambda ws, h: chat_about(ws, str(h / "gone.png")),
          r"gone.png: no such image file"),
     Case("chat", "truncated image", lambda ws, h: chat_about(ws, truncated_png(h)),

@@ -538,13 +538,17 @@ def test_predictions_resume_after_a_torn_last_line(sqa_dir, tmp_path):
 
 def test_bad_prediction_lines_name_file_and_line(tmp_path):
     path = tmp_path / "preds.jsonl"
-    path.write_text('{"pid": "1"}\n{"pid": \n')
+    one, two = (json.dumps(dict.fromkeys(sqa.PREDICTION_FIELDS) | {"pid": pid}) for pid in "12")
+    path.write_text(f'{one}\n{{"pid": \n')
     with pytest.raises(DataError, match=r"preds.jsonl: line 2: not a JSON record"):
         sqa.read_predictions(path)
-    path.write_text('{"pid": "1"}\n["1"]\n')
+    path.write_text(f'{one}\n["1"]\n')
     with pytest.raises(DataError, match=r"preds.jsonl: line 2: expected an object with a string 'pid'"):
         sqa.read_predictions(path)
-    path.write_text('{"pid": "1"}\n{"pid": "2"}\n{"pid": "1"}\n')
+    path.write_text(f'{one}\n{{"pid": "2", "output": "A"}}\n')
+    with pytest.raises(DataError, match=r"preds.jsonl: line 2: not a prediction record: no prompt, pred, pred_letter"):
+        sqa.read_predictions(path)
+    path.write_text(f"{one}\n{two}\n{one}\n")
     with pytest.raises(DataError, match=r"preds.jsonl: line 3: pid 1 already predicted on line 1"):
         sqa.read_predictions(path)
     with path.open("a") as handle, pytest.raises(ValueError, match="prediction record lacks prompt, output"):
