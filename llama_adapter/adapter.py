@@ -15,6 +15,12 @@ so an untrained adapter is exactly the base model, and training grows the prompt
 Multimodal (section 3.3): a frozen CLIP encoder's global image feature goes through a small trainable projection
 (`VisualProjection`) to the LLM width and is added to every adapted layer's K prompts, P_l + repeat_K(I_p), so
 each sample attends to prompts shifted by its own image. Rows without an image add nothing.
+
+The bottleneck adapters of LLM-Adapters (Hu et al. 2023, https://arxiv.org/abs/2304.01933), which PEFT lacks,
+live here too: each decoder layer's MLP gets a small residual branch f(z W_down) W_up, with W_up zero-initialised
+so that, like the gates above, an untrained adapter is exactly the base model. Series reads the MLP's output h
+(h <- h + f(h W_down) W_up), Parallel reads the MLP's input x (h <- h + f(x W_down) W_up). LoRA and prefix tuning
+come from PEFT (methods.py).
 """
 
 import torch
@@ -73,6 +79,22 @@ class AdaptionPrompt(nn.Module):
         values = gate * _query_heads(v_proj(prompt), head_dim, num_heads)
         self._cached_kv = (key, self.visual, keys, values) if caching else None
         return keys, values
+
+
+class Bottleneck(nn.Module):
+    """One layer's bottleneck adapter: z -> tanh(z W_down) W_up, added to the MLP's output by the model."""
+
+    def __init__(self, hidden_size: int, size: int, parallel: bool):
+        super().__init__()
+        self.parallel = parallel  # reads the MLP's input (Parallel) or its output (Series)
+        self.down = nn.Linear(hidden_size, size, bias=False)  # PyTorch's default (Kaiming-uniform) init
+        self.up = nn.Linear(size, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, mlp_input: torch.Tensor, mlp_output: torch.Tensor) -> torch.Tensor:
+        """The MLP's output with this adapter's branch added."""
+        z = mlp_input if self.parallel else mlp_output
+        return mlp_output + self.up(torch.tanh(self.down(z.to(self.down.weight.dtype)))).to(mlp_output.dtype)
 
 
 class VisualProjection(nn.Module):

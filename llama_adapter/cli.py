@@ -1,4 +1,4 @@
-"""The `llama-adapter` command: train, eval, chat, demo and convert. Each maps its flags onto config dataclasses."""
+"""The `llama-adapter` command: train, eval, chat, demo, convert and merge. Each maps its flags onto config dataclasses."""
 
 import argparse
 import dataclasses
@@ -6,8 +6,9 @@ import json
 import sys
 from dataclasses import dataclass
 
-from . import distributed, scienceqa
+from . import distributed, llm_adapters, scienceqa
 from .config import (
+    PRECISIONS,
     AdapterConfig,
     DemoConfig,
     ModelConfig,
@@ -20,9 +21,17 @@ from .config import (
 )
 from .convert import ConvertConfig, convert_official
 from .distributed import DistributedConfig
-from .evaluation import EvalConfig, check_resume_settings, evaluate_problems, load_eval_problems, write_scores
+from .evaluation import (
+    EvalConfig,
+    check_resume_settings,
+    evaluate_math,
+    evaluate_problems,
+    load_eval_problems,
+    write_scores,
+)
 from .generation import stream_conversation
-from .model import load_model
+from .llm_adapters import MathEvalConfig
+from .model import LlamaAdapterModel, load_model
 from .train import TrainConfig, TrainingStopped, train
 
 
@@ -46,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, ScienceQAConfig)
     add_arguments(train, DistributedConfig)
 
-    evaluate = commands.add_parser("eval", help="answer a multiple-choice benchmark, print and save its table")
-    evaluate.add_argument("benchmark", choices=["scienceqa"])
-    add_arguments(evaluate, EvalConfig)
-    add_arguments(evaluate, ModelConfig)
-    add_arguments(evaluate, ScienceQAConfig)
+    evaluate = commands.add_parser("eval", help="answer a benchmark's questions, print and save its table")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
+    sqa = benchmarks.add_parser("scienceqa", help="ScienceQA's multiple-choice questions, with or without images")
+    add_arguments(sqa, EvalConfig)
+    add_arguments(sqa, ModelConfig)
+    add_arguments(sqa, ScienceQAConfig)
+    math = benchmarks.add_parser("math", help="LLM-Adapters' math word problems: GSM8K, SVAMP, AQuA, ...")
+    add_arguments(math, MathEvalConfig)
+    add_arguments(math, ModelConfig)
 
     chat = commands.add_parser("chat", help="answer an instruction, or chat interactively without one")
     chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
@@ -64,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="an official LLaMA-Adapter v1 release checkpoint (.pth) as ours")
     add_arguments(convert, ConvertConfig)
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base: a plain Hugging Face model folder")
+    add_arguments(merge, MergeConfig)
+    add_arguments(merge, ModelConfig)
     return parser
 
 
@@ -72,7 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        handlers = {"train": run_train, "eval": run_eval, "chat": run_chat, "demo": run_demo, "convert": run_convert}
+        handlers = {
+            "train": run_train,
+            "eval": run_eval,
+            "chat": run_chat,
+            "demo": run_demo,
+            "convert": run_convert,
+            "merge": run_merge,
+        }
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, TrainingStopped) as err:
         # Under torchrun every process fails alike; one message is enough.
@@ -91,6 +115,9 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    if args.benchmark == "math":
+        run_eval_math(args)
+        return
     cfg, sqa, model_cfg = (from_arguments(c, args) for c in (EvalConfig, ScienceQAConfig, ModelConfig))
     problems = load_eval_problems(cfg, sqa.problems, sqa.splits, sqa.missing_images)
     settings = {
@@ -108,6 +135,19 @@ def run_eval(args: argparse.Namespace) -> None:
     path = write_scores(scores, cfg.out, settings)
     print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {cfg.scoring}, unparsed: {scores['unparsed']}")
     print(scienceqa.format_table(scores))
+    print(f"predictions: {cfg.out}; scores: {path}")
+
+
+def run_eval_math(args: argparse.Namespace) -> None:
+    cfg, model_cfg = from_arguments(MathEvalConfig, args), from_arguments(ModelConfig, args)
+    questions = llm_adapters.load_questions(cfg.data, cfg.datasets, cfg.limit)
+    settings = {"data": cfg.data, "max_new_tokens": cfg.max_new_tokens, "adapter": cfg.adapter}
+    check_resume_settings(cfg.out, settings | dataclasses.asdict(model_cfg))
+    model = load_model(model_cfg, cfg.adapter)
+    scores = evaluate_math(model, questions, cfg.out, cfg.datasets, cfg.batch_size, cfg.max_new_tokens)
+    path = write_scores(scores, cfg.out, settings | dataclasses.asdict(model_cfg))
+    print(f"Math accuracy (%), {len(questions)} questions, unparsed: {sum(scores['unparsed'].values())}")
+    print(llm_adapters.format_table(scores))
     print(f"predictions: {cfg.out}; scores: {path}")
 
 
@@ -151,6 +191,25 @@ def run_convert(args: argparse.Namespace) -> None:
         f"{cfg.checkpoint} -> {cfg.out}: {model.config.adapter_len} prompts in each of the top "
         f"{model.config.adapter_layers} layers, {model.num_trainable_parameters():,} parameters"
     )
+
+
+@dataclass
+class MergeConfig:
+    """Which LoRA adapter to fold into its base, and where the merged model goes."""
+
+    adapter: str = option("a LoRA adapter folder (trained with --method lora)")
+    out: str = option("folder for the merged model (Hugging Face format: use it as --base, or anywhere else)")
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
+    model = LlamaAdapterModel.load(cfg.adapter, model_cfg.base, PRECISIONS[model_cfg.precision], device="cpu")
+    if model.config.method != "lora":
+        raise ValueError(f"{cfg.adapter}: a {model.config.method} adapter; only LoRA folds into the base weights")
+    merged = model.method.merged_base()
+    merged.save_pretrained(cfg.out)
+    model.tokenizer.save_pretrained(cfg.out)
+    print(f"{cfg.adapter} + {merged.name_or_path} -> {cfg.out}: the base with LoRA folded into its weights")
 
 
 def without_option(argv: list[str], flag: str) -> list[str]:

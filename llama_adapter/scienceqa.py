@@ -509,8 +509,8 @@ def prediction_record(problem: Problem, prompt: str, output: str) -> dict:
     }
 
 
-def read_predictions(path: str | Path) -> dict[str, dict]:
-    """The records already written, by pid; {} when the file does not exist yet.
+def read_predictions(path: str | Path, fields: tuple[str, ...] = PREDICTION_FIELDS) -> dict[str, dict]:
+    """The records already written, by pid; {} when the file does not exist yet. Each must have `fields`.
 
     A last line without its newline was cut off by a crash: it is dropped, and the file truncated to the last
     complete line, so the next append starts on a fresh line instead of gluing onto the fragment.
@@ -532,7 +532,7 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
             raise DataError(f"{path}: line {lineno}: not a JSON record") from None
         if not isinstance(record, dict) or not isinstance(record.get("pid"), str):
             raise DataError(f"{path}: line {lineno}: expected an object with a string 'pid'")
-        missing = [name for name in PREDICTION_FIELDS if name not in record]
+        missing = [name for name in fields if name not in record]
         if missing:
             raise DataError(f"{path}: line {lineno}: not a prediction record: no {', '.join(missing)}")
         if record["pid"] in records:
@@ -544,9 +544,9 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
     return records
 
 
-def append_prediction(handle: IO[str], record: dict) -> None:
+def append_prediction(handle: IO[str], record: dict, fields: tuple[str, ...] = PREDICTION_FIELDS) -> None:
     """Write one record as a JSON line and force it to disk, so a crash loses at most the line being written."""
-    missing = [name for name in PREDICTION_FIELDS if name not in record]
+    missing = [name for name in fields if name not in record]
     if missing:
         raise ValueError(f"prediction record lacks {', '.join(missing)}")
     handle.write(json.dumps(record, ensure_ascii=False) + "\n")

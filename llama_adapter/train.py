@@ -123,6 +123,9 @@ def train(
     to train an adapter you built yourself. `rows` default to those of `cfg.data`, read as `cfg.task` says.
     Under torchrun every process runs this and they train as one (distributed.py); `fsdp` shards the base.
     """
+    if adapter_cfg.method == "prefix" and cfg.gradient_checkpointing:
+        # The prefix rides in the KV cache, which each recomputed layer would extend a second time.
+        raise ValueError("--gradient-checkpointing does not work with --method prefix")
     world = distributed.setup()
     visual_cfg = visual_cfg or VisualConfig()
     settings = run_settings(cfg, adapter_cfg, visual_cfg)
@@ -313,7 +316,7 @@ def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
 def run_settings(cfg: TrainConfig, adapter_cfg: AdapterConfig, visual_cfg: VisualConfig) -> dict:
     """Everything that decides what a run computes, as JSON (saved with the run, compared on resuming)."""
     settings = dataclasses.asdict(cfg) | {
-        "adapter": dataclasses.asdict(adapter_cfg),
+        "adapter": adapter_cfg.to_dict(),
         "visual": dataclasses.asdict(visual_cfg),
     }
     return json.loads(json.dumps(settings))  # tuples become lists, as they come back from the file

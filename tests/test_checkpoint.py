@@ -52,7 +52,7 @@ def test_config_records_adapter_and_base_identity(saved):
     model, out = saved
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config["format_version"] == 1
-    assert config["adapter"] == {"adapter_len": 3, "adapter_layers": 2}
+    assert config["adapter"] == {"adapter_len": 3, "adapter_layers": 2, "method": "llama-adapter"}
     assert config["base"] == {
         "name": BASE_NAME,
         "architecture": "LlamaForCausalLM",

@@ -95,7 +95,11 @@ def test_checkpoint_holds_adapter_optimizer_schedule_rng_and_position(make_model
         "done": True,
     }
     assert state["scheduler"]["last_epoch"] == 2
-    assert state["settings"]["lr"] == 0.05 and state["settings"]["adapter"] == {"adapter_len": 3, "adapter_layers": 2}
+    assert state["settings"]["lr"] == 0.05 and state["settings"]["adapter"] == {
+        "adapter_len": 3,
+        "adapter_layers": 2,
+        "method": "llama-adapter",
+    }
     tensors = load_file(folder / checkpoint.STATE_TENSORS)
     names = list(model.adapter_state())
     for name in names:

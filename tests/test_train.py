@@ -57,7 +57,7 @@ def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows
     assert (settings["epochs"], settings["lr"], settings["adapter"]) == (
         6,
         0.2,
-        {"adapter_len": 4, "adapter_layers": 4},
+        {"adapter_len": 4, "adapter_layers": 4, "method": "llama-adapter"},
     )
     with open(out / "metrics.csv", newline="") as f:
         metrics = list(csv.DictReader(f))
@@ -100,7 +100,7 @@ def test_cli_train_then_chat(tiny_base_dir, rows_file, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2
     saved = json.loads((out / CONFIG_NAME).read_text())
-    assert saved["adapter"] == {"adapter_len": 3, "adapter_layers": 2}
+    assert saved["adapter"] == {"adapter_len": 3, "adapter_layers": 2, "method": "llama-adapter"}
     assert saved["base"]["name"] == str(tiny_base_dir)
 
     cli.main(["chat", "--adapter", str(out), "--max-new-tokens", "5", "Repeat the word red."])
