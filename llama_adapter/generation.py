@@ -22,6 +22,7 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     """
     tokenizer = model.tokenizer
     encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
+    inputs = model.method.generation_inputs(encoded["input_ids"], encoded["attention_mask"])
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     failure: list[BaseException] = []
@@ -29,8 +30,8 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     def work():
         try:
             with torch.no_grad(), model.images(image_features):
-                model.method.lm.generate(
-                    **encoded,
+                model.base.generate(
+                    **inputs,
                     **generation_kwargs(sampling, tokenizer),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
@@ -88,9 +89,10 @@ def generate_batch(
     """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column."""
     tokenizer = model.tokenizer
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    inputs = model.method.generation_inputs(encoded["input_ids"], encoded["attention_mask"])
     with model.images(image_features, has_image):
-        out = model.method.lm.generate(**encoded, **generation_kwargs(sampling, tokenizer))
-    return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        out = model.base.generate(**inputs, **generation_kwargs(sampling, tokenizer))
+    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def generation_kwargs(sampling: SamplingConfig, tokenizer) -> dict:

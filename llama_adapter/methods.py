@@ -6,7 +6,7 @@
     prefix            Hugging Face PEFT's prefix tuning: K trained keys and values in every attention layer
 
 A `Method` names its trainable parameters as they are saved, puts itself on the base before each call (adapters
-that share one base take turns), says which model generates, and adds what a direct call to the base needs.
+that share one base take turns), and adds what a call to the base, or to its `generate`, needs.
 """
 
 import torch
@@ -25,11 +25,6 @@ class Method(nn.Module):
         super().__init__()
         self.__dict__["base"] = base  # not a submodule: the model that owns this method holds the base
 
-    @property
-    def lm(self) -> nn.Module:
-        """The causal LM whose `generate` answers with this method in place."""
-        return self.base
-
     def parameters_by_name(self) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
@@ -38,6 +33,10 @@ class Method(nn.Module):
 
     def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Keyword arguments for a call of the base (or its decoder) on these tokens."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def generation_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Keyword arguments for the base's `generate` on these (left-padded) prompts."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def merge(self) -> None:
@@ -132,10 +131,6 @@ class Prefix(PeftMethod):
         self.prompt_encoder = self.peft_model.prompt_encoder  # registered here: the base does not hold it
         self.length = config.adapter_len
 
-    @property
-    def lm(self):
-        return self.peft_model  # its generate puts the prefix in the cache first
-
     def inputs(self, input_ids, attention_mask):
         # What PEFT's own forward does: the prefix as a cache of K positions that every token may attend to.
         batch = input_ids.shape[0]
@@ -145,6 +140,13 @@ class Prefix(PeftMethod):
             "attention_mask": torch.cat([prefix_mask, attention_mask], 1),
             "past_key_values": self.peft_model.get_prompt(batch),
         }
+
+    def generation_inputs(self, input_ids, attention_mask):
+        # `generate` runs only the ids the cache has not seen: K placeholder ids stand for the cached prefix (and
+        # are never embedded). PEFT's own generate leaves the prefix out under transformers 5.24.
+        inputs = self.inputs(input_ids, attention_mask)
+        placeholders = torch.zeros(input_ids.shape[0], self.length, dtype=input_ids.dtype, device=input_ids.device)
+        return inputs | {"input_ids": torch.cat([placeholders, input_ids], 1)}
 
 
 KINDS = {

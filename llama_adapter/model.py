@@ -64,6 +64,7 @@ class LlamaAdapterModel(nn.Module):
         # The prompts read the batch's image features from an attribute (see `images`), and adapters sharing a
         # base put their prompts on its layers for each call: one batch at a time on a base.
         self._base_lock = alongside._base_lock if alongside is not None else threading.RLock()
+        self.eval()  # no dropout (LoRA's) until training asks for it
 
     @property
     def multimodal(self) -> bool:

@@ -229,6 +229,7 @@ def train(
             save_checkpoint(summary if progress.done else None)
             if progress.done:
                 break
+    model.eval()  # trained: it answers now, without (LoRA's) dropout
     distributed.finish(world)
     return summary
 

@@ -1,0 +1,242 @@
+"""The adapter family behind --method: zero-init equivalence, the bottleneck formulas, PEFT parity, save/load,
+training, LoRA merging and which adapters may share a base."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from llama_adapter import cli
+from llama_adapter.config import AdapterConfig, ModelConfig, VisualConfig
+from llama_adapter.model import LlamaAdapterModel, load_model
+from llama_adapter.train import TrainConfig, train
+
+METHODS = ["llama-adapter", "series", "parallel", "lora", "prefix"]
+SMALL = {"lora_rank": 4, "bottleneck_size": 8, "adapter_len": 3, "adapter_layers": 2}
+
+
+def adapter(make_base, tokenizer, method: str, seed: int = 0, **overrides) -> LlamaAdapterModel:
+    torch.manual_seed(seed + 1000)
+    return LlamaAdapterModel(make_base(), tokenizer, AdapterConfig(method=method, **(SMALL | overrides)))
+
+
+def randomize(model: LlamaAdapterModel, seed: int = 0) -> None:
+    """Every trainable tensor random, so that each method clearly changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.adapter_state().values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def batch(tokenizer):
+    torch.manual_seed(7)
+    ids = torch.randint(4, len(tokenizer), (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    return ids, mask
+
+
+@pytest.mark.parametrize("method", ["llama-adapter", "series", "parallel", "lora"])
+def test_a_fresh_adapter_is_exactly_the_base(make_base, tokenizer, method):
+    ids, mask = batch(tokenizer)
+    expected = make_base()(input_ids=ids, attention_mask=mask).logits
+    model = adapter(make_base, tokenizer, method)
+    assert torch.equal(model(ids, mask), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_trained_adapter_changes_the_output(make_base, tokenizer, method):
+    ids, mask = batch(tokenizer)
+    expected = make_base()(input_ids=ids, attention_mask=mask).logits
+    model = adapter(make_base, tokenizer, method)
+    randomize(model)
+    assert (model(ids, mask) - expected).abs().max() > 1e-2
+
+
+class _ReferenceMLP(nn.Module):
+    """The formulas of the issue, written out: series h + f(h Wd) Wu, parallel h + f(x Wd) Wu, h = mlp(x)."""
+
+    def __init__(self, mlp, down, up, parallel):
+        super().__init__()
+        self.mlp, self.down, self.up, self.parallel = mlp, down, up, parallel
+
+    def forward(self, x):
+        h = self.mlp(x)
+        return h + torch.tanh((x if self.parallel else h) @ self.down.T) @ self.up.T
+
+
+@pytest.mark.parametrize("method", ["series", "parallel"])
+def test_bottleneck_adapters_follow_their_formulas(make_base, tokenizer, method):
+    ids, mask = batch(tokenizer)
+    model = adapter(make_base, tokenizer, method)
+    randomize(model)
+    reference = make_base()
+    for idx, layer in enumerate(reference.model.layers):
+        state = model.adapter_state()
+        down, up = state[f"layers.{idx}.mlp.down.weight"], state[f"layers.{idx}.mlp.up.weight"]
+        layer.mlp = _ReferenceMLP(layer.mlp, down.detach(), up.detach(), method == "parallel")
+    expected = reference(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(model(ids, mask), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, make_base()(input_ids=ids, attention_mask=mask).logits, atol=1e-2)
+
+
+def test_method_defaults_are_llm_adapters_and_parameter_counts_match(make_base, tokenizer):
+    config = AdapterConfig()
+    assert (config.lora_rank, config.lora_alpha, config.bottleneck_size, config.adapter_len) == (32, 64.0, 256, 10)
+    assert config.lora_targets == ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    hidden, inner, layers, kv = 64, 128, 4, 32  # the tiny base: 4 heads, 2 of them key/value heads of width 16
+    counts = {m: adapter(make_base, tokenizer, m).num_trainable_parameters() for m in METHODS}
+    r = SMALL["lora_rank"]
+    lora_per_layer = r * (hidden + hidden) + 2 * r * (hidden + kv) + r * (hidden + inner) + r * (inner + hidden)
+    assert counts == {
+        "llama-adapter": SMALL["adapter_layers"] * (SMALL["adapter_len"] * hidden + 4),
+        "series": layers * 2 * hidden * SMALL["bottleneck_size"],
+        "parallel": layers * 2 * hidden * SMALL["bottleneck_size"],
+        "lora": layers * lora_per_layer,
+        "prefix": SMALL["adapter_len"] * layers * 2 * kv,
+    }
+
+
+def test_prefix_matches_peft_forward_scoring_and_greedy_generation(make_base, tokenizer):
+    ids, mask = batch(tokenizer)
+    model = adapter(make_base, tokenizer, "prefix")
+    randomize(model)
+    peft_logits = model.method.peft_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(model(ids, mask), peft_logits, rtol=1e-5, atol=1e-5)
+
+    # Scoring continuations after one cached prompt equals scoring each whole row.
+    prompt, options = "Q: 1 2", ["a", "bb c"]
+    scores = model.continuation_logprobs(prompt, options)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    for option, score in zip(options, scores):
+        cont = [*tokenizer(option, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        row = torch.tensor([prompt_ids + cont])
+        logprobs = model(row, torch.ones_like(row)).log_softmax(-1)[0, len(prompt_ids) - 1 : -1]
+        assert score == pytest.approx(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
+
+    # PEFT's generate (the prefix in the cache) picks, token by token, the argmax of our full forward.
+    from llama_adapter.config import SamplingConfig
+    from llama_adapter.data import format_prompt
+
+    answer = model.generate("Say hi.", sampling=SamplingConfig(max_new_tokens=6))
+    row = tokenizer(format_prompt("Say hi."), return_tensors="pt")["input_ids"]
+    for _ in range(6):
+        row = torch.cat([row, model(row, torch.ones_like(row))[:, -1].argmax(-1, keepdim=True)], 1)
+    expected = tokenizer.decode(row[0, -6:], skip_special_tokens=True)
+    assert answer == expected
+    assert answer != adapter(make_base, tokenizer, "llama-adapter").generate(
+        "Say hi.", sampling=SamplingConfig(max_new_tokens=6)
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_and_load_round_trip(make_base, tokenizer, tiny_base_dir, tmp_path, method):
+    ids, mask = batch(tokenizer)
+    model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method=method, **SMALL), device="cpu")
+    randomize(model)
+    model.save(tmp_path / "saved")
+    loaded = LlamaAdapterModel.load(tmp_path / "saved", device="cpu")
+    assert loaded.config.to_dict() == model.config.to_dict() and loaded.config.method == method
+    torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=0, atol=0)
+    assert (tmp_path / "saved" / "adapter.safetensors").stat().st_size < 4 * model.num_trainable_parameters() + 4096
+
+
+def test_saved_config_names_the_method_and_only_its_fields(tiny_base_dir, tmp_path):
+    import json
+
+    model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="lora", lora_rank=4), device="cpu")
+    model.save(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["adapter"]
+    assert saved == {
+        "method": "lora",
+        "lora_rank": 4,
+        "lora_alpha": 64.0,
+        "lora_dropout": 0.05,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "lr"), [("llama-adapter", 0.2), ("series", 0.02), ("parallel", 0.02), ("lora", 0.02), ("prefix", 0.2)]
+)
+def test_a_few_training_steps_lower_the_loss(make_base, tokenizer, rows_file, tmp_path, method, lr):
+    model = adapter(make_base, tokenizer, method)
+    cfg = TrainConfig(
+        data=str(rows_file), out=str(tmp_path), epochs=3, batch_size=4, grad_accum=1, lr=lr, val_fraction=0.25
+    )
+    summary = train(cfg, model.config, model)
+    assert summary["val_loss_after"] < summary["val_loss_before"] - 0.05, summary
+    reloaded = LlamaAdapterModel(make_base(), tokenizer, model.config)
+    reloaded.load_adapter_weights(tmp_path / "adapter.safetensors")
+    ids, mask = batch(tokenizer)
+    torch.testing.assert_close(reloaded(ids, mask), model(ids, mask), rtol=0, atol=0)
+
+
+def test_lora_merges_into_the_base_weights(tiny_base_dir, tmp_path, capsys):
+    ids, mask = batch_tokens = batch(LlamaAdapterModel.from_base(str(tiny_base_dir), device="cpu").tokenizer)
+    model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="lora", lora_rank=4), device="cpu")
+    randomize(model)
+    model.save(tmp_path / "lora")
+    unmerged = model(ids, mask)
+
+    served = load_model(ModelConfig(base=str(tiny_base_dir), precision="fp32"), str(tmp_path / "lora"))
+    assert all(module.merged for module in served.base.modules() if hasattr(module, "merged"))
+    torch.testing.assert_close(served(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
+
+    cli.main(["merge", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")])
+    assert "folded into its weights" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, unmerged, rtol=1e-5, atol=1e-5)
+    assert batch_tokens  # the same rows throughout
+
+
+def test_only_lora_merges(tiny_base_dir, tmp_path):
+    model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="series"), device="cpu")
+    model.save(tmp_path / "series")
+    with pytest.raises(SystemExit, match=r"series.*only LoRA folds into the base"):
+        cli.main(["merge", "--adapter", str(tmp_path / "series"), "--out", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_bottleneck_and_prompt_adapters_share_a_base_and_peft_ones_get_their_own(tiny_base_dir, tmp_path):
+    ids, mask = batch(LlamaAdapterModel.from_base(str(tiny_base_dir), device="cpu").tokenizer)
+    alone = {}
+    for seed, method in enumerate(METHODS):
+        model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method=method, **SMALL), device="cpu")
+        randomize(model, seed)
+        model.save(tmp_path / method)
+        alone[method] = model(ids, mask)
+    cfg = ModelConfig(base=str(tiny_base_dir), precision="fp32")
+    first = load_model(cfg, str(tmp_path / "llama-adapter"))
+    models = {m: load_model(cfg, str(tmp_path / m), alongside=first) for m in METHODS[1:]}
+    assert models["series"].base is first.base and models["parallel"].base is first.base
+    assert models["lora"].base is not first.base and models["prefix"].base is not first.base
+    for _ in range(2):  # taking turns, in both orders
+        for method, model in [("llama-adapter", first), *models.items()]:
+            torch.testing.assert_close(model(ids, mask), alone[method], rtol=1e-5, atol=1e-5)
+
+
+def test_methods_refuse_what_they_cannot_do(make_base, tokenizer, rows_file, tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        AdapterConfig(method="ia3")
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        AdapterConfig(method="lora", lora_rank=0)
+    with pytest.raises(ValueError, match="clip_model.*needs method 'llama-adapter'"):
+        LlamaAdapterModel(make_base(), tokenizer, AdapterConfig(method="lora"), VisualConfig(clip_model="ViT-B-32"))
+    cfg = TrainConfig(data=str(rows_file), out=str(tmp_path / "run"), gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="--gradient-checkpointing does not work with --method prefix"):
+        train(cfg, AdapterConfig(method="prefix"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_trains_each_method_by_flag(tiny_base_dir, rows_file, tmp_path):
+    import json
+
+    for method in ["series", "lora"]:
+        out = tmp_path / method
+        args = ["train", "--data", str(rows_file), "--out", str(out), "--base", str(tiny_base_dir), "--max-steps", "2"]
+        cli.main([*args, "--batch-size", "4", "--method", method, "--bottleneck-size", "16", "--lora-rank", "2"])
+        saved = json.loads((out / "adapter_config.json").read_text())["adapter"]
+        assert saved["method"] == method
+        assert saved.get("bottleneck_size", 16) == 16 and saved.get("lora_rank", 2) == 2
