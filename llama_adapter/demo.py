@@ -161,9 +161,8 @@ class _Chat:
         if not model.prompts:  # gates, prompts and images are LLaMA-Adapter's alone
             return summary + ".", None, saved
         visual = model.visual_config.clip_model
-        summary += (
-            f"; {model.config.adapter_len} prompts in each of the top {model.config.adapter_layers} layers; "
-            + (f"CLIP {visual} image encoder." if visual else "text only (no image encoder).")
+        summary += f"; {model.config.adapter_len} prompts in each of the top {model.config.adapter_layers} layers; " + (
+            f"CLIP {visual} image encoder." if visual else "text only (no image encoder)."
         )
         return summary, gate_figure(model), saved
 

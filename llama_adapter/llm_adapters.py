@@ -40,6 +40,10 @@ class MathEvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.datasets:
             raise ValueError("datasets must name at least one test set")
+        if len(set(self.datasets)) < len(self.datasets):
+            raise ValueError(f"datasets names a test set twice: {list(self.datasets)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
         self.datasets = tuple(self.datasets)
 
 
@@ -78,7 +82,7 @@ def _question(row, dataset: str, index: int, path: Path) -> Question:
         if not isinstance(row.get(name), str) or not row[name].strip():
             raise DataError(f"{where}: field '{name}' is missing, empty or not a string")
     answer = row["answer"].strip()
-    if dataset in LETTER_DATASETS and answer not in "ABCDE":
+    if dataset in LETTER_DATASETS and answer not in ("A", "B", "C", "D", "E"):
         raise DataError(f"{where}: field 'answer' is {answer!r}, expected an option letter A-E")
     if dataset not in LETTER_DATASETS and parse_number(answer) is None:
         raise DataError(f"{where}: field 'answer' is {answer!r}, expected a number")

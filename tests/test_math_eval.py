@@ -169,7 +169,7 @@ def test_bad_test_sets_name_the_file_and_row(tmp_path, dataset, content, problem
         load_questions(tmp_path, (dataset,))
 
 
-CANNED = {  # instruction -> (gold answer, the model's answer)
+CANNED = {  # test set -> (instruction, gold answer, the model's answer) of each question
     "gsm8k": [("Add 7 and 8.", "15.0", "7 + 8 = 15. The answer is 15."), ("Sum.", "1234", "The answer is 1,234.")],
     "SVAMP": [("Halve -5.", "-2.5", "The answer is -2.5"), ("Guess.", "4", "I do not know.")],
     "AQuA": [("Pick the price.", "C", "It costs 3. The answer is (C)."), ("Pick again.", "A", "The answer is B.")],
@@ -249,7 +249,7 @@ def test_cli_eval_math_prints_and_saves_the_table(tmp_path, tiny_base_dir, capsy
     assert "| gsm8k | AQuA | Avg |" in printed
     saved = json.loads(out.with_suffix(".scores.json").read_text())
     assert saved["count"] == {"gsm8k": 2, "AQuA": 2}
-    assert set(saved["accuracy"]) <= {"gsm8k", "AQuA", "Avg"} and "Avg" in saved["accuracy"]
+    assert set(saved["accuracy"]) == {"gsm8k", "AQuA", "Avg"}
     assert saved["settings"]["max_new_tokens"] == 4 and saved["settings"]["data"] == str(root)
     assert json.loads(out.with_suffix(".settings.json").read_text())["precision"] == "fp32"
     assert Counter(r["dataset"] for r in scienceqa.read_predictions(out, PREDICTION_FIELDS).values()) == {
@@ -287,7 +287,7 @@ def test_real_training_answers_read_back_as_their_answer_sentence(data_dir):
         sentence = parse(r["output"].rsplit("The answer is", 1)[1])
         agree += sentence is not None and parse(r["output"]) == sentence
     assert agree / len(said) >= 0.999, f"{agree}/{len(said)} = {agree / len(said):.4f} read as their answer sentence"
-    # The outputs are ChatGPT rationales, wrong about a quarter of the time: this bounds the parsing, not the data.
+    # The rationales are model-written and reach the gold answer about three times in four: a floor for the parser.
     questions = [question("AQuA" if letter else "gsm8k", r["answer"]) for r, letter in zip(rows, lettered)]
     correct = sum(prediction_record(q, r["output"])["correct"] for q, r in zip(questions, rows))
     assert correct / len(rows) >= 0.76, f"{correct}/{len(rows)} = {correct / len(rows):.4f} match the gold answer"
