@@ -102,3 +102,48 @@ def test_distributed_benchmark(tmp_path):
     # embeddings: most of this model, as the vocabulary projection stays whole).
     assert runs["two processes, DDP"]["weights_mib_per_process"] == one["weights_mib_per_process"]
     assert runs["two processes, FSDP"]["weights_mib_per_process"] < one["weights_mib_per_process"]
+
+
+def test_methods_benchmark(tmp_path):
+    data = tmp_path / "llm-adapters"
+    for name in ("gsm8k", "SVAMP", "MultiArith", "AddSub", "AQuA", "SingleEq"):
+        (data / name).mkdir(parents=True)
+        answer = "B" if name == "AQuA" else "4"
+        rows = [
+            {"instruction": f"{name} question {i}: 2 + 2?", "input": "", "output": "", "answer": answer}
+            for i in range(2)
+        ]
+        (data / name / "test.json").write_text(json.dumps(rows))
+    (data / "math_data.json").write_text(json.dumps(ROWS))
+    (tmp_path / "alpaca.json").write_text(json.dumps(ROWS[:8]))
+    results = run_bench(
+        "methods",
+        tmp_path,
+        "--data",
+        str(data),
+        "--alpaca",
+        str(tmp_path / "alpaca.json"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--math-limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--gen-tokens",
+        "4",
+    )
+    rows = {row["method"]: row for row in results["rows"]}
+    assert list(rows) == ["base model", "llama-adapter", "lora", "series", "parallel", "prefix"]
+    for method, row in list(rows.items())[1:]:
+        assert row["trainable_parameters"] > 0, method
+        assert 4 * row["trainable_parameters"] < row["checkpoint_kib"] * 1024 < 4 * row["trainable_parameters"] + 8192
+        assert row["generation_vs_base"] == pytest.approx(
+            row["generation_tokens_per_s"] / rows["base model"]["generation_tokens_per_s"], rel=0.01
+        )
+        assert row["train_tokens_per_s"] > 0 and len(row["math_val_loss"]) == 2
+    for row in rows.values():
+        accuracy = row["math_accuracy"]
+        assert accuracy["Avg"] == pytest.approx(sum(v for k, v in accuracy.items() if k != "Avg") / 6, abs=0.1)
+    assert results["table"].count("\n") == 7 and "| prefix |" in results["table"]
