@@ -11,6 +11,7 @@ import torch
 
 from llama_adapter import (
     DEFAULT_BASE,
+    AdapterConfig,
     LlamaAdapterModel,
     SamplingConfig,
     VisualConfig,
@@ -92,6 +93,29 @@ def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_pat
     ids = torch.tensor([examples[0].input_ids])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), smollm2(ids))
+
+
+@pytest.mark.parametrize(("method", "lr"), [("lora", 1e-3), ("series", 1e-3), ("parallel", 1e-3), ("prefix", 3e-2)])
+def test_each_method_learns_real_math_rationales(smollm2, data_dir, method, lr):
+    """Three steps on four real math_data.json rows lower their loss; all but prefix start as the base model."""
+    rows = data.load_rows(data_dir / "llm-adapters" / "math_data.json", skipped=[])[:4]
+    examples, _ = data.encode_all(smollm2.tokenizer, rows, max_len=256)
+    pad = smollm2.tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = LlamaAdapterModel.from_base(DEFAULT_BASE, AdapterConfig(method=method), device="cpu")
+    before = evaluate(model, examples, batch_size=4, pad_id=pad)
+    if method != "prefix":
+        assert before == pytest.approx(evaluate(smollm2, examples, batch_size=4, pad_id=pad), abs=1e-5)
+    world = distributed.setup()
+    loss_fn = distributed.prepare(model, world, fsdp=False)
+    optimizer = torch.optim.AdamW(list(model.adapter_state().values()), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(3):
+        train_step(loss_fn, [examples], pad, None, world, model.device)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert evaluate(model, examples, batch_size=4, pad_id=pad) < before - 0.05
 
 
 def test_chat_command_streams_an_answer():
