@@ -161,3 +161,8 @@ KINDS = {
 def attach(base: nn.Module, config: AdapterConfig) -> Method:
     """Put a fresh adapter of `config.method` on `base`; untrained, every method but prefix is exactly the base."""
     return KINDS[config.method](base, config)
+
+
+def can_share(method: str, other: Method | None) -> bool:
+    """Whether an adapter of `method` can use the base that `other` is on (taking turns); None: no base to share."""
+    return other is not None and KINDS[method].shares_base and other.shares_base

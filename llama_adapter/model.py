@@ -49,7 +49,7 @@ class LlamaAdapterModel(nn.Module):
         self.visual_config = visual or VisualConfig()
         if self.visual_config.clip_model and self.config.method != "llama-adapter":
             raise ValueError(f"an image encoder (clip_model) needs method 'llama-adapter', not {self.config.method!r}")
-        if alongside is not None and not (methods.KINDS[config.method].shares_base and alongside.method.shares_base):
+        if alongside is not None and not methods.can_share(config.method, alongside.method):
             raise ValueError(f"a {config.method} adapter cannot share a base with a {alongside.config.method} adapter")
         self.base = base
         self.tokenizer = tokenizer
@@ -109,7 +109,7 @@ class LlamaAdapterModel(nn.Module):
         if clip_weights:
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
         config = AdapterConfig(**saved["adapter"])
-        if alongside is None or not methods.KINDS[config.method].shares_base or not alongside.method.shares_base:
+        if not methods.can_share(config.method, alongside and alongside.method):
             model = cls.from_base(base or saved["base"]["name"], config, dtype, device, None, visual)
         else:
             model = cls(alongside.base, alongside.tokenizer, config, visual, alongside)
