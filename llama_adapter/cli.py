@@ -5,6 +5,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import distributed, llm_adapters, scienceqa
 from .config import (
@@ -31,7 +32,7 @@ from .evaluation import (
 )
 from .generation import stream_conversation
 from .llm_adapters import MathEvalConfig
-from .model import LlamaAdapterModel, load_model
+from .model import LlamaAdapterModel, load_model, read_adapter_config
 from .train import TrainConfig, TrainingStopped, train
 
 
@@ -203,9 +204,10 @@ class MergeConfig:
 
 def run_merge(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
+    method = read_adapter_config(Path(cfg.adapter))["adapter"].get("method", "llama-adapter")
+    if method != "lora":  # refused before the base is loaded
+        raise ValueError(f"{cfg.adapter}: a {method} adapter; only LoRA folds into the base weights")
     model = LlamaAdapterModel.load(cfg.adapter, model_cfg.base, PRECISIONS[model_cfg.precision], device="cpu")
-    if model.config.method != "lora":
-        raise ValueError(f"{cfg.adapter}: a {model.config.method} adapter; only LoRA folds into the base weights")
     merged = model.method.merged_base()
     merged.save_pretrained(cfg.out)
     model.tokenizer.save_pretrained(cfg.out)

@@ -5,6 +5,8 @@ each attention call through its public `AttentionInterface` registry, so instead
 monkey-patching classes we register one extra attention function, "llama_adapter_<base>", that calls the
 model's own implementation (eager, sdpa, flash, ...) and adds the gated prompt attention of the layer, if
 the layer carries one. The prompts are attached to the attention modules as a submodule named `adaption`.
+Series and Parallel bottleneck adapters hang on each decoder layer's MLP as a submodule named `bottleneck`, and
+one forward hook per MLP adds the adapter of the layer, if it carries one.
 """
 
 import importlib.util

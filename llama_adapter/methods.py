@@ -37,7 +37,7 @@ class Method(nn.Module):
 
     def generation_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Keyword arguments for the base's `generate` on these (left-padded) prompts."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self.inputs(input_ids, attention_mask)
 
     def merge(self) -> None:
         raise ValueError(f"{type(self).__name__} cannot be folded into the base weights; only LoRA can")
