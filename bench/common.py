@@ -10,18 +10,22 @@ Models (`--model`):
 
 import copy
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import peft
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel, hf
+from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel, data, hf
 from llama_adapter.config import PRECISIONS, default_device, default_precision
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data"))  # the real data (SOURCES.md)
+ALPACA = DATA / "alpaca" / "alpaca_small.json"
 MODELS = ("smollm2", "llama-7b", "tiny")
 RANDOM_SHAPES = {
     "llama-7b": {
@@ -122,6 +126,31 @@ def peak_flops() -> float | None:
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generation_speed(model: LlamaAdapterModel, new_tokens: int) -> float:
+    """Greedy tokens/s at batch 1 after a short prompt, exactly `new_tokens` of them (no early stop)."""
+    encoded = model.tokenizer(data.format_prompt("Explain what a prime number is."), return_tensors="pt")
+    ids, mask = encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
+    settings = {
+        "do_sample": False,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+    }
+    best = float("inf")
+    with model.images(None):
+        for run in range(3):  # the first run warms up (CUDA kernels, caches); the best of the other two counts
+            synchronize()
+            start = time.perf_counter()
+            inputs = model.method.generation_inputs(ids, mask)  # fresh: generate fills a prefix's cache in place
+            model.base.generate(**inputs, **settings, pad_token_id=model.tokenizer.pad_token_id)
+            synchronize()
+            best = min(best, time.perf_counter() - start) if run else best
+    return new_tokens / best
 
 
 def write_results(results: dict, out: str | Path) -> None:

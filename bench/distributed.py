@@ -22,12 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import MODELS, REPO, RESULTS, default_model, load_base, write_results
+from common import ALPACA, MODELS, REPO, RESULTS, default_model, load_base, write_results
 from safetensors.torch import load_file
 
 from llama_adapter import DEFAULT_BASE
 
-DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data")) / "alpaca" / "alpaca_small.json"
 RUNS = {"one process": [], "two processes, DDP": ["--nproc", "2"], "two processes, FSDP": ["--nproc", "2", "--fsdp"]}
 # Runs the command and prints the peak resident memory (KiB) of the largest process it started.
 MEASURE = (
@@ -38,7 +37,7 @@ MEASURE = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DATA), help="Alpaca-format rows (default: the 2,000-row Alpaca sample)")
+    parser.add_argument("--data", default=str(ALPACA), help="Alpaca-format rows (default: the 2,000-row Alpaca sample)")
     parser.add_argument("--rows", type=int, default=200, help="how many of them to use (5%% held out)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass, all processes together")

@@ -17,21 +17,28 @@ import resource
 import tempfile
 
 import torch
-from common import MODELS, REPO, RESULTS, default_model, frozen_training_flops, load_base, peak_flops, write_results
+from common import (
+    ALPACA,
+    MODELS,
+    REPO,
+    RESULTS,
+    default_model,
+    frozen_training_flops,
+    load_base,
+    peak_flops,
+    write_results,
+)
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, data
 from llama_adapter.train import TrainConfig, train
 
-DATA = os.path.join(
-    os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data"), "alpaca", "alpaca_small.json"
-)
 ALPACA_ROWS, PAPER_EPOCHS = 52002, 5
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default=default_model())
-    parser.add_argument("--data", default=DATA, help="Alpaca-format rows (default: the 2,000-row Alpaca sample)")
+    parser.add_argument("--data", default=str(ALPACA), help="Alpaca-format rows (default: the 2,000-row Alpaca sample)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "finetune.json"))

@@ -1,55 +1,80 @@
-"""The adapter family side by side: each method trained with the same budget on LLM-Adapters' math_data.json.
+"""The adapter methods side by side: each trained with the same budget on LLM-Adapters' data, then evaluated.
 
-    python bench/methods.py                    # writes bench/results/methods.json and prints the Markdown table
+    python bench/methods.py                     # math: writes bench/results/methods.json, prints the table
+    python bench/methods.py --task commonsense  # commonsense: bench/results/methods_commonsense.json
 
-For each `--method` in turn, on a fresh copy of the base: train `--steps` optimizer steps of `--batch-size` rows
-of math_data.json (3,260 rows with rationales, 2% held out), then measure trainable parameters, checkpoint size,
-training tokens/s, greedy generation tokens/s (batch 1, exactly `--gen-tokens` new tokens, as a ratio to the
-base model alone measured in the same run; LoRA folded into the base, as `chat`, `eval` and `demo` serve it),
-the response loss on `--alpaca-rows` real Alpaca rows (the base model's own loss is the first row), and accuracy
-on the six math test sets (the first `--math-limit` questions of each; `--math-limit 0` for all 4,076).
-Each method's learning rate is LLM-Adapters' (3e-4 for LoRA and the bottleneck adapters), LLaMA-Adapter's
-(9e-3) and 3e-2 for prefix tuning's few parameters; `--lr METHOD=VALUE` changes one.
+For each `--methods` entry in turn, on a fresh copy of the base: train `--steps` optimizer steps of `--batch-size`
+rows (2% held out) of the task's training data -- math: math_data.json, 3,260 rows with rationales;
+commonsense: the train.json of ARC-Easy, ARC-Challenge, BoolQ and OpenBookQA, 17,754 rows, four of the eight sets
+LLM-Adapters' commonsense_170k is built from (the rest are not in the data folder) -- then measure trainable
+parameters, checkpoint size, training tokens/s, greedy generation tokens/s (batch 1, exactly `--gen-tokens` new
+tokens, as a ratio to the base model alone measured in the same run; LoRA folded into the base, as `chat`, `eval`
+and `demo` serve it), the response loss on `--alpaca-rows` real Alpaca rows (the base model's own loss is the
+first row), and accuracy on the task's test sets (the first `--limit` questions of each; `--limit 0` for all).
+Learning rates: LLM-Adapters' 3e-4 for LoRA, AdaLoRA, DyLoRA and the bottleneck adapters, LLaMA-Adapter's 9e-3,
+and 3e-2 for the virtual tokens' few parameters (3e-3 for prefix tuning's MLP); `--lr METHOD=VALUE` changes one.
 """
 
 import argparse
-import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import MODELS, REPO, RESULTS, load_base, synchronize, write_results
+from common import ALPACA, DATA, MODELS, RESULTS, generation_speed, load_base, write_results
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, data, llm_adapters
 from llama_adapter.config import METHOD_FIELDS
-from llama_adapter.evaluation import evaluate_math
+from llama_adapter.evaluation import evaluate_questions
 from llama_adapter.train import TrainConfig, evaluate, train
 
-SHARED = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data"))
-LEARNING_RATES = {"llama-adapter": 9e-3, "lora": 3e-4, "series": 3e-4, "parallel": 3e-4, "prefix": 3e-2}
+LEARNING_RATES = {
+    "llama-adapter": 9e-3,
+    "lora": 3e-4,
+    "adalora": 3e-4,
+    "dylora": 3e-4,
+    "series": 3e-4,
+    "parallel": 3e-4,
+    "prefix": 3e-3,
+    "ptuning-v2": 3e-2,
+    "prompt": 3e-2,
+}
+# task: (training files in the LLM-Adapters folder, test sets, answer length limit)
+TASKS = {
+    "math": (["math_data.json"], llm_adapters.MATH_DATASETS, 256),
+    "commonsense": (
+        [f"{name}/train.json" for name in ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")],
+        llm_adapters.COMMONSENSE_DATASETS,
+        32,
+    ),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--task", choices=list(TASKS), default="math")
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_FIELDS), default=list(METHOD_FIELDS))
-    parser.add_argument("--data", default=str(SHARED / "llm-adapters"), help="LLM-Adapters folder")
-    parser.add_argument("--alpaca", default=str(SHARED / "alpaca" / "alpaca_small.json"))
+    parser.add_argument("--data", default=str(DATA / "llm-adapters"), help="LLM-Adapters folder")
+    parser.add_argument("--alpaca", default=str(ALPACA))
     parser.add_argument("--alpaca-rows", type=int, default=200, help="Alpaca rows the validation loss is over")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method (the same budget)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--lr", nargs="*", default=[], metavar="METHOD=VALUE")
-    parser.add_argument("--math-limit", type=int, default=100, help="questions per math test set; 0 = all")
-    parser.add_argument("--math-batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="math answers' length limit")
+    parser.add_argument("--limit", type=int, default=100, help="questions per test set; 0 = all")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, help="answers' length limit (default: 256 math, 32 commonsense)")
     parser.add_argument("--gen-tokens", type=int, default=128)
-    parser.add_argument("--out", default=str(RESULTS / "methods.json"))
+    parser.add_argument("--out", help="default: bench/results/methods.json (math), methods_<task>.json (others)")
     args = parser.parse_args()
     rates = LEARNING_RATES | {m: float(v) for m, v in (item.split("=", 1) for item in args.lr)}
+    files, test_sets, max_new_tokens = TASKS[args.task]
+    args.max_new_tokens = args.max_new_tokens or max_new_tokens
+    args.out = args.out or str(RESULTS / ("methods.json" if args.task == "math" else f"methods_{args.task}.json"))
+    skipped = []  # math_data.json has three rows with an empty output
+    training_rows = [row for name in files for row in data.load_rows(Path(args.data) / name, skipped)]
 
-    questions = llm_adapters.load_questions(args.data, llm_adapters.MATH_DATASETS, args.math_limit or None)
+    questions = llm_adapters.load_questions(args.data, test_sets, args.limit or None)
     base, tokenizer = load_base(args.model)
     alpaca, _ = data.encode_all(tokenizer, data.load_rows(args.alpaca)[: args.alpaca_rows], args.max_len)
     plain = LlamaAdapterModel(base, tokenizer, AdapterConfig())  # zero gates: the base model itself
@@ -60,17 +85,20 @@ def main() -> None:
             "generation_tokens_per_s": round(generation_speed(plain, args.gen_tokens), 1),
         }
     ]
-    rows[0] |= math_accuracy(plain, questions, args)
+    rows[0] |= accuracy(plain, questions, test_sets, args)
     base_speed = rows[0]["generation_tokens_per_s"]
     if torch.cuda.is_available():  # so that the first method's tokens/s does not pay for CUDA's warm-up
         with tempfile.TemporaryDirectory() as run:
-            train(training_config(args, run, 5, LEARNING_RATES["llama-adapter"]), plain.config, plain)
+            train(
+                training_config(args, run, 5, LEARNING_RATES["llama-adapter"]), plain.config, plain, rows=training_rows
+            )
     del plain, base
     for method in args.methods:
-        base, _ = load_base(args.model)  # LoRA and prefix tuning change their base: each method gets a fresh one
+        base, _ = load_base(args.model)  # PEFT's methods change their base: each method gets a fresh one
         model = LlamaAdapterModel(base, tokenizer, AdapterConfig(method=method)).to(base.device)
         with tempfile.TemporaryDirectory() as run:
-            summary = train(training_config(args, run, args.steps, rates[method]), model.config, model)
+            cfg = training_config(args, run, args.steps, rates[method])
+            summary = train(cfg, model.config, model, rows=training_rows)
             checkpoint_kib = (Path(run) / "adapter.safetensors").stat().st_size / 1024
         if method == "lora":
             model.method.merge()
@@ -84,26 +112,29 @@ def main() -> None:
                 "train_tokens_per_s": round(summary["tokens_per_s"], 1),
                 "generation_tokens_per_s": round(speed, 1),
                 "generation_vs_base": round(speed / base_speed, 3),
-                "math_val_loss": [round(summary["val_loss_before"], 4), round(summary["val_loss_after"], 4)],
+                "task_val_loss": [round(summary["val_loss_before"], 4), round(summary["val_loss_after"], 4)],
                 "alpaca_val_loss": round(evaluate(model, alpaca, args.batch_size, tokenizer.pad_token_id), 4),
             }
-            | math_accuracy(model, questions, args)
+            | accuracy(model, questions, test_sets, args)
         )
-        print(format_table(rows), flush=True)
+        print(format_table(rows, test_sets), flush=True)
         del model, base
     results = {
         "model": args.model,
+        "task": args.task,
+        "training_rows": len(training_rows),
         "budget": {"steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len},
-        "math_questions_per_set": args.math_limit or "all",
+        "questions_per_set": args.limit or "all",
+        "max_new_tokens": args.max_new_tokens,
         "rows": rows,
-        "table": format_table(rows),
+        "table": format_table(rows, test_sets),
     }
     write_results(results, args.out)
 
 
 def training_config(args, out: str, steps: int, lr: float) -> TrainConfig:
     return TrainConfig(
-        data=str(Path(args.data) / "math_data.json"),
+        data=args.data,  # the rows come from the task's files; this is what the run's settings record
         out=out,
         epochs=100,
         max_steps=steps,
@@ -112,51 +143,21 @@ def training_config(args, out: str, steps: int, lr: float) -> TrainConfig:
         lr=lr,
         val_fraction=0.02,
         save_every=10**9,
-        on_bad_row="skip",  # math_data.json has three rows with an empty output
     )
 
 
-@torch.no_grad()
-def generation_speed(model: LlamaAdapterModel, new_tokens: int) -> float:
-    """Greedy tokens/s at batch 1 after a short prompt, exactly `new_tokens` of them (no early stop)."""
-    encoded = model.tokenizer(data.format_prompt("Explain what a prime number is."), return_tensors="pt")
-    ids, mask = encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
-    settings = {
-        "do_sample": False,
-        "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-    }
-    best = float("inf")
-    with model.images(None):
-        for run in range(3):  # the first run warms up (CUDA kernels, caches); the best of the other two counts
-            synchronize()
-            start = time.perf_counter()
-            inputs = model.method.generation_inputs(ids, mask)  # fresh: generate fills a prefix's cache in place
-            model.base.generate(**inputs, **settings, pad_token_id=model.tokenizer.pad_token_id)
-            synchronize()
-            best = min(best, time.perf_counter() - start) if run else best
-    return new_tokens / best
-
-
-def math_accuracy(model: LlamaAdapterModel, questions: list, args) -> dict:
+def accuracy(model: LlamaAdapterModel, questions: list, test_sets: tuple[str, ...], args) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        scores = evaluate_math(
-            model,
-            questions,
-            Path(folder) / "math.jsonl",
-            llm_adapters.MATH_DATASETS,
-            args.math_batch_size,
-            args.max_new_tokens,
+        scores = evaluate_questions(
+            model, questions, Path(folder) / "answers.jsonl", test_sets, args.eval_batch_size, args.max_new_tokens
         )
-    return {"math_accuracy": {name: round(value, 1) for name, value in scores["accuracy"].items()}}
+    return {"accuracy": {name: round(value, 1) for name, value in scores["accuracy"].items()}}
 
 
-def format_table(rows: list[dict]) -> str:
-    sets = [*llm_adapters.MATH_DATASETS, "Avg"]
-    head = ["method", "trainable params", "checkpoint", "train tok/s", "gen tok/s (vs base)", "Alpaca val loss", *sets]
+def format_table(rows: list[dict], test_sets: tuple[str, ...]) -> str:
+    sets = [*test_sets, "Avg"]
+    head = ["method", "trainable params", "checkpoint", "train tok/s", "gen tok/s (vs base)", "task val loss"]
+    head += ["Alpaca val loss", *sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         speed = f"{row['generation_tokens_per_s']}" + (
@@ -168,8 +169,9 @@ def format_table(rows: list[dict]) -> str:
             f"{row['checkpoint_kib']:,.0f} KiB" if "checkpoint_kib" in row else "–",
             f"{row['train_tokens_per_s']}" if "train_tokens_per_s" in row else "–",
             speed,
+            "{:.3f} → {:.3f}".format(*row["task_val_loss"]) if "task_val_loss" in row else "–",
             f"{row['alpaca_val_loss']:.3f}",
-            *(f"{row['math_accuracy'].get(name, 0):.1f}" for name in sets),
+            *(f"{row['accuracy'].get(name, 0):.1f}" for name in sets),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -19,9 +19,19 @@ each sample attends to prompts shifted by its own image. Rows without an image a
 The bottleneck adapters of LLM-Adapters (Hu et al. 2023, https://arxiv.org/abs/2304.01933), which PEFT lacks,
 live here too: each decoder layer's MLP gets a small residual branch f(z W_down) W_up, with W_up zero-initialised
 so that, like the gates above, an untrained adapter is exactly the base model. Series reads the MLP's output h
-(h <- h + f(h W_down) W_up), Parallel reads the MLP's input x (h <- h + f(x W_down) W_up). LoRA and prefix tuning
-come from PEFT (methods.py).
+(h <- h + f(h W_down) W_up), Parallel reads the MLP's input x (h <- h + f(x W_down) W_up).
+
+DyLoRA (Valipour et al. 2023, https://arxiv.org/abs/2210.07558) is LoRA trained for every rank at once: each
+training step draws a rank b from 1..r and uses only the first b rows of A and columns of B,
+
+    W x + (alpha / b) B[:, :b] A[:b, :] x,
+
+so that afterwards any b <= r serves, the leading ranks carrying the most. (The paper also offers updating only the
+b-th row and column each step; here all of the first b train.) LoRA, AdaLoRA, prefix and prompt tuning come from
+PEFT (methods.py).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +105,26 @@ class Bottleneck(nn.Module):
         """The MLP's output with this adapter's branch added."""
         z = mlp_input if self.parallel else mlp_output
         return mlp_output + self.up(torch.tanh(self.down(z.to(self.down.weight.dtype)))).to(mlp_output.dtype)
+
+
+class TruncatedLora(nn.Module):
+    """DyLoRA on one linear layer: (alpha / b) B[:, :b] A[:b] x added to its output, for whichever rank b is set."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT's LoRA initialise A
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # zero: an untrained adapter is the base
+        self.alpha = alpha
+        self.dropout = nn.Dropout(dropout)
+        self.rank = rank  # b when answering: any of 1..r, all of them by default
+        self.training_rank = rank  # b in training mode: drawn for each step
+
+    def forward(self, layer_input: torch.Tensor, layer_output: torch.Tensor) -> torch.Tensor:
+        """The layer's output with this adapter's rank-b update added."""
+        b = self.training_rank if self.training else self.rank
+        down = F.linear(self.dropout(layer_input.to(self.lora_A.dtype)), self.lora_A[:b])
+        return layer_output + (F.linear(down, self.lora_B[:, :b]) * (self.alpha / b)).to(layer_output.dtype)
 
 
 class VisualProjection(nn.Module):

@@ -25,13 +25,13 @@ from .distributed import DistributedConfig
 from .evaluation import (
     EvalConfig,
     check_resume_settings,
-    evaluate_math,
     evaluate_problems,
+    evaluate_questions,
     load_eval_problems,
     write_scores,
 )
 from .generation import stream_conversation
-from .llm_adapters import MathEvalConfig
+from .llm_adapters import CommonsenseEvalConfig, MathEvalConfig
 from .model import LlamaAdapterModel, load_model, read_adapter_config
 from .train import TrainConfig, TrainingStopped, train
 
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     math = benchmarks.add_parser("math", help="LLM-Adapters' math word problems: GSM8K, SVAMP, AQuA, ...")
     add_arguments(math, MathEvalConfig)
     add_arguments(math, ModelConfig)
+    commonsense = benchmarks.add_parser("commonsense", help="LLM-Adapters' commonsense questions: BoolQ, PIQA, ...")
+    add_arguments(commonsense, CommonsenseEvalConfig)
+    add_arguments(commonsense, ModelConfig)
 
     chat = commands.add_parser("chat", help="answer an instruction, or chat interactively without one")
     chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
@@ -115,9 +118,12 @@ def run_train(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+LLM_ADAPTERS_BENCHMARKS = {"math": MathEvalConfig, "commonsense": CommonsenseEvalConfig}
+
+
 def run_eval(args: argparse.Namespace) -> None:
-    if args.benchmark == "math":
-        run_eval_math(args)
+    if args.benchmark in LLM_ADAPTERS_BENCHMARKS:
+        run_eval_llm_adapters(args)
         return
     cfg, sqa, model_cfg = (from_arguments(c, args) for c in (EvalConfig, ScienceQAConfig, ModelConfig))
     problems = load_eval_problems(cfg, sqa.problems, sqa.splits, sqa.missing_images)
@@ -139,15 +145,17 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"predictions: {cfg.out}; scores: {path}")
 
 
-def run_eval_math(args: argparse.Namespace) -> None:
-    cfg, model_cfg = from_arguments(MathEvalConfig, args), from_arguments(ModelConfig, args)
+def run_eval_llm_adapters(args: argparse.Namespace) -> None:
+    """`eval math` and `eval commonsense`: the same loop; the dataset decides how an answer is read."""
+    cfg, model_cfg = from_arguments(LLM_ADAPTERS_BENCHMARKS[args.benchmark], args), from_arguments(ModelConfig, args)
     questions = llm_adapters.load_questions(cfg.data, cfg.datasets, cfg.limit)
     settings = {"data": cfg.data, "max_new_tokens": cfg.max_new_tokens, "adapter": cfg.adapter}
     check_resume_settings(cfg.out, settings | dataclasses.asdict(model_cfg))
     model = load_model(model_cfg, cfg.adapter)
-    scores = evaluate_math(model, questions, cfg.out, cfg.datasets, cfg.batch_size, cfg.max_new_tokens)
+    scores = evaluate_questions(model, questions, cfg.out, cfg.datasets, cfg.batch_size, cfg.max_new_tokens)
     path = write_scores(scores, cfg.out, settings | dataclasses.asdict(model_cfg))
-    print(f"Math accuracy (%), {len(questions)} questions, unparsed: {sum(scores['unparsed'].values())}")
+    unparsed = sum(scores["unparsed"].values())
+    print(f"{args.benchmark.capitalize()} accuracy (%), {len(questions)} questions, unparsed: {unparsed}")
     print(llm_adapters.format_table(scores))
     print(f"predictions: {cfg.out}; scores: {path}")
 
@@ -207,6 +215,8 @@ def run_merge(args: argparse.Namespace) -> None:
     method = read_adapter_config(Path(cfg.adapter))["adapter"].get("method", "llama-adapter")
     if method != "lora":  # refused before the base is loaded
         raise ValueError(f"{cfg.adapter}: a {method} adapter; only LoRA folds into the base weights")
+    if model_cfg.quantize != "none":
+        raise ValueError("merge folds LoRA into full-precision weights; leave out --quantize")
     model = LlamaAdapterModel.load(cfg.adapter, model_cfg.base, PRECISIONS[model_cfg.precision], device="cpu")
     merged = model.method.merged_base()
     merged.save_pretrained(cfg.out)

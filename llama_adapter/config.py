@@ -14,6 +14,11 @@ from typing import Literal
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Quantization = Literal["none", "int8", "nf4"]
+QUANTIZE_HELP = (
+    "store the frozen base's linear weights in 8 bits (LLM.int8()) or 4 bits (NF4, as QLoRA) with bitsandbytes; "
+    "the adapter keeps --precision"
+)
 
 
 def option(help: str, default=dataclasses.MISSING):
@@ -22,43 +27,60 @@ def option(help: str, default=dataclasses.MISSING):
 
 
 # The fields each method reads; an adapter's saved config holds these alone.
+LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_targets")
 METHOD_FIELDS = {
     "llama-adapter": ("adapter_len", "adapter_layers"),
-    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"),
+    "lora": ("lora_rank", *LORA_FIELDS),
     "series": ("bottleneck_size",),
     "parallel": ("bottleneck_size",),
-    "prefix": ("adapter_len",),
+    "prefix": ("adapter_len", "prefix_hidden_size"),
+    "ptuning-v2": ("adapter_len",),
+    "prompt": ("adapter_len",),
+    "adalora": ("adalora_init_rank", "adalora_target_rank", *LORA_FIELDS),
+    "dylora": ("lora_rank", *LORA_FIELDS),
 }
+MethodName = Literal[
+    "llama-adapter", "lora", "series", "parallel", "prefix", "ptuning-v2", "prompt", "adalora", "dylora"
+]
 
 
 @dataclass
 class AdapterConfig:
     """What trains on the frozen base: the method and its shape (each method reads only its own fields).
 
-    llama-adapter: K gated prompts in the top L layers (the paper's defaults). lora: PEFT's LoRA; series and
-    parallel: bottleneck adapters on every MLP; prefix: PEFT's prefix tuning with K virtual tokens (LLM-Adapters'
-    defaults for each).
+    llama-adapter: K gated prompts in the top L layers (the paper's defaults). lora, adalora: PEFT's; dylora: LoRA
+    trained at a random rank each step, written here; series and parallel: bottleneck adapters on every MLP; prefix,
+    ptuning-v2, prompt: K virtual tokens (PEFT's), as keys and values in every layer through an MLP during training
+    (Li & Liang), the same without the MLP (P-tuning v2), or as input embeddings (Lester et al.).
     """
 
-    adapter_len: int = option("K: prompt vectors per adapted layer (llama-adapter), virtual tokens (prefix)", 10)
+    adapter_len: int = option("K: prompt vectors per adapted layer (llama-adapter), virtual tokens (prefix, ...)", 10)
     adapter_layers: int = option("L: number of top layers that get prompts (clamped to the model's depth)", 30)
-    method: Literal["llama-adapter", "lora", "series", "parallel", "prefix"] = option(
-        "the adapter method (methods.py)", "llama-adapter"
-    )
-    lora_rank: int = option("LoRA rank r", 32)
-    lora_alpha: float = option("LoRA scale numerator: the update is (alpha / r) B A", 64.0)
-    lora_dropout: float = option("dropout on LoRA's input while training", 0.05)
+    method: MethodName = option("the adapter method (methods.py)", "llama-adapter")
+    lora_rank: int = option("LoRA rank r (dylora: the largest rank)", 32)
+    lora_alpha: float = option("LoRA scale numerator: the update is (alpha / r) B A (also adalora, dylora)", 64.0)
+    lora_dropout: float = option("dropout on LoRA's input while training (also adalora, dylora)", 0.05)
     lora_targets: tuple[str, ...] = option(
-        "the projections LoRA adapts, by module name", ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+        "the projections LoRA adapts, by module name (also adalora, dylora)",
+        ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
     )
     bottleneck_size: int = option("series/parallel: the adapter's inner width", 256)
+    prefix_hidden_size: int = option("prefix: width of the MLP that produces the prefix while training", 512)
+    adalora_init_rank: int = option("adalora: every projection's rank before pruning", 12)
+    adalora_target_rank: int = option("adalora: the average rank pruning leaves", 8)
 
     def __post_init__(self):
         if self.method not in METHOD_FIELDS:
             raise ValueError(f"method must be one of {list(METHOD_FIELDS)}, got {self.method!r}")
-        for name in ("adapter_len", "adapter_layers", "lora_rank", "bottleneck_size"):
+        positive = ("adapter_len", "adapter_layers", "lora_rank", "bottleneck_size", "prefix_hidden_size")
+        for name in (*positive, "adalora_init_rank", "adalora_target_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adalora_target_rank > self.adalora_init_rank:
+            raise ValueError(
+                f"adalora_target_rank ({self.adalora_target_rank}) must be <= adalora_init_rank "
+                f"({self.adalora_init_rank}): AdaLoRA only prunes"
+            )
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_targets:
@@ -104,11 +126,18 @@ class ModelConfig:
     clip_weights: str | None = option(
         "this machine's copy of the CLIP weights a multimodal adapter was trained with", None
     )
+    quantize: Quantization = option(QUANTIZE_HELP, "none")
+    dylora_rank: int | None = option(
+        "a DyLoRA adapter answers with its first r ranks alone (default: all); any other adapter refuses it", None
+    )
 
     def __post_init__(self):
+        if self.dylora_rank is not None and self.dylora_rank < 1:
+            raise ValueError(f"dylora_rank must be >= 1, got {self.dylora_rank}")
         self.precision = self.precision or default_precision()
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        check_quantize(self.quantize)
 
 
 @dataclass
@@ -149,6 +178,11 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def check_quantize(value: str) -> None:
+    if value not in typing.get_args(Quantization):
+        raise ValueError(f"quantize must be one of {list(typing.get_args(Quantization))}, got {value!r}")
 
 
 def default_precision() -> str:

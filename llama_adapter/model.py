@@ -82,10 +82,16 @@ class LlamaAdapterModel(nn.Module):
         device: torch.device | str | None = None,
         attn_implementation: str | None = None,
         visual: VisualConfig | None = None,
+        quantize: str = "none",
     ) -> "LlamaAdapterModel":
-        """Load a base model by name or folder and attach a fresh adapter (gates at zero)."""
-        model, tokenizer = hf.load_base(base, dtype, attn_implementation)
-        return cls(model, tokenizer, config or AdapterConfig(), visual).to(device or default_device())
+        """Load a base model by name or folder and attach a fresh adapter (gates at zero).
+
+        `quantize` ("int8", "nf4") stores the base's linear weights in 8 or 4 bits; the adapter stays in full
+        precision.
+        """
+        device = torch.device(device or default_device())
+        model, tokenizer = hf.load_base(base, dtype, attn_implementation, quantize, device)
+        return cls(model, tokenizer, config or AdapterConfig(), visual).to(device)
 
     @classmethod
     def load(
@@ -96,12 +102,14 @@ class LlamaAdapterModel(nn.Module):
         device: torch.device | str | None = None,
         clip_weights: str | None = None,
         alongside: "LlamaAdapterModel | None" = None,
+        quantize: str = "none",
     ) -> "LlamaAdapterModel":
         """Load a saved adapter onto `base` (default: the base named in its config); refuses a different base.
 
         `clip_weights` points a multimodal adapter at this machine's copy of the CLIP weights it was trained with.
         `alongside`: a loaded model whose base (and so dtype and device) this adapter shares instead of loading
         its own copy; switching between such models costs nothing, each call puts its own prompts in place.
+        `quantize`: see `from_base`; an adapter trained on a quantised base loads onto a full-precision one too.
         """
         adapter_dir = Path(adapter_dir)
         saved = read_adapter_config(adapter_dir)
@@ -110,7 +118,7 @@ class LlamaAdapterModel(nn.Module):
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
         config = AdapterConfig(**saved["adapter"])
         if not methods.can_share(config.method, alongside and alongside.method):
-            model = cls.from_base(base or saved["base"]["name"], config, dtype, device, None, visual)
+            model = cls.from_base(base or saved["base"]["name"], config, dtype, device, None, visual, quantize)
         else:
             model = cls(alongside.base, alongside.tokenizer, config, visual, alongside)
         check_same_base(saved["base"], hf.base_identity(model.base), adapter_dir / CONFIG_NAME)
@@ -192,7 +200,7 @@ class LlamaAdapterModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.images(image_features, has_image):
-            return self.base(**self.method.inputs(input_ids, attention_mask)).logits
+            return self.base(**self.method.inputs(input_ids, attention_mask)).logits[:, self.method.virtual_tokens :]
 
     def loss(
         self,
@@ -202,9 +210,14 @@ class LlamaAdapterModel(nn.Module):
         image_features: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over the positions whose label is not -100 (the responses)."""
+        """Mean next-token cross-entropy over the positions whose label is not -100 (the responses).
+
+        In training mode, plus the method's penalty if it has one (AdaLoRA's orthogonality term).
+        """
         logits, targets, _ = self._response_logits(input_ids, attention_mask, labels, image_features, has_image)
-        return F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits, targets)
+        penalty = self.method.penalty() if self.training else None
+        return loss if penalty is None else loss + penalty
 
     def response_logprobs(self, input_ids, attention_mask, labels, **images) -> torch.Tensor:
         """(B,) summed log-probability of each row's labelled tokens: how likely the model finds each response.
@@ -233,6 +246,7 @@ class LlamaAdapterModel(nn.Module):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,)."""
         with self.images(image_features, has_image):
             hidden = hf.decoder(self.base)(**self.method.inputs(input_ids, attention_mask)).last_hidden_state
+        hidden = hidden[:, self.method.virtual_tokens :]
         targets = labels[:, 1:]
         scored = targets != -100
         # Project only the scored positions onto the vocabulary: prompts and padding need no logits.
@@ -296,20 +310,25 @@ def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterMod
     """The model a command answers with: `adapter` on the configured base, or the base alone without one.
 
     `alongside`: a loaded model whose base object to share (see `LlamaAdapterModel.load`). A LoRA adapter is folded
-    into its base's weights: it answers at the base's speed.
+    into its base's weights, so it answers at the base's speed, unless those are quantised: folding would round
+    the update away.
     """
     dtype = PRECISIONS[cfg.precision]
     if adapter:
         model = LlamaAdapterModel.load(
-            adapter, base=cfg.base, dtype=dtype, clip_weights=cfg.clip_weights, alongside=alongside
+            adapter, cfg.base, dtype, clip_weights=cfg.clip_weights, alongside=alongside, quantize=cfg.quantize
         )
-        if model.config.method == "lora":
+        if model.config.method == "lora" and hf.quantization(model.base) == "none":
             model.method.merge()
+        if cfg.dylora_rank is not None:
+            if model.config.method != "dylora":
+                raise ValueError(f"--dylora-rank: {adapter} is a {model.config.method} adapter, not a DyLoRA one")
+            model.method.set_rank(cfg.dylora_rank)
         return model
     # A fresh adapter has zero gates, so this is exactly the base model.
     if alongside is not None:
         return LlamaAdapterModel(alongside.base, alongside.tokenizer, AdapterConfig(), alongside=alongside)
-    return LlamaAdapterModel.from_base(cfg.base or hf.DEFAULT_BASE, dtype=dtype)
+    return LlamaAdapterModel.from_base(cfg.base or hf.DEFAULT_BASE, dtype=dtype, quantize=cfg.quantize)
 
 
 # ----------------------------------------------------------------------------------------------------------

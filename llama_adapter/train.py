@@ -25,7 +25,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, distributed, hf, scienceqa
-from .config import PRECISIONS, AdapterConfig, ScienceQAConfig, VisualConfig, default_precision, option
+from .config import (
+    PRECISIONS,
+    QUANTIZE_HELP,
+    AdapterConfig,
+    Quantization,
+    ScienceQAConfig,
+    VisualConfig,
+    check_quantize,
+    default_precision,
+    option,
+)
 from .distributed import World
 from .hf import DEFAULT_BASE
 from .model import LlamaAdapterModel
@@ -54,6 +64,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] | None = option(
         "weights and compute dtype (default: bf16 on a CUDA GPU, else fp32)", None
     )
+    quantize: Quantization = option(QUANTIZE_HELP, "none")
     lr: float | None = option(
         f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper)", None
     )
@@ -88,6 +99,7 @@ class TrainConfig:
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         self.precision = self.precision or default_precision()
+        check_quantize(self.quantize)
         self.lr = self.lr or PAPER_BASE_LR * self.batch_size * self.grad_accum / 256
 
 
@@ -123,9 +135,11 @@ def train(
     to train an adapter you built yourself. `rows` default to those of `cfg.data`, read as `cfg.task` says.
     Under torchrun every process runs this and they train as one (distributed.py); `fsdp` shards the base.
     """
-    if adapter_cfg.method == "prefix" and cfg.gradient_checkpointing:
+    if adapter_cfg.method in ("prefix", "ptuning-v2") and cfg.gradient_checkpointing:
         # The prefix rides in the KV cache, which each recomputed layer would extend a second time.
-        raise ValueError("--gradient-checkpointing does not work with --method prefix")
+        raise ValueError(f"--gradient-checkpointing does not work with --method {adapter_cfg.method}")
+    if cfg.quantize != "none" and fsdp:
+        raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")
     world = distributed.setup()
     visual_cfg = visual_cfg or VisualConfig()
     settings = run_settings(cfg, adapter_cfg, visual_cfg)
@@ -142,7 +156,9 @@ def train(
         with distributed.main_first(world):  # the first load of the default base converts it, once
             dtype = PRECISIONS[cfg.precision]
             device = distributed.load_device(world, fsdp)
-            model = LlamaAdapterModel.from_base(cfg.base, adapter_cfg, dtype, device, visual=visual_cfg)
+            model = LlamaAdapterModel.from_base(
+                cfg.base, adapter_cfg, dtype, device, visual=visual_cfg, quantize=cfg.quantize
+            )
     cache = model.feature_cache()
     train_set, val_set, dropped = training_examples(cfg, model, rows, cache, skipped, world)
 
@@ -155,6 +171,7 @@ def train(
     params = list(model.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
+    model.method.begin_training(total_steps)
     progress, resumed_at = Progress(), None
     if resume_from is not None:
         progress = Progress(**checkpoint.restore(resume_from, model, optimizer, scheduler)["progress"])
@@ -188,11 +205,13 @@ def train(
         for epoch in range(progress.epoch, cfg.epochs + 1):
             groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch)
             for group in groups[progress.group :]:
+                model.method.begin_step(progress.step + 1)
                 loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
                 stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
                 optimizer.step()
                 scheduler.step()
+                model.method.end_step(progress.step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 progress.step, progress.group = progress.step + 1, progress.group + 1
                 progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded

@@ -11,6 +11,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from llama_adapter.llm_adapters import COMMONSENSE_DATASETS, COMMONSENSE_LABELS, MATH_DATASETS
+
 pytestmark = pytest.mark.slow  # subprocesses that load SmolLM2's tokenizer
 # Rows of very different lengths, so that length grouping has padding to save.
 ROWS = [
@@ -104,46 +106,77 @@ def test_distributed_benchmark(tmp_path):
     assert runs["two processes, FSDP"]["weights_mib_per_process"] < one["weights_mib_per_process"]
 
 
-def test_methods_benchmark(tmp_path):
-    data = tmp_path / "llm-adapters"
-    for name in ("gsm8k", "SVAMP", "MultiArith", "AddSub", "AQuA", "SingleEq"):
-        (data / name).mkdir(parents=True)
-        answer = "B" if name == "AQuA" else "4"
+def write_llm_adapters_data(folder) -> None:
+    """Two questions per test set of both tasks, and the training files of both, in LLM-Adapters' layout."""
+    answers = {name: "B" if name == "AQuA" else "4" for name in MATH_DATASETS}
+    answers |= {name: COMMONSENSE_LABELS[name][0] for name in COMMONSENSE_DATASETS}
+    for name, answer in answers.items():
+        (folder / name).mkdir(parents=True)
         rows = [
             {"instruction": f"{name} question {i}: 2 + 2?", "input": "", "output": "", "answer": answer}
             for i in range(2)
         ]
-        (data / name / "test.json").write_text(json.dumps(rows))
-    (data / "math_data.json").write_text(json.dumps(ROWS))
+        (folder / name / "test.json").write_text(json.dumps(rows))
+    (folder / "math_data.json").write_text(json.dumps(ROWS))
+    for name in ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa"):
+        (folder / name / "train.json").write_text(json.dumps(ROWS[:10]))
+
+
+@pytest.mark.parametrize(
+    ("task", "methods"),
+    [
+        (
+            "math",
+            ["llama-adapter", "lora", "adalora", "dylora", "series", "parallel", "prefix", "ptuning-v2", "prompt"],
+        ),
+        ("commonsense", ["lora", "prompt"]),
+    ],
+)
+def test_methods_benchmark(tmp_path, task, methods):
+    write_llm_adapters_data(tmp_path / "llm-adapters")
     (tmp_path / "alpaca.json").write_text(json.dumps(ROWS[:8]))
-    results = run_bench(
-        "methods",
-        tmp_path,
-        "--data",
-        str(data),
-        "--alpaca",
-        str(tmp_path / "alpaca.json"),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--math-limit",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--gen-tokens",
-        "4",
-    )
+    args = ["--task", task, "--methods", *methods, "--data", str(tmp_path / "llm-adapters")]
+    args += ["--alpaca", str(tmp_path / "alpaca.json"), "--steps", "2", "--batch-size", "4", "--limit", "2"]
+    results = run_bench("methods", tmp_path, *args, "--max-new-tokens", "4", "--gen-tokens", "4")
+    assert results["task"] == task and results["training_rows"] == {"math": 40, "commonsense": 40}[task]
     rows = {row["method"]: row for row in results["rows"]}
-    assert list(rows) == ["base model", "llama-adapter", "lora", "series", "parallel", "prefix"]
+    assert list(rows) == ["base model", *methods]
     for method, row in list(rows.items())[1:]:
         assert row["trainable_parameters"] > 0, method
         assert 4 * row["trainable_parameters"] < row["checkpoint_kib"] * 1024 < 4 * row["trainable_parameters"] + 8192
         assert row["generation_vs_base"] == pytest.approx(
             row["generation_tokens_per_s"] / rows["base model"]["generation_tokens_per_s"], rel=0.01
         )
-        assert row["train_tokens_per_s"] > 0 and len(row["math_val_loss"]) == 2
+        assert row["train_tokens_per_s"] > 0 and len(row["task_val_loss"]) == 2
+    sets = MATH_DATASETS if task == "math" else COMMONSENSE_DATASETS
     for row in rows.values():
-        accuracy = row["math_accuracy"]
-        assert accuracy["Avg"] == pytest.approx(sum(v for k, v in accuracy.items() if k != "Avg") / 6, abs=0.1)
-    assert results["table"].count("\n") == 7 and "| prefix |" in results["table"]
+        accuracy = row["accuracy"]
+        assert list(accuracy) == [*sets, "Avg"]
+        assert accuracy["Avg"] == pytest.approx(sum(accuracy[name] for name in sets) / len(sets), abs=0.1)
+    assert results["table"].count("\n") == len(methods) + 2 and f"| {methods[-1]} |" in results["table"]
+
+
+def test_quantize_benchmark(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="--quantize needs bitsandbytes (pip install 'llama-adapter[quantize]')")
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    args = ["--data", str(tmp_path / "rows.json"), "--steps", "2", "--batch-size", "4", "--gen-tokens", "4"]
+    results = run_bench("quantize", tmp_path, *args, "--seq-len", "16")
+    rows = {row["quantize"]: row for row in results["measured"]}
+    assert list(rows) == ["none", "int8", "nf4"]
+    for setting, row in rows.items():
+        assert row["weights_mib"] > 0 and row["peak_mib"] > row["weights_mib"]
+        assert row["train_tokens_per_s"] > 0 and row["generation_tokens_per_s"] > 0
+        assert len(row["alpaca_val_loss"]) == 2
+        if setting != "none":
+            assert row["weights_mib_vs_none"] == pytest.approx(row["weights_mib"] / rows["none"]["weights_mib"], 1e-2)
+    # The tiny model is mostly its embedding, which stays full precision; LLaMA-7B is mostly linear weights.
+    assert rows["nf4"]["weights_mib"] < rows["int8"]["weights_mib"] < rows["none"]["weights_mib"]
+    weights = results["llama_7b"]["weights_mib"]
+    gib = {setting: mib / 1024 for setting, mib in weights.items()}
+    # bf16: 2 bytes a weight; int8 about 1 (and a scale per row); nf4 about 0.5; embeddings stay bf16 (0.49 GiB)
+    assert 12.4 < gib["none"] < 12.7 and 6.3 < gib["int8"] < 6.8 and 3.4 < gib["nf4"] < 3.9, gib
+    assert results["llama_7b"]["adapter_parameters"] == 1_229_760  # the paper's 1.2M
+    activations = results["llama_7b"]["activations_mib"]
+    assert activations["8"]["plain"] == pytest.approx(8 * activations["1"]["plain"], rel=1e-2)
+    assert activations["1"]["checkpointing"] < activations["1"]["plain"]
+    assert "| nf4 |" in results["tables"]["measured"] and "| nf4 |" in results["tables"]["llama_7b"]

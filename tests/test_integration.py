@@ -124,6 +124,31 @@ def test_each_method_learns_real_math_rationales(untrained, data_dir, method, lr
     assert evaluate(model, examples, batch_size=4, pad_id=pad) < before - 0.05
 
 
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_quantised_smollm2_answers_and_its_adapter_learns(untrained, alpaca_rows, quantize):
+    """The real model with 8- or 4-bit linear weights: far smaller, still right, and an adapter on it learns."""
+    pytest.importorskip("bitsandbytes", reason="--quantize needs bitsandbytes (pip install 'llama-adapter[quantize]')")
+    torch.manual_seed(0)
+    model = LlamaAdapterModel.from_base(DEFAULT_BASE, device="cpu", quantize=quantize)
+    ratio = model.base.get_memory_footprint() / untrained.base.get_memory_footprint()
+    assert ratio < {"int8": 0.45, "nf4": 0.35}[quantize], ratio  # the tied 49152-token embedding stays fp32
+    assert "Paris" in model.generate(QUESTION, sampling=SamplingConfig(max_new_tokens=24))
+
+    examples, _ = data.encode_all(model.tokenizer, alpaca_rows[:8], max_len=128)
+    pad = model.tokenizer.pad_token_id
+    before = evaluate(model, examples, batch_size=8, pad_id=pad)
+    world = distributed.setup()
+    loss_fn = distributed.prepare(model, world, fsdp=False)
+    optimizer = torch.optim.AdamW(list(model.adapter_state().values()), lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(3):
+        train_step(loss_fn, [examples], pad, None, world, model.device)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert evaluate(model, examples, batch_size=8, pad_id=pad) < before - 0.05
+
+
 def test_chat_command_streams_an_answer():
     # pip puts the console script beside the interpreter; the venv need not be activated (not on PATH).
     script = Path(sys.executable).with_name("llama-adapter")

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from llama_adapter import cli, data, scienceqa
-from llama_adapter.evaluation import evaluate_math
+from llama_adapter.evaluation import evaluate_questions
 from llama_adapter.llm_adapters import (
     LETTER_DATASETS,
     MATH_DATASETS,
@@ -196,7 +196,7 @@ def canned(tmp_path, monkeypatch):
 def test_math_evaluation_scores_the_canned_answers(make_model, canned, tmp_path):
     questions, asked = canned
     out = tmp_path / "preds" / "math.jsonl"
-    scores = evaluate_math(make_model(), questions, out, tuple(CANNED), batch_size=4, max_new_tokens=7)
+    scores = evaluate_questions(make_model(), questions, out, tuple(CANNED), batch_size=4, max_new_tokens=7)
     assert [len(batch) for batch in asked] == [4, 2]
     assert scores["accuracy"] == pytest.approx({"gsm8k": 100.0, "SVAMP": 50.0, "AQuA": 50.0, "Avg": 200 / 3})
     assert scores["count"] == {"gsm8k": 2, "SVAMP": 2, "AQuA": 2}
@@ -212,25 +212,25 @@ def test_math_evaluation_resumes_and_redoes_a_torn_last_line(make_model, canned,
     questions, asked = canned
     out = tmp_path / "math.jsonl"
     model = make_model()
-    first = evaluate_math(model, questions[:4], out, tuple(CANNED), max_new_tokens=7)
+    first = evaluate_questions(model, questions[:4], out, tuple(CANNED), max_new_tokens=7)
     assert first["count"] == {"gsm8k": 2, "SVAMP": 2, "AQuA": 0}
     assert "AQuA" not in first["accuracy"]
-    full = evaluate_math(model, questions, out, tuple(CANNED), max_new_tokens=7)
+    full = evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=7)
     assert asked[1] == [data.format_prompt(q.instruction) for q in questions[4:]]
-    assert evaluate_math(model, questions, out, tuple(CANNED), max_new_tokens=7) == full
+    assert evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=7) == full
     assert len(asked) == 2
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:-1]) + lines[-1][:20])
-    assert evaluate_math(model, questions, out, tuple(CANNED), max_new_tokens=7) == full
+    assert evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=7) == full
     assert asked[2] == [data.format_prompt(questions[-1].instruction)]
     assert out.read_text().count("\n") == len(out.read_text().splitlines()) == len(questions)
-    assert evaluate_math(model, questions[:2], out, ("gsm8k",), max_new_tokens=7)["count"] == {"gsm8k": 2}
+    assert evaluate_questions(model, questions[:2], out, ("gsm8k",), max_new_tokens=7)["count"] == {"gsm8k": 2}
 
 
 def test_math_evaluation_generates_with_the_real_tiny_model(make_model, tmp_path):
     questions = load_questions(write_sets(tmp_path, AddSub=[row("Add 1 and 2.", "3"), row("Add 2.", "2")]), ("AddSub",))
     out = tmp_path / "math.jsonl"
-    scores = evaluate_math(make_model(), questions, out, ("AddSub",), batch_size=2, max_new_tokens=5)
+    scores = evaluate_questions(make_model(), questions, out, ("AddSub",), batch_size=2, max_new_tokens=5)
     assert scores["count"] == {"AddSub": 2}
     records = scienceqa.read_predictions(out, PREDICTION_FIELDS)
     assert all(isinstance(r["output"], str) and r["pred"] == parse_number(r["output"]) for r in records.values())

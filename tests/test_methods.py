@@ -1,6 +1,8 @@
 """The adapter family behind --method: zero-init equivalence, the bottleneck formulas, PEFT parity, save/load,
 training, LoRA merging and which adapters may share a base."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +13,17 @@ from llama_adapter.config import AdapterConfig, ModelConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel, load_model
 from llama_adapter.train import TrainConfig, train
 
-METHODS = ["llama-adapter", "series", "parallel", "lora", "prefix"]
-SMALL = {"lora_rank": 4, "bottleneck_size": 8, "adapter_len": 3, "adapter_layers": 2}
+METHODS = ["llama-adapter", "series", "parallel", "lora", "prefix", "ptuning-v2", "prompt", "adalora", "dylora"]
+SHARING = {"llama-adapter", "series", "parallel", "dylora"}  # leave the base's weights alone: may share one base
+SMALL = {
+    "lora_rank": 4,
+    "bottleneck_size": 8,
+    "adapter_len": 3,
+    "adapter_layers": 2,
+    "prefix_hidden_size": 16,
+    "adalora_init_rank": 4,
+    "adalora_target_rank": 2,
+}
 
 
 def adapter(make_base, tokenizer, method: str, seed: int = 0, **overrides) -> LlamaAdapterModel:
@@ -36,7 +47,7 @@ def batch(tokenizer):
     return ids, mask
 
 
-@pytest.mark.parametrize("method", ["llama-adapter", "series", "parallel", "lora"])
+@pytest.mark.parametrize("method", ["llama-adapter", "series", "parallel", "lora", "adalora", "dylora"])
 def test_a_fresh_adapter_is_exactly_the_base(make_base, tokenizer, method):
     ids, mask = batch(tokenizer)
     expected = make_base()(input_ids=ids, attention_mask=mask).logits
@@ -93,15 +104,24 @@ def test_method_defaults_are_llm_adapters_and_parameter_counts_match(make_base, 
         "series": layers * 2 * hidden * SMALL["bottleneck_size"],
         "parallel": layers * 2 * hidden * SMALL["bottleneck_size"],
         "lora": layers * lora_per_layer,
-        "prefix": SMALL["adapter_len"] * layers * 2 * kv,
+        "dylora": layers * lora_per_layer,
+        # A, B and the singular values E of rank 4 on each of the five projections
+        "adalora": layers * (lora_per_layer + 5 * SMALL["adalora_init_rank"]),
+        "ptuning-v2": SMALL["adapter_len"] * layers * 2 * kv,
+        # K embeddings of the key/value width through kv -> 16 -> (layers x 2 x kv), with biases
+        "prefix": SMALL["adapter_len"] * kv + (kv + 1) * 16 + (16 + 1) * layers * 2 * kv,
+        "prompt": SMALL["adapter_len"] * hidden,
     }
 
 
-def test_prefix_matches_peft_forward_scoring_and_greedy_generation(make_base, tokenizer):
+@pytest.mark.parametrize("method", ["prefix", "ptuning-v2", "prompt"])
+def test_virtual_tokens_match_peft_forward_scoring_and_greedy_generation(make_base, tokenizer, method):
     ids, mask = batch(tokenizer)
-    model = adapter(make_base, tokenizer, "prefix")
+    model = adapter(make_base, tokenizer, method)
     randomize(model)
     peft_logits = model.method.peft_model(input_ids=ids, attention_mask=mask).logits
+    # Prompt tuning's outputs start with its K virtual positions; ours start at the input's first token.
+    peft_logits = peft_logits[:, model.method.virtual_tokens :]
     torch.testing.assert_close(model(ids, mask), peft_logits, rtol=1e-5, atol=1e-5)
 
     # Scoring continuations after one cached prompt equals scoring each whole row.
@@ -114,7 +134,7 @@ def test_prefix_matches_peft_forward_scoring_and_greedy_generation(make_base, to
         logprobs = model(row, torch.ones_like(row)).log_softmax(-1)[0, len(prompt_ids) - 1 : -1]
         assert score == pytest.approx(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
 
-    # PEFT's generate (the prefix in the cache) picks, token by token, the argmax of our full forward.
+    # Cached greedy decoding picks, token by token, the argmax of our full forward.
     from llama_adapter.config import SamplingConfig
     from llama_adapter.data import format_prompt
 
@@ -138,7 +158,8 @@ def test_save_and_load_round_trip(make_base, tokenizer, tiny_base_dir, tmp_path,
     loaded = LlamaAdapterModel.load(tmp_path / "saved", device="cpu")
     assert loaded.config.to_dict() == model.config.to_dict() and loaded.config.method == method
     torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=0, atol=0)
-    assert (tmp_path / "saved" / "adapter.safetensors").stat().st_size < 4 * model.num_trainable_parameters() + 4096
+    header = 256 * len(model.adapter_state())  # safetensors' JSON header: a name, shape and offsets per tensor
+    assert (tmp_path / "saved" / "adapter.safetensors").stat().st_size < 4 * model.num_trainable_parameters() + header
 
 
 def test_saved_config_names_the_method_and_only_its_fields(tiny_base_dir, tmp_path):
@@ -157,7 +178,18 @@ def test_saved_config_names_the_method_and_only_its_fields(tiny_base_dir, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("method", "lr"), [("llama-adapter", 0.2), ("series", 0.02), ("parallel", 0.02), ("lora", 0.02), ("prefix", 0.2)]
+    ("method", "lr"),
+    [
+        ("llama-adapter", 0.2),
+        ("series", 0.02),
+        ("parallel", 0.02),
+        ("lora", 0.02),
+        ("prefix", 0.02),
+        ("ptuning-v2", 0.2),
+        ("prompt", 0.05),
+        ("adalora", 0.02),
+        ("dylora", 0.02),
+    ],
 )
 def test_a_few_training_steps_lower_the_loss(make_base, tokenizer, rows_file, tmp_path, method, lr):
     model = adapter(make_base, tokenizer, method)
@@ -210,8 +242,7 @@ def test_bottleneck_and_prompt_adapters_share_a_base_and_peft_ones_get_their_own
     cfg = ModelConfig(base=str(tiny_base_dir), precision="fp32")
     first = load_model(cfg, str(tmp_path / "llama-adapter"))
     models = {m: load_model(cfg, str(tmp_path / m), alongside=first) for m in METHODS[1:]}
-    assert models["series"].base is first.base and models["parallel"].base is first.base
-    assert models["lora"].base is not first.base and models["prefix"].base is not first.base
+    assert {m for m, model in models.items() if model.base is first.base} == SHARING - {"llama-adapter"}
     for _ in range(2):  # taking turns, in both orders
         for method, model in [("llama-adapter", first), *models.items()]:
             torch.testing.assert_close(model(ids, mask), alone[method], rtol=1e-5, atol=1e-5)
@@ -224,9 +255,14 @@ def test_methods_refuse_what_they_cannot_do(make_base, tokenizer, rows_file, tmp
         AdapterConfig(method="lora", lora_rank=0)
     with pytest.raises(ValueError, match="clip_model.*needs method 'llama-adapter'"):
         LlamaAdapterModel(make_base(), tokenizer, AdapterConfig(method="lora"), VisualConfig(clip_model="ViT-B-32"))
+    with pytest.raises(ValueError, match=r"adalora_target_rank \(9\) must be <= adalora_init_rank \(8\)"):
+        AdapterConfig(method="adalora", adalora_init_rank=8, adalora_target_rank=9)
+    with pytest.raises(ValueError, match="lora_targets .'w_proj'.: no module of the base model has such a name"):
+        LlamaAdapterModel(make_base(), tokenizer, AdapterConfig(method="dylora", lora_targets=("w_proj",)))
     cfg = TrainConfig(data=str(rows_file), out=str(tmp_path / "run"), gradient_checkpointing=True)
-    with pytest.raises(ValueError, match="--gradient-checkpointing does not work with --method prefix"):
-        train(cfg, AdapterConfig(method="prefix"))
+    for method in ("prefix", "ptuning-v2"):
+        with pytest.raises(ValueError, match=f"--gradient-checkpointing does not work with --method {method}"):
+            train(cfg, AdapterConfig(method=method))
     assert not (tmp_path / "run").exists()
 
 
@@ -240,3 +276,93 @@ def test_cli_trains_each_method_by_flag(tiny_base_dir, rows_file, tmp_path):
         saved = json.loads((out / "adapter_config.json").read_text())["adapter"]
         assert saved["method"] == method
         assert saved.get("bottleneck_size", 16) == 16 and saved.get("lora_rank", 2) == 2
+
+
+def test_dylora_answers_at_every_rank_by_its_formula(make_base, tokenizer):
+    ids, mask = batch(tokenizer)
+    model = adapter(make_base, tokenizer, "dylora")
+    randomize(model)
+    state = model.adapter_state()
+    outputs = []
+    for rank in range(1, SMALL["lora_rank"] + 1):
+        model.method.set_rank(rank)
+        reference = make_base()
+        for path, module in reference.model.named_modules():
+            if path.rsplit(".", 1)[-1] in model.config.lora_targets:
+                a, b = state[f"{path}.lora_A"].detach()[:rank], state[f"{path}.lora_B"].detach()[:, :rank]
+                delta = (b @ a) * (model.config.lora_alpha / rank)  # W + (alpha / b) B[:, :b] A[:b]
+                module.weight.data += delta
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        outputs.append(model(ids, mask))
+        torch.testing.assert_close(outputs[-1], expected, rtol=1e-4, atol=1e-4)
+    assert all((x - y).abs().max() > 1e-3 for x, y in itertools.pairwise(outputs))  # each rank answers differently
+    with pytest.raises(ValueError, match=r"dylora rank must be in 1..4 \(the adapter's lora_rank\), got 5"):
+        model.method.set_rank(5)
+
+
+def test_dylora_draws_one_rank_per_step_the_same_on_resuming(make_base, tokenizer):
+    model = adapter(make_base, tokenizer, "dylora")
+    loras = list(model.method.loras.values())
+    draws = []
+    for step in range(1, 41):
+        model.method.begin_step(step)
+        assert len({lora.training_rank for lora in loras}) == 1  # one rank for every projection in a step
+        draws.append(loras[0].training_rank)
+    assert set(draws) == {1, 2, 3, 4}
+    again = adapter(make_base, tokenizer, "dylora")
+    again.method.begin_step(17)
+    assert next(iter(again.method.loras.values())).training_rank == draws[16]
+    # Training mode uses the drawn rank; answering uses the chosen one (all of them unless set).
+    ids, mask = batch(tokenizer)
+    randomize(model)
+    model.method.begin_step(draws.index(1) + 1)
+    model.train()
+    for lora in loras:
+        lora.dropout.p = 0.0  # so that training mode differs from answering in the rank alone
+    trained = model(ids, mask)
+    model.eval()
+    full = model(ids, mask)
+    model.method.set_rank(1)
+    torch.testing.assert_close(trained, model(ids, mask), rtol=0, atol=0)
+    assert (full - trained).abs().max() > 1e-3
+
+
+def test_adalora_penalty_is_peft_s_and_pruning_keeps_the_budget(make_base, tokenizer, rows_file, tmp_path):
+    ids, mask = batch(tokenizer)
+    model = adapter(make_base, tokenizer, "adalora")
+    randomize(model)
+    labels = ids.masked_fill(mask == 0, -100)
+    # PEFT's AdaLoRA forward adds its penalty to the loss whenever labels are given; our loss adds it in training.
+    with_penalty = model.method.peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    plain = model.loss(ids, mask, labels)
+    assert model.method.penalty().item() == pytest.approx((with_penalty - plain).item(), rel=1e-4)
+    model.train()
+    model.method.peft_model.base_model.model.eval()  # no dropout: the same cross-entropy, plus the penalty
+    assert model.loss(ids, mask, labels).item() == pytest.approx(with_penalty.item(), rel=1e-5)
+
+    fresh = adapter(make_base, tokenizer, "adalora")
+    cfg = TrainConfig(data=str(rows_file), out=str(tmp_path), epochs=5, batch_size=4, lr=0.02, val_fraction=0.25)
+    train(cfg, fresh.config, fresh)
+    singular = [p for name, p in fresh.adapter_state().items() if name.endswith("lora_E")]
+    kept = sum(int((p != 0).sum()) for p in singular)
+    # AdaLoRA's budget: the target rank on average over the adapted projections
+    assert kept <= SMALL["adalora_target_rank"] * len(singular) < SMALL["adalora_init_rank"] * len(singular)
+    assert kept > 0
+
+
+def test_dylora_rank_flag_answers_with_fewer_ranks(tiny_base_dir, tmp_path, capsys):
+    model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="dylora", **SMALL), device="cpu")
+    randomize(model)
+    model.save(tmp_path / "dylora")
+    ids, mask = batch(model.tokenizer)
+    served = load_model(ModelConfig(base=str(tiny_base_dir), dylora_rank=2), str(tmp_path / "dylora"))
+    model.method.set_rank(2)
+    torch.testing.assert_close(served(ids, mask), model(ids, mask), rtol=0, atol=0)
+    cli.main(["chat", "Hi.", "--adapter", str(tmp_path / "dylora"), "--dylora-rank", "1", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.strip()
+    base_alone = load_model(ModelConfig(base=str(tiny_base_dir), dylora_rank=2), None)  # the demo's base choice
+    assert base_alone.config.method == "llama-adapter"
+    lora = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="lora", lora_rank=2), device="cpu")
+    lora.save(tmp_path / "lora")
+    with pytest.raises(SystemExit, match="--dylora-rank: .* is a lora adapter, not a DyLoRA one"):
+        cli.main(["chat", "Hi.", "--adapter", str(tmp_path / "lora"), "--dylora-rank", "1"])
