@@ -57,10 +57,13 @@ def main() -> None:
 
     spawn = multiprocessing.get_context("spawn")  # a fresh process per setting: nothing of one in another's peak
     rows = []
-    for setting in SETTINGS:
-        with ProcessPoolExecutor(1, mp_context=spawn) as child:
-            rows.append(child.submit(measure, setting, args).result())
-        print(format_measured(rows), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        # bitsandbytes quantises while loading from files: a random base is saved once, for every setting to load
+        base = DEFAULT_BASE if args.model == "smollm2" else save_random_base(args.model, Path(folder) / "base")
+        for setting in SETTINGS:
+            with ProcessPoolExecutor(1, mp_context=spawn) as child:
+                rows.append(child.submit(measure, base, setting, args).result())
+            print(format_measured(rows), flush=True)
     for row in rows[1:]:
         for key in ("weights_mib", "peak_mib", "train_tokens_per_s", "generation_tokens_per_s"):
             row[f"{key}_vs_none"] = round(row[key] / rows[0][key], 3)
@@ -76,10 +79,9 @@ def main() -> None:
     print(format_measured(rows) + "\n\n" + format_7b(llama_7b))
 
 
-def measure(setting: str, args) -> dict:
+def measure(base_name: str, setting: str, args) -> dict:
     """Train and time LLaMA-Adapter on the base loaded with `--quantize setting` (run in a child process)."""
     with tempfile.TemporaryDirectory() as folder:
-        base_name = DEFAULT_BASE if args.model == "smollm2" else save_random_base(args.model, Path(folder) / "base")
         release_freed_memory()
         before = resident_mib()
         cfg = TrainConfig(
@@ -115,10 +117,12 @@ def measure(setting: str, args) -> dict:
 
 
 def save_random_base(name: str, folder: Path) -> str:
-    """A random-weight base of a shape `common.MODELS` names, as a folder: bitsandbytes quantises while loading."""
+    """A random-weight base of a shape `common.MODELS` names, saved as a Hugging Face folder."""
     base, tokenizer = load_base(name)
     base.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    del base
+    release_freed_memory()
     return str(folder)
 
 

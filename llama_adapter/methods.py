@@ -160,11 +160,9 @@ class AdaLora(PeftMethod):
         self.schedule = peft_config  # PEFT's rank allocator reads this same object
 
     def begin_training(self, total_steps):
-        self.schedule.total_step, self.schedule.tinit, self.schedule.tfinal = (
-            total_steps,
-            total_steps // 10,
-            total_steps // 5,
-        )
+        self.schedule.total_step = total_steps
+        self.schedule.tinit = total_steps // 10  # every rank trains
+        self.schedule.tfinal = total_steps // 5  # the ranks stay as pruned
 
     def end_step(self, step):
         self.peft_model.base_model.update_and_allocate(step)
@@ -213,8 +211,7 @@ class Prefix(PeftMethod):
     def generation_inputs(self, input_ids, attention_mask):
         # `generate` runs only the ids the cache has not seen: K placeholder ids stand for the cached prefix (and
         # are never embedded). PEFT's own generate leaves the prefix out under transformers 5.24.
-        inputs = self.inputs(input_ids, attention_mask)
-        return inputs | {"input_ids": torch.cat([_placeholders(input_ids, self.length), input_ids], 1)}
+        return self.inputs(input_ids, attention_mask) | {"input_ids": _after_placeholders(input_ids, self.length)}
 
 
 class PromptTuning(PeftMethod):
@@ -242,7 +239,7 @@ class PromptTuning(PeftMethod):
         # `generate` embeds nothing itself on its first step when given embeddings; the ids only say how long the
         # prompt is, so that what it returns after them is the answer.
         inputs = self.inputs(input_ids, attention_mask)
-        return inputs | {"input_ids": torch.cat([_placeholders(input_ids, self.virtual_tokens), input_ids], 1)}
+        return inputs | {"input_ids": _after_placeholders(input_ids, self.virtual_tokens)}
 
 
 class TruncatedLoras(Method):
@@ -286,8 +283,10 @@ def _ones(attention_mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.ones(attention_mask.shape[0], count, dtype=attention_mask.dtype, device=attention_mask.device)
 
 
-def _placeholders(input_ids: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.zeros(input_ids.shape[0], count, dtype=input_ids.dtype, device=input_ids.device)
+def _after_placeholders(input_ids: torch.Tensor, count: int) -> torch.Tensor:
+    """`input_ids` after `count` placeholder ids per row, which stand for virtual tokens and are never embedded."""
+    placeholders = torch.zeros(input_ids.shape[0], count, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([placeholders, input_ids], 1)
 
 
 KINDS = {

@@ -5,7 +5,7 @@ import re
 from collections import Counter
 
 import pytest
-from test_math_eval import row, write_sets
+from test_math_eval import row, serve_canned_answers, write_sets
 
 from llama_adapter import cli, data, scienceqa
 from llama_adapter.evaluation import evaluate_questions
@@ -157,19 +157,8 @@ CANNED = {  # test set -> (instruction, gold answer, the model's answer) of each
 
 @pytest.fixture
 def canned(tmp_path, monkeypatch):
-    """Three small test sets, and a generate_batch that answers from CANNED and records every prompt it is given."""
-    sets = {name: [row(q, gold) for q, gold, _ in items] for name, items in CANNED.items()}
-    questions = load_questions(write_sets(tmp_path / "sets", **sets), tuple(CANNED))
-    answers = {data.format_prompt(q): out for items in CANNED.values() for q, _, out in items}
-    asked = []
-
-    def fake(model, prompts, sampling):
-        assert sampling.max_new_tokens == 32
-        asked.append(prompts)
-        return [answers[prompt] for prompt in prompts]
-
-    monkeypatch.setattr("llama_adapter.evaluation.generate_batch", fake)
-    return questions, asked
+    """Three small commonsense test sets answered from CANNED."""
+    return serve_canned_answers(tmp_path / "sets", CANNED, monkeypatch, max_new_tokens=32)
 
 
 def test_commonsense_evaluation_scores_the_canned_answers(make_model, canned, tmp_path):

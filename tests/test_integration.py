@@ -77,19 +77,8 @@ def test_generation_answers_a_real_question(smollm2):
 
 def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_path):
     examples, _ = data.encode_all(smollm2.tokenizer, alpaca_rows[:8], max_len=160)
-    pad = smollm2.tokenizer.pad_token_id
-    world = distributed.setup()
-    loss_fn = distributed.prepare(smollm2, world, fsdp=False)
-    params = list(smollm2.adapter_state().values())
-    optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
-    before = evaluate(smollm2, examples, batch_size=4, pad_id=pad)
-    smollm2.train()
-    for _ in range(4):
-        train_step(loss_fn, [examples[:4], examples[4:8]], pad, None, world, smollm2.device)
-        optimizer.step()
-        optimizer.zero_grad()
-    smollm2.eval()
-    after = evaluate(smollm2, examples, batch_size=4, pad_id=pad)
+    before = evaluate(smollm2, examples, batch_size=4, pad_id=smollm2.tokenizer.pad_token_id)
+    after = loss_after_steps(smollm2, [examples[:4], examples[4:8]], lr=2e-2, steps=4)
     assert after < before - 0.05
 
     # The trained adapter round-trips through its checkpoint onto a freshly loaded base.
@@ -112,16 +101,7 @@ def test_each_method_learns_real_math_rationales(untrained, data_dir, method, lr
     before = evaluate(model, examples, batch_size=4, pad_id=pad)
     if method != "prefix":
         assert before == pytest.approx(evaluate(untrained, examples, batch_size=4, pad_id=pad), abs=1e-5)
-    world = distributed.setup()
-    loss_fn = distributed.prepare(model, world, fsdp=False)
-    optimizer = torch.optim.AdamW(list(model.adapter_state().values()), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(3):
-        train_step(loss_fn, [examples], pad, None, world, model.device)
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    assert evaluate(model, examples, batch_size=4, pad_id=pad) < before - 0.05
+    assert loss_after_steps(model, [examples], lr=lr, steps=3) < before - 0.05
 
 
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
@@ -135,18 +115,23 @@ def test_quantised_smollm2_answers_and_its_adapter_learns(untrained, alpaca_rows
     assert "Paris" in model.generate(QUESTION, sampling=SamplingConfig(max_new_tokens=24))
 
     examples, _ = data.encode_all(model.tokenizer, alpaca_rows[:8], max_len=128)
+    before = evaluate(model, examples, batch_size=4, pad_id=model.tokenizer.pad_token_id)
+    assert loss_after_steps(model, [examples], lr=1e-2, steps=3) < before - 0.05
+
+
+def loss_after_steps(model: LlamaAdapterModel, batches: list, lr: float, steps: int) -> float:
+    """Train `steps` AdamW steps, each over every batch in `batches`; then the loss over their examples."""
     pad = model.tokenizer.pad_token_id
-    before = evaluate(model, examples, batch_size=8, pad_id=pad)
     world = distributed.setup()
     loss_fn = distributed.prepare(model, world, fsdp=False)
-    optimizer = torch.optim.AdamW(list(model.adapter_state().values()), lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(model.adapter_state().values()), lr=lr, weight_decay=0.0)
     model.train()
-    for _ in range(3):
-        train_step(loss_fn, [examples], pad, None, world, model.device)
+    for _ in range(steps):
+        train_step(loss_fn, batches, pad, None, world, model.device)
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    assert evaluate(model, examples, batch_size=8, pad_id=pad) < before - 0.05
+    return evaluate(model, [example for batch in batches for example in batch], batch_size=4, pad_id=pad)
 
 
 def test_chat_command_streams_an_answer():

@@ -176,21 +176,27 @@ CANNED = {  # test set -> (instruction, gold answer, the model's answer) of each
 }
 
 
-@pytest.fixture
-def canned(tmp_path, monkeypatch):
-    """Three small test sets, and a generate_batch that answers from CANNED and records every prompt it is given."""
-    sets = {name: [row(q, gold) for q, gold, _ in items] for name, items in CANNED.items()}
-    questions = load_questions(write_sets(tmp_path / "sets", **sets), tuple(CANNED))
-    answers = {data.format_prompt(q): out for items in CANNED.values() for q, _, out in items}
+def serve_canned_answers(root, canned: dict, monkeypatch, max_new_tokens: int):
+    """Test sets written from `canned` ({set: [(instruction, gold, answer)]}) and their questions, and a
+    generate_batch that answers from it, checks the answer length limit and records every batch of prompts."""
+    sets = {name: [row(q, gold) for q, gold, _ in items] for name, items in canned.items()}
+    questions = load_questions(write_sets(root, **sets), tuple(canned))
+    answers = {data.format_prompt(q): out for items in canned.values() for q, _, out in items}
     asked = []
 
     def fake(model, prompts, sampling):
-        assert sampling.max_new_tokens == 7
+        assert sampling.max_new_tokens == max_new_tokens
         asked.append(prompts)
         return [answers[prompt] for prompt in prompts]
 
     monkeypatch.setattr("llama_adapter.evaluation.generate_batch", fake)
     return questions, asked
+
+
+@pytest.fixture
+def canned(tmp_path, monkeypatch):
+    """Three small math test sets answered from CANNED."""
+    return serve_canned_answers(tmp_path / "sets", CANNED, monkeypatch, max_new_tokens=7)
 
 
 def test_math_evaluation_scores_the_canned_answers(make_model, canned, tmp_path):
