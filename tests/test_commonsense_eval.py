@@ -176,24 +176,6 @@ def test_commonsense_evaluation_scores_the_canned_answers(make_model, canned, tm
     }  # fmt: skip
 
 
-def test_commonsense_evaluation_resumes_and_redoes_a_torn_last_line(make_model, canned, tmp_path):
-    questions, asked = canned
-    out = tmp_path / "commonsense.jsonl"
-    model = make_model()
-    first = evaluate_questions(model, questions[:3], out, tuple(CANNED), max_new_tokens=32)
-    assert first["count"] == {"boolq": 2, "piqa": 1, "winogrande": 0}
-    full = evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=32)
-    assert asked[1] == [data.format_prompt(q.instruction) for q in questions[3:]]
-    assert full["count"] == {"boolq": 2, "piqa": 2, "winogrande": 2}
-    assert evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=32) == full
-    assert len(asked) == 2
-    lines = out.read_bytes().splitlines(keepends=True)
-    out.write_bytes(b"".join(lines[:-1]) + lines[-1][:20])
-    assert evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=32) == full
-    assert asked[2] == [data.format_prompt(questions[-1].instruction)]
-    assert len(out.read_text().splitlines()) == len(questions)
-
-
 def test_commonsense_evaluation_generates_with_the_real_tiny_model(make_model, tmp_path):
     questions = load_questions(
         write_sets(tmp_path, boolq=[row("Is it?", "true"), row("Is it not?", "false")]), ("boolq",)
