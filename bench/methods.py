@@ -11,8 +11,9 @@ parameters, checkpoint size, training tokens/s, greedy generation tokens/s (batc
 tokens, as a ratio to the base model alone measured in the same run; LoRA folded into the base, as `chat`, `eval`
 and `demo` serve it), the response loss on `--alpaca-rows` real Alpaca rows (the base model's own loss is the
 first row), and accuracy on the task's test sets (the first `--limit` questions of each; `--limit 0` for all).
-Learning rates: LLM-Adapters' 3e-4 for LoRA, AdaLoRA, DyLoRA and the bottleneck adapters, LLaMA-Adapter's 9e-3,
-and 3e-2 for the virtual tokens' few parameters (3e-3 for prefix tuning's MLP); `--lr METHOD=VALUE` changes one.
+Learning rates: LLM-Adapters' 3e-4 for LoRA, DyLoRA and the bottleneck adapters, LLaMA-Adapter's 9e-3, 3e-3 for
+AdaLoRA (its update B diag(E) A starts from E = 0 and small A and B, so it moves ~10x slower per unit of learning
+rate) and for prefix tuning's MLP, and 3e-2 for the virtual tokens' few parameters; `--lr METHOD=VALUE` changes one.
 """
 
 import argparse
@@ -30,7 +31,7 @@ from llama_adapter.train import TrainConfig, evaluate, train
 LEARNING_RATES = {
     "llama-adapter": 9e-3,
     "lora": 3e-4,
-    "adalora": 3e-4,
+    "adalora": 3e-3,
     "dylora": 3e-4,
     "series": 3e-4,
     "parallel": 3e-4,
