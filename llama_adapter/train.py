@@ -66,7 +66,9 @@ class TrainConfig:
     )
     quantize: Quantization = option(QUANTIZE_HELP, "none")
     lr: float | None = option(
-        f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper)", None
+        f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper; other methods "
+        "want other rates: README, Other methods)",
+        None,
     )
     epochs: int = option("passes over the training rows", 5)
     batch_size: int = option("rows per forward pass, over all processes together", 4)
