@@ -24,7 +24,7 @@ from llama_adapter.config import PRECISIONS, default_device, default_precision
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data"))  # the real data (SOURCES.md)
+DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data")  # the real data (SOURCES.md)
 ALPACA = DATA / "alpaca" / "alpaca_small.json"
 MODELS = ("smollm2", "llama-7b", "tiny")
 RANDOM_SHAPES = {

@@ -136,7 +136,7 @@ def tiny_base_dir(make_base, tokenizer, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO_ROOT / ".." / "shared" / "data"))
+    path = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO_ROOT / ".." / "shared" / "data")  # set but empty: unset
     path = (path if path.is_absolute() else REPO_ROOT / path).resolve()
     if not path.is_dir():
         pytest.skip(f"data folder {path} not found (set LLAMA_ADAPTER_DATA to run tests on the real data)")
