@@ -142,12 +142,12 @@ def generation_speed(model: LlamaAdapterModel, new_tokens: int) -> float:
         "top_k": None,
     }
     best = float("inf")
-    with model.images(None):
+    with model.running():
         for run in range(3):  # the first run warms up (CUDA kernels, caches); the best of the other two counts
             synchronize()
             start = time.perf_counter()
             inputs = model.method.generation_inputs(ids, mask)  # fresh: generate fills a prefix's cache in place
-            model.base.generate(**inputs, **settings, pad_token_id=model.tokenizer.pad_token_id)
+            model.base.generate(**inputs, **settings, pad_token_id=data.pad_id(model.tokenizer))
             synchronize()
             best = min(best, time.perf_counter() - start) if run else best
     return new_tokens / best

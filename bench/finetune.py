@@ -67,25 +67,26 @@ def main() -> None:
         "data": os.path.relpath(args.data, REPO),
         "recipe": {
             key: getattr(cfg, key)
-            for key in ("epochs", "batch_size", "grad_accum", "max_len", "lr", "gradient_checkpointing")
-        },
+            for key in ("epochs", "batch_size", "grad_accum", "max_len", "gradient_checkpointing")
+        }
+        | {"lr": cfg.learning_rate(model.config.method)},
         "train_rows": len(examples),
         "steps": summary["steps"],
         "train_tokens": summary["train_tokens"],
-        "wall_time_s": round(summary["wall_time_s"], 2),
-        "tokens_per_s": round(summary["tokens_per_s"], 1),
-        "padding_share": round(summary["padding_share"], 4),
-        "padding_share_random_batches": round(random_batch_padding(examples, cfg.batch_size, cfg.seed), 4),
-        "val_loss_before": round(summary["val_loss_before"], 4),
-        "val_loss_after": round(summary["val_loss_after"], 4),
+        "wall_time_s": summary["wall_time_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "padding_share": summary["padding_share"],
+        "padding_share_random_batches": random_batch_padding(examples, cfg.batch_size, cfg.seed),
+        "val_loss_before": summary["val_loss_before"],
+        "val_loss_after": summary["val_loss_after"],
         "peak_memory_mib": peak_memory_mib(),
-        "alpaca52k_x5_projected_hours": round(ALPACA_ROWS * PAPER_EPOCHS / rows_per_s / 3600, 2),
+        "alpaca52k_x5_projected_hours": ALPACA_ROWS * PAPER_EPOCHS / rows_per_s / 3600,
     }
     if peak_flops():
         lengths = [len(e.input_ids) for e in examples]
         scored = sum(sum(label != data.IGNORE_INDEX for label in e.labels) for e in examples)
         flops = frozen_training_flops(base, sum(lengths), sum(lengths) / len(lengths), scored)
-        results["mfu"] = round(flops / summary["wall_time_s"] / peak_flops(), 4)
+        results["mfu"] = flops / summary["wall_time_s"] / peak_flops()
     results["targets"] = {"padding_share < 0.10": results["padding_share"] < 0.10}
     if args.model == "llama-7b":
         results["targets"] |= {
@@ -106,8 +107,8 @@ def random_batch_padding(examples: list[data.Example], batch_size: int, seed: in
 def peak_memory_mib() -> float:
     """Peak allocated CUDA memory, or on a CPU the process's peak resident memory (Linux reports kB)."""
     if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

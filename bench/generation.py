@@ -130,15 +130,15 @@ def summarise(times: dict[str, list[float]], new_tokens: int) -> dict:
     median = {method: statistics.median(values) for method, values in times.items()}
     summary = {
         method: {
-            "median_s": round(median[method], 4),
-            "min_s": round(min(values), 4),
-            "max_s": round(max(values), 4),
-            "tokens_per_s": round(new_tokens / median[method], 2),
+            "median_s": median[method],
+            "min_s": min(values),
+            "max_s": max(values),
+            "tokens_per_s": new_tokens / median[method],
         }
         for method, values in times.items()
     }
-    summary["ours_over_base"] = round(median["base"] / median["ours"], 3)  # throughput ratio
-    summary["ours_over_peft"] = round(median["peft"] / median["ours"], 3)
+    summary["ours_over_base"] = median["base"] / median["ours"]  # throughput ratio
+    summary["ours_over_peft"] = median["peft"] / median["ours"]
     return summary
 
 

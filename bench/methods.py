@@ -11,9 +11,10 @@ parameters, checkpoint size, training tokens/s, greedy generation tokens/s (batc
 tokens, as a ratio to the base model alone measured in the same run; LoRA folded into the base, as `chat`, `eval`
 and `demo` serve it), the response loss on `--alpaca-rows` real Alpaca rows (the base model's own loss is the
 first row), and accuracy on the task's test sets (the first `--limit` questions of each; `--limit 0` for all).
-Learning rates: LLM-Adapters' 3e-4 for LoRA, DyLoRA and the bottleneck adapters, LLaMA-Adapter's 9e-3, 3e-3 for
-AdaLoRA (its update B diag(E) A starts from E = 0 and small A and B, so it moves ~10x slower per unit of learning
-rate) and for prefix tuning's MLP, and 3e-2 for the virtual tokens' few parameters; `--lr METHOD=VALUE` changes one.
+Learning rates: each method's default (llama_adapter/methods/: LLM-Adapters' 3e-4 for LoRA, DyLoRA and the
+bottleneck adapters, 3e-3 for AdaLoRA, whose update B diag(E) A starts from E = 0 and small A and B, so it moves ~10x
+slower per unit of learning rate, and for prefix tuning's MLP, and 3e-2 for the virtual tokens' few parameters), but
+LLaMA-Adapter's paper base rate 9e-3 unscaled, as its rows were measured; `--lr METHOD=VALUE` changes one.
 """
 
 import argparse
@@ -24,21 +25,10 @@ import torch
 from common import ALPACA, DATA, MODELS, RESULTS, generation_speed, load_base, write_results
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, data, llm_adapters
-from llama_adapter.config import METHOD_FIELDS
 from llama_adapter.evaluation import evaluate_questions
+from llama_adapter.methods import REGISTRY
 from llama_adapter.train import TrainConfig, evaluate, train
 
-LEARNING_RATES = {
-    "llama-adapter": 9e-3,
-    "lora": 3e-4,
-    "adalora": 3e-3,
-    "dylora": 3e-4,
-    "series": 3e-4,
-    "parallel": 3e-4,
-    "prefix": 3e-3,
-    "ptuning-v2": 3e-2,
-    "prompt": 3e-2,
-}
 # task: (training files in the LLM-Adapters folder, test sets, answer length limit)
 TASKS = {
     "math": (["math_data.json"], llm_adapters.MATH_DATASETS, 256),
@@ -54,21 +44,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--task", choices=list(TASKS), default="math")
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_FIELDS), default=list(METHOD_FIELDS))
+    parser.add_argument("--methods", nargs="+", choices=list(REGISTRY), default=list(REGISTRY))
     parser.add_argument("--data", default=str(DATA / "llm-adapters"), help="LLM-Adapters folder")
     parser.add_argument("--alpaca", default=str(ALPACA))
     parser.add_argument("--alpaca-rows", type=int, default=200, help="Alpaca rows the validation loss is over")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method (the same budget)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--lr", nargs="*", default=[], metavar="METHOD=VALUE")
+    parser.add_argument("--lr", nargs="*", default=["llama-adapter=9e-3"], metavar="METHOD=VALUE")
     parser.add_argument("--limit", type=int, default=100, help="questions per test set; 0 = all")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, help="answers' length limit (default: 256 math, 32 commonsense)")
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--out", help="default: bench/results/methods.json (math), methods_<task>.json (others)")
     args = parser.parse_args()
-    rates = LEARNING_RATES | {m: float(v) for m, v in (item.split("=", 1) for item in args.lr)}
+    rates = {name: method.learning_rate(args.batch_size) for name, method in REGISTRY.items()}
+    rates |= {m: float(v) for m, v in (item.split("=", 1) for item in args.lr)}
     files, test_sets, max_new_tokens = TASKS[args.task]
     args.max_new_tokens = args.max_new_tokens or max_new_tokens
     args.out = args.out or str(RESULTS / ("methods.json" if args.task == "math" else f"methods_{args.task}.json"))
@@ -82,17 +73,15 @@ def main() -> None:
     rows = [
         {
             "method": "base model",
-            "alpaca_val_loss": round(evaluate(plain, alpaca, args.batch_size, tokenizer.pad_token_id), 4),
-            "generation_tokens_per_s": round(generation_speed(plain, args.gen_tokens), 1),
+            "alpaca_val_loss": evaluate(plain, alpaca, args.batch_size, data.pad_id(tokenizer)),
+            "generation_tokens_per_s": generation_speed(plain, args.gen_tokens),
         }
     ]
     rows[0] |= accuracy(plain, questions, test_sets, args)
     base_speed = rows[0]["generation_tokens_per_s"]
     if torch.cuda.is_available():  # so that the first method's tokens/s does not pay for CUDA's warm-up
         with tempfile.TemporaryDirectory() as run:
-            train(
-                training_config(args, run, 5, LEARNING_RATES["llama-adapter"]), plain.config, plain, rows=training_rows
-            )
+            train(training_config(args, run, 5, rates["llama-adapter"]), plain.config, plain, rows=training_rows)
     del plain, base
     for method in args.methods:
         base, _ = load_base(args.model)  # PEFT's methods change their base: each method gets a fresh one
@@ -101,7 +90,7 @@ def main() -> None:
             cfg = training_config(args, run, args.steps, rates[method])
             summary = train(cfg, model.config, model, rows=training_rows)
             checkpoint_kib = (Path(run) / "adapter.safetensors").stat().st_size / 1024
-        if method == "lora":
+        if model.method.can_merge:  # as chat, eval and demo serve it
             model.method.merge()
         speed = generation_speed(model, args.gen_tokens)
         rows.append(
@@ -109,12 +98,12 @@ def main() -> None:
                 "method": method,
                 "lr": rates[method],
                 "trainable_parameters": model.num_trainable_parameters(),
-                "checkpoint_kib": round(checkpoint_kib, 1),
-                "train_tokens_per_s": round(summary["tokens_per_s"], 1),
-                "generation_tokens_per_s": round(speed, 1),
-                "generation_vs_base": round(speed / base_speed, 3),
-                "task_val_loss": [round(summary["val_loss_before"], 4), round(summary["val_loss_after"], 4)],
-                "alpaca_val_loss": round(evaluate(model, alpaca, args.batch_size, tokenizer.pad_token_id), 4),
+                "checkpoint_kib": checkpoint_kib,
+                "train_tokens_per_s": summary["tokens_per_s"],
+                "generation_tokens_per_s": speed,
+                "generation_vs_base": speed / base_speed,
+                "task_val_loss": [summary["val_loss_before"], summary["val_loss_after"]],
+                "alpaca_val_loss": evaluate(model, alpaca, args.batch_size, data.pad_id(tokenizer)),
             }
             | accuracy(model, questions, test_sets, args)
         )
@@ -152,7 +141,7 @@ def accuracy(model: LlamaAdapterModel, questions: list, test_sets: tuple[str, ..
         scores = evaluate_questions(
             model, questions, Path(folder) / "answers.jsonl", test_sets, args.eval_batch_size, args.max_new_tokens
         )
-    return {"accuracy": {name: round(value, 1) for name, value in scores["accuracy"].items()}}
+    return {"accuracy": {name: value for name, value in scores["accuracy"].items()}}
 
 
 def format_table(rows: list[dict], test_sets: tuple[str, ...]) -> str:
@@ -161,18 +150,18 @@ def format_table(rows: list[dict], test_sets: tuple[str, ...]) -> str:
     head += ["Alpaca val loss", *sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        speed = f"{row['generation_tokens_per_s']}" + (
-            f" ({row['generation_vs_base']}×)" if "generation_vs_base" in row else ""
+        speed = f"{row['generation_tokens_per_s']:.1f}" + (
+            f" ({row['generation_vs_base']:.2f}×)" if "generation_vs_base" in row else ""
         )
         cells = [
             row["method"],
             f"{row['trainable_parameters']:,}" if "trainable_parameters" in row else "0",
             f"{row['checkpoint_kib']:,.0f} KiB" if "checkpoint_kib" in row else "–",
-            f"{row['train_tokens_per_s']}" if "train_tokens_per_s" in row else "–",
+            f"{row['train_tokens_per_s']:.0f}" if "train_tokens_per_s" in row else "–",
             speed,
             "{:.3f} → {:.3f}".format(*row["task_val_loss"]) if "task_val_loss" in row else "–",
             f"{row['alpaca_val_loss']:.3f}",
-            *(f"{row['accuracy'].get(name, 0):.1f}" for name in sets),
+            *(f"{row['accuracy'][name]:.1f}" if name in row["accuracy"] else "–" for name in sets),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from common import ALPACA, MODELS, RESULTS, generation_speed, load_base, write_r
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel
-from llama_adapter.config import PRECISIONS
+from llama_adapter.config import PRECISIONS, BaseModelConfig
 from llama_adapter.train import TrainConfig, train
 
 SETTINGS = ("none", "int8", "nf4")
@@ -66,7 +66,7 @@ def main() -> None:
             print(format_measured(rows), flush=True)
     for row in rows[1:]:
         for key in ("weights_mib", "peak_mib", "train_tokens_per_s", "generation_tokens_per_s"):
-            row[f"{key}_vs_none"] = round(row[key] / rows[0][key], 3)
+            row[f"{key}_vs_none"] = row[key] / rows[0][key]
     llama_7b = llama_7b_memory(args.seq_len)
     results = {
         "model": args.model,
@@ -87,8 +87,7 @@ def measure(base_name: str, setting: str, args) -> dict:
         cfg = TrainConfig(
             data=args.data,
             out=str(Path(folder) / "run"),
-            base=base_name,
-            quantize=setting,
+            model=BaseModelConfig(base=base_name, quantize=setting),
             epochs=100,
             max_steps=args.steps,
             batch_size=args.batch_size,
@@ -99,7 +98,9 @@ def measure(base_name: str, setting: str, args) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(cfg.seed)
         adapter = AdapterConfig(adapter_len=10, adapter_layers=30)
-        model = LlamaAdapterModel.from_base(base_name, adapter, PRECISIONS[cfg.precision], device, quantize=setting)
+        model = LlamaAdapterModel.from_base(
+            base_name, adapter, PRECISIONS[cfg.model.precision], device, quantize=setting
+        )
         weights_mib = model.base.get_memory_footprint() / 2**20
         release_freed_memory()
         with PeakMemory() as peak:
@@ -107,12 +108,12 @@ def measure(base_name: str, setting: str, args) -> dict:
         speed = generation_speed(model, args.gen_tokens)
     return {
         "quantize": setting,
-        "weights_mib": round(weights_mib, 1),
-        "process_before_loading_mib": None if torch.cuda.is_available() else round(before, 1),
-        "peak_mib": round(peak.mib, 1),
-        "train_tokens_per_s": round(summary["tokens_per_s"], 1),
-        "generation_tokens_per_s": round(speed, 1),
-        "alpaca_val_loss": [round(summary["val_loss_before"], 4), round(summary["val_loss_after"], 4)],
+        "weights_mib": weights_mib,
+        "process_before_loading_mib": None if torch.cuda.is_available() else before,
+        "peak_mib": peak.mib,
+        "train_tokens_per_s": summary["tokens_per_s"],
+        "generation_tokens_per_s": speed,
+        "alpaca_val_loss": [summary["val_loss_before"], summary["val_loss_after"]],
     }
 
 
@@ -184,12 +185,12 @@ def llama_7b_memory(seq_len: int) -> dict:
     }
     return {
         "seq_len": seq_len,
-        "weights_mib": {k: round(v, 1) for k, v in weights.items()},
+        "weights_mib": {k: v for k, v in weights.items()},
         "adapter_parameters": adapter_params,
         # fp32 parameter, gradient and AdamW's two moments
-        "adapter_state_mib": round(adapter_params * 16 / 2**20, 1),
-        "activations_per_layer_per_row_mib": round(per_layer / 2**20, 1),
-        "activations_mib": {b: {k: round(v, 1) for k, v in a.items()} for b, a in activations.items()},
+        "adapter_state_mib": adapter_params * 16 / 2**20,
+        "activations_per_layer_per_row_mib": per_layer / 2**20,
+        "activations_mib": {b: {k: v for k, v in a.items()} for b, a in activations.items()},
     }
 
 
@@ -248,15 +249,15 @@ def format_measured(rows: list[dict]) -> str:
     for row in rows:
 
         def ratio(key, row=row):
-            return f" ({row[key + '_vs_none']}×)" if key + "_vs_none" in row else ""
+            return f" ({row[key + '_vs_none']:.2f}×)" if key + "_vs_none" in row else ""
 
         before, after = row["alpaca_val_loss"]
         cells = [
             row["quantize"],
             f"{row['weights_mib']:,.0f} MiB{ratio('weights_mib')}",
             f"{row['peak_mib']:,.0f} MiB{ratio('peak_mib')}",
-            f"{row['train_tokens_per_s']}{ratio('train_tokens_per_s')}",
-            f"{row['generation_tokens_per_s']}{ratio('generation_tokens_per_s')}",
+            f"{row['train_tokens_per_s']:.1f}{ratio('train_tokens_per_s')}",
+            f"{row['generation_tokens_per_s']:.1f}{ratio('generation_tokens_per_s')}",
             f"{before:.3f} → {after:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

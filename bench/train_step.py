@@ -78,19 +78,19 @@ def main() -> None:
         "repeats": args.repeats,
         "methods": {
             method: {
-                "median_s": round(median[method], 4),
-                "min_s": round(min(times[method]), 4),
-                "max_s": round(max(times[method]), 4),
-                "tokens_per_s": round(tokens / median[method], 1),
+                "median_s": median[method],
+                "min_s": min(times[method]),
+                "max_s": max(times[method]),
+                "tokens_per_s": tokens / median[method],
                 "saved_activations_mib": saved[method],
                 "peak_memory_mib": peaks[method],
-                **({"mfu": round(flops / median[method] / peak_flops(), 4)} if peak_flops() else {}),
+                **({"mfu": flops / median[method] / peak_flops()} if peak_flops() else {}),
             }
             for method in METHODS
         },
-        "ours_over_floor": round(median["ours"] / median["floor"], 3),
-        "peft_over_ours": round(median["peft"] / median["ours"], 3),
-        "peft_over_floor": round(median["peft"] / median["floor"], 3),
+        "ours_over_floor": median["ours"] / median["floor"],
+        "peft_over_ours": median["peft"] / median["ours"],
+        "peft_over_floor": median["peft"] / median["floor"],
     }
     results["targets"] = {
         "ours_over_floor <= 1.10": results["ours_over_floor"] <= 1.10,
@@ -201,7 +201,7 @@ def saved_activation_mib(step, base) -> float:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step()
-    return round(sum(storages.values()) / 2**20, 1)
+    return sum(storages.values()) / 2**20
 
 
 def profile(step, top: int = 8) -> dict:
@@ -211,7 +211,7 @@ def profile(step, top: int = 8) -> dict:
         synchronize()
     attribute = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)[:top]
-    return {f"{e.key} x{e.count}": round(getattr(e, attribute) / 1000, 1) for e in events}
+    return {f"{e.key} x{e.count}": getattr(e, attribute) / 1000 for e in events}
 
 
 def _profiler_activities():
@@ -230,7 +230,7 @@ def peak_memory_mib(model: str, base, batch_size: int, seq_len: int, runs: int) 
             torch.cuda.reset_peak_memory_stats()
             step()
             synchronize()
-            out[method] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            out[method] = torch.cuda.max_memory_allocated() / 2**20
             del step
         return out
     spawn = multiprocessing.get_context("spawn")
@@ -253,7 +253,7 @@ def _rss_of_one_step(model: str, method: str, batch_size: int, seq_len: int) -> 
     step()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)  # reported in kB
+            return int(line.split()[1]) / 1024  # reported in kB
     raise RuntimeError("/proc/self/status has no VmHWM")
 
 

@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 
 from llama_adapter import LlamaAdapterModel, scienceqa
+from llama_adapter.adapter_files import CONFIG_NAME
 from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.model import CONFIG_NAME
 from llama_adapter.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data")) / "scienceqa"
+DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data") / "scienceqa"
 PROBLEMS = "problems_think_partial.json"
 # Most wanted first, so a run cut short by the clock has measured what matters: the text-only adapter on all
 # 4241 test questions comes before the captions variant and the base model's full-test average.

@@ -14,7 +14,8 @@ so an untrained adapter is exactly the base model, and training grows the prompt
 
 Multimodal (section 3.3): a frozen CLIP encoder's global image feature goes through a small trainable projection
 (`VisualProjection`) to the LLM width and is added to every adapted layer's K prompts, P_l + repeat_K(I_p), so
-each sample attends to prompts shifted by its own image. Rows without an image add nothing.
+each sample attends to prompts shifted by its own image. Rows without an image add nothing. The projected features
+come with each call, never stored on the module.
 
 The bottleneck adapters of LLM-Adapters (Hu et al. 2023, https://arxiv.org/abs/2304.01933), which PEFT lacks,
 live here too: each decoder layer's MLP gets a small residual branch f(z W_down) W_up, with W_up zero-initialised
@@ -28,7 +29,7 @@ training step draws a rank b from 1..r and uses only the first b rows of A and c
 
 so that afterwards any b <= r serves, the leading ranks carrying the most. (The paper also offers updating only the
 b-th row and column each step; here all of the first b train.) LoRA, AdaLoRA, prefix and prompt tuning come from
-PEFT (methods.py).
+PEFT (methods/peft_methods.py).
 """
 
 import math
@@ -46,23 +47,29 @@ class AdaptionPrompt(nn.Module):
         # N(0, 1) like the reference implementation's nn.Embedding; harmless because the gate starts at zero.
         self.adapter_prompt = nn.Parameter(torch.randn(adapter_len, hidden_size))
         self.adapter_gate = nn.Parameter(torch.zeros(num_heads))
-        # (B, dim) projected image features of the current batch, set by the model around a forward pass.
-        self.visual: torch.Tensor | None = None
         self._cached_kv: tuple | None = None  # (key, image, keys, values): see _keys_values
 
-    def forward(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module, scaling: float) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        scaling: float,
+        visual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Gated attention of `query` (B, H, T, hd), rotary already applied, over the prompt.
 
+        `visual`: (B, dim) projected image features added to the prompt of each row, or None (text only).
         Returns (B, T, H, hd), the layout in which attention functions return their output, ready to be added.
         """
-        keys, values = self._keys_values(k_proj, v_proj, query.dtype, query.shape[1], query.shape[3])
+        keys, values = self._keys_values(k_proj, v_proj, visual, query.dtype, query.shape[1], query.shape[3])
         batch = (query.shape[0], -1, -1, -1)
         # No mask: every position sees the whole prompt. One fused kernel (fp32 softmax inside) instead of
         # matmul, softmax, matmul: it halves the prompt term's cost per decoded token.
         out = F.scaled_dot_product_attention(query, keys.expand(batch), values.expand(batch), scale=scaling)
         return out.transpose(1, 2)
 
-    def _keys_values(self, k_proj, v_proj, dtype: torch.dtype, num_heads: int, head_dim: int):
+    def _keys_values(self, k_proj, v_proj, visual, dtype: torch.dtype, num_heads: int, head_dim: int):
         """The prompt projected by the layer's k/v for every query head, ([B,] H, K, hd) each.
 
         The gate is folded into the values -- tanh(g) softmax(.) V equals softmax(.) (tanh(g) V) since the gate is
@@ -78,16 +85,16 @@ class AdaptionPrompt(nn.Module):
             weights = [self.adapter_prompt, self.adapter_gate, *k_proj.parameters(), *v_proj.parameters()]
             key = (dtype, num_heads, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
             cached = self._cached_kv
-            if cached is not None and cached[0] == key and cached[1] is self.visual:
+            if cached is not None and cached[0] == key and cached[1] is visual:
                 return cached[2:]
         prompt = self.adapter_prompt.to(dtype)  # params stay fp32; compute runs in the base's dtype
-        if self.visual is not None:
-            prompt = prompt + self.visual[:, None].to(dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
+        if visual is not None:
+            prompt = prompt + visual[:, None].to(dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
         # Grouped-query attention: each key/value head serves num_heads // H_kv consecutive query heads.
         keys = _query_heads(k_proj(prompt), head_dim, num_heads)
         gate = torch.tanh(self.adapter_gate).to(dtype)[:, None, None]  # (H, 1, 1)
         values = gate * _query_heads(v_proj(prompt), head_dim, num_heads)
-        self._cached_kv = (key, self.visual, keys, values) if caching else None
+        self._cached_kv = (key, visual, keys, values) if caching else None
         return keys, values
 
 

@@ -2,8 +2,10 @@
 
 `<out>/checkpoints/step-<N>/` holds
   adapter.safetensors, adapter_config.json   the adapter after step N: an adapter folder every command can load
-  trainer_state.safetensors                  AdamW's moments and step counts by parameter name, the RNG states
-  trainer_state.json                         the position in the data, the counters, the LR schedule, the settings
+  trainer_state.safetensors                  AdamW's moments and step counts by parameter name, and the RNG states
+                                             of every process (rank 0's as rng.torch, rank r's as rng.torch.rank<r>)
+  trainer_state.json                         the position in the data, the counters, the LR schedule, the settings,
+                                             the training data's content hash
 A checkpoint is written into a temporary folder, every file is flushed to disk, and only then is the folder renamed
 to `step-<N>`: a crash leaves at most a temporary folder, which is never read and is removed by the next save. Once a
 new checkpoint is in place the older ones are removed. Nothing is pickled.
@@ -20,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import WEIGHTS_NAME
+from . import distributed, files
+from .adapter_files import WEIGHTS_NAME
 
 FOLDER = "checkpoints"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -30,10 +33,18 @@ _OPTIMIZER = "optimizer."
 _RNG = "rng."
 
 
-def save(out: str | os.PathLike, model, optimizer: torch.optim.Optimizer, scheduler, state: dict) -> Path:
+def save(
+    out: str | os.PathLike,
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    rng: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write the checkpoint of step `state["progress"]["step"]` under `out`; returns its folder.
 
-    `state` is JSON: the position in the data, counters and settings; the scheduler's state is added here.
+    `state` is JSON: the position in the data, counters and settings; the scheduler's state is added here. `rng`:
+    each process's generator states by rank (distributed.rng_states); default, this process's as rank 0.
     """
     root = Path(out) / FOLDER
     root.mkdir(parents=True, exist_ok=True)
@@ -42,13 +53,13 @@ def save(out: str | os.PathLike, model, optimizer: torch.optim.Optimizer, schedu
     try:
         model.save(staging)
         tensors, groups = _optimizer_tensors(optimizer, list(model.adapter_state()))
-        save_file(tensors | _rng_tensors(), staging / STATE_TENSORS)
+        save_file(tensors | _rng_tensors(rng), staging / STATE_TENSORS)
         full_state = state | {"scheduler": scheduler.state_dict(), "optimizer_param_groups": groups}
         (staging / STATE_JSON).write_text(json.dumps(full_state, indent=2) + "\n")
         for file in staging.iterdir():
-            _fsync(file)
+            files.fsync(file)
         staging.rename(final)  # atomic: step-<N> appears whole or not at all
-        _fsync(root)
+        files.fsync(root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for other in root.iterdir():  # older checkpoints, and temporaries of saves a crash interrupted
@@ -67,16 +78,14 @@ def latest(out: str | os.PathLike) -> Path | None:
 def read_state(folder: Path) -> dict:
     """The JSON part of a checkpoint: cheap to read before deciding to resume."""
     path = folder / STATE_JSON
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing: {folder} is not a complete checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not path.is_file():
+        raise ValueError(f"{path}: missing: {folder} is not a complete checkpoint")
+    return files.read_json(path)
 
 
-def restore(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Put the adapter, the optimizer, the LR schedule and the RNG states back as they were; returns the state."""
+def restore(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler, rank: int = 0) -> dict:
+    """Put the adapter, the optimizer, the LR schedule and process `rank`'s RNG states back as they were; returns the
+    state. A rank the checkpoint has no states for (a run resumed in more processes) keeps its fresh seeding."""
     state = read_state(folder)
     path = folder / STATE_TENSORS
     try:
@@ -87,9 +96,10 @@ def restore(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler) ->
     names = list(model.adapter_state())
     optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer_param_groups"], names, path))
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors[_RNG + "torch"])
-    if torch.cuda.is_available() and _RNG + "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors[_RNG + "cuda"])
+    if _rng_key("torch", rank) in tensors:
+        torch.set_rng_state(tensors[_rng_key("torch", rank)])
+    if torch.cuda.is_available() and _rng_key("cuda", rank) in tensors:
+        torch.cuda.set_rng_state(tensors[_rng_key("cuda", rank)])
     return state
 
 
@@ -117,17 +127,10 @@ def _optimizer_state(tensors: dict, groups: list[dict], names: list[str], where:
     return {"state": state, "param_groups": groups}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    rng = {_RNG + "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng[_RNG + "cuda"] = torch.cuda.get_rng_state()
-    return rng
+def _rng_tensors(states: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
+    states = states or distributed.rng_states(distributed.World(0, 1, torch.device("cpu")))  # this process alone
+    return {_rng_key(kind, rank): state for rank, by_kind in enumerate(states) for kind, state in by_kind.items()}
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder's entries to disk, so the rename that follows never publishes unwritten data."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+def _rng_key(kind: str, rank: int) -> str:
+    return f"{_RNG}{kind}" if rank == 0 else f"{_RNG}{kind}.rank{rank}"

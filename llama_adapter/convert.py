@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from . import hf
-from .config import AdapterConfig, option
+from .config import option
+from .methods import AdapterConfig
 from .model import LlamaAdapterModel
 
 PROMPT_KEY = "adapter_query.weight"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from . import files
+
 IGNORE_INDEX = -100  # label of positions that carry no loss: the prompt and the padding
 
 # The Stanford Alpaca templates, with a newline after "### Response:" so the answer starts on its own line.
@@ -57,12 +59,7 @@ def load_rows(path: str | Path, skipped: BadRows | None = None) -> list[dict]:
     row is left out and (where, why) appended to it instead. A file that cannot be read as a whole always raises.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+    raw = files.read_bytes(path, DataError)
     records = _json_list(raw, path) if raw.lstrip().startswith(b"[") else _jsonl_records(raw, path)
     if not records:
         raise DataError(f"{path}: no rows")
@@ -83,15 +80,7 @@ def load_rows(path: str | Path, skipped: BadRows | None = None) -> list[dict]:
 
 def _json_list(raw: bytes, path: Path) -> list[tuple[str, object]]:
     """(where, record) for each element of a JSON list; a list that does not parse has no rows to keep."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 text (line {line}, byte {err.start})") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    records = files.parse_json(raw, path, DataError)
     return [(f"{path}: row {i}", record) for i, record in enumerate(records)]
 
 
@@ -200,6 +189,25 @@ def length_grouped_batches(examples: list[Example], batch_size: int, seed: int, 
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def pad_id(tokenizer) -> int:
+    """The token that fills padding: the tokenizer's own, else EOS (LLaMA ships none; padding is masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (B, T) of token lists padded on the left, so that every row ends at column T.
+
+    Padding by hand rather than through the tokenizer, whose padding settings are state shared by every thread.
+    """
+    width = max(len(tokens) for tokens in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        input_ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, width - len(tokens) :] = 1
+    return input_ids, attention_mask
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

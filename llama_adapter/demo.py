@@ -1,8 +1,8 @@
 """The browser chat demo: a Gradio page over the library's generation API.
 
-Every LLaMA-Adapter and bottleneck adapter offered shares one frozen base in memory (`LlamaAdapterModel.load(...,
-alongside=...)`), so the chooser switches between them at no cost; LoRA and prefix adapters (PEFT) change their
-base, so each has a base of its own. One answer is generated at a time; the queue keeps the others waiting.
+Every adapter offered whose method can share a base (LLaMA-Adapter, bottlenecks, DyLoRA) shares one frozen base in
+memory (`LlamaAdapterModel.load(..., alongside=...)`), so the chooser switches between them at no cost; PEFT's
+methods rebuild their base, so each has a base of its own. One answer is generated at a time; the queue keeps the others waiting.
 """
 
 import logging
@@ -12,9 +12,10 @@ import gradio as gr
 from matplotlib.figure import Figure
 
 from . import synthetic
+from .adapter_files import read_config
 from .config import DemoConfig, ModelConfig, SamplingConfig
 from .generation import stream_conversation
-from .model import LlamaAdapterModel, load_model, read_adapter_config
+from .model import LlamaAdapterModel, load_model
 from .scienceqa import format_options
 from .visual import load_image
 
@@ -156,7 +157,7 @@ class _Chat:
         model = self._model(choice)
         if choice == BASE_CHOICE:
             return f"**{BASE_CHOICE}**: {model.base.name_or_path}, no prompts take part (every gate is 0).", None, {}
-        saved = read_adapter_config(Path(choice))
+        saved = read_config(Path(choice))
         summary = f"**{choice}**: {model.config.method}, {model.num_trainable_parameters():,} trainable parameters"
         if not model.prompts:  # gates, prompts and images are LLaMA-Adapter's alone
             return summary + ".", None, saved

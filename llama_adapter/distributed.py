@@ -77,9 +77,30 @@ def setup() -> World:
 
 
 def launch(nproc: int, train_args: list[str]) -> int:
-    """Run `python -m llama_adapter.train train_args` in `nproc` processes under torchrun; returns its exit code."""
+    """Run `python -m llama_adapter train train_args` in `nproc` processes under torchrun; returns its exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([*command, "-m", "llama_adapter.train", *train_args], check=False).returncode
+    return subprocess.run([*command, "-m", "llama_adapter", "train", *train_args], check=False).returncode
+
+
+def seed(seed: int, world: World) -> None:
+    """Seed this process's random stream by the run's seed and its rank, so processes draw different dropout masks."""
+    torch.manual_seed(seed * 1_000_003 + world.rank)
+
+
+def rng_states(world: World) -> list[dict[str, torch.Tensor]]:
+    """Every process's random-number generator states, by rank: a collective call, which every process makes."""
+    local = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        local["cuda"] = torch.cuda.get_rng_state()
+    if world.size == 1:
+        return [local]
+    gathered = [{} for _ in range(world.size)]
+    for kind, state in local.items():
+        parts = [torch.empty_like(state, device=world.device) for _ in range(world.size)]
+        dist.all_gather(parts, state.to(world.device))
+        for rank, part in enumerate(parts):
+            gathered[rank][kind] = part.cpu()
+    return gathered
 
 
 @contextmanager

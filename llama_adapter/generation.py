@@ -6,8 +6,8 @@ from collections.abc import Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from . import data
 from .config import SamplingConfig
-from .data import format_conversation
 
 WORKER_NAME = "llama-adapter-generate"  # the generation thread's name: a stopped stream leaves none behind
 
@@ -21,15 +21,15 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     the worker is re-raised here instead of leaving the consumer waiting.
     """
     tokenizer = model.tokenizer
-    encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
-    inputs = model.method.generation_inputs(encoded["input_ids"], encoded["attention_mask"])
+    ids, mask = data.left_padded([tokenizer(prompt)["input_ids"]], data.pad_id(tokenizer))
+    inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     failure: list[BaseException] = []
 
     def work():
         try:
-            with torch.no_grad(), model.images(image_features):
+            with torch.no_grad(), model.running(image_features):
                 model.base.generate(
                     **inputs,
                     **generation_kwargs(sampling, tokenizer),
@@ -71,7 +71,7 @@ def conversation_prompt(tokenizer, earlier: list[tuple[str, str]], instruction: 
     The oldest exchanges are left out until it fits; returns the prompt and how many were left out.
     """
     for left_out in range(len(earlier) + 1):
-        prompt = format_conversation(earlier[left_out:], instruction)
+        prompt = data.format_conversation(earlier[left_out:], instruction)
         length = len(tokenizer(prompt)["input_ids"])
         if length <= room:
             return prompt, left_out
@@ -88,9 +88,9 @@ def generate_batch(
 ) -> list[str]:
     """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column."""
     tokenizer = model.tokenizer
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    inputs = model.method.generation_inputs(encoded["input_ids"], encoded["attention_mask"])
-    with model.images(image_features, has_image):
+    ids, mask = data.left_padded([tokenizer(prompt)["input_ids"] for prompt in prompts], data.pad_id(tokenizer))
+    inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
+    with model.running(image_features, has_image):
         out = model.base.generate(**inputs, **generation_kwargs(sampling, tokenizer))
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -100,7 +100,7 @@ def generation_kwargs(sampling: SamplingConfig, tokenizer) -> dict:
     kwargs = {
         "max_new_tokens": sampling.max_new_tokens,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_id": data.pad_id(tokenizer),
     }
     if sampling.temperature > 0:
         return kwargs | {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}

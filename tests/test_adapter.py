@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_adapter import hf
-from llama_adapter.config import AdapterConfig
+from llama_adapter import AdapterConfig, hf
 from llama_adapter.data import IGNORE_INDEX, collate, encode
 from llama_adapter.model import LlamaAdapterModel
 
@@ -182,7 +181,7 @@ def test_llama_7b_shape_trainable_parameter_count():
     assert model.num_trainable_parameters() == 1_228_800 + 30 * 32
     assert sorted(model.prompts) == list(range(2, 32))
     # The prompts must be registered in the module tree (so .to(), state_dict and optimizers see them).
-    carried = {int(name.split(".")[2]) for name, _ in base.named_parameters() if "adapter_" in name}
+    carried = {int(name.split(".")[2]) for name, _ in model.named_parameters() if "adapter_" in name}
     assert carried == set(range(2, 32))
     state = model.adapter_state()
     assert state["layers.31.adapter_prompt"].shape == (10, 4096)
@@ -206,7 +205,7 @@ def test_adapter_config_rejects_non_positive_sizes(field):
 def test_only_adapter_parameters_are_trainable(make_model):
     model = make_model(adapter_len=3, adapter_layers=2)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(name.endswith(("adaption.adapter_prompt", "adaption.adapter_gate")) for name in trainable)
+    assert trainable and all(name.endswith(("adapter_prompt", "adapter_gate")) for name in trainable)
     assert len(trainable) == 2 * 2
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == model.num_trainable_parameters()
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama_adapter import hf
-from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel, check_same_base, read_adapter_config
+from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_same_base, read_config
+from llama_adapter.model import LlamaAdapterModel
 
 BASE_NAME = "tiny-random-llama"
 
@@ -63,7 +64,7 @@ def test_config_records_adapter_and_base_identity(saved):
         "vocab_size": model.base.config.vocab_size,
     }
     assert config["trainable_parameters"] == 2 * (3 * 64 + 4)
-    assert read_adapter_config(out) == config
+    assert read_config(out) == config
 
 
 def test_weights_file_holds_only_adapter_tensors(saved):
@@ -84,7 +85,7 @@ def test_weights_file_holds_only_adapter_tensors(saved):
 
 def test_check_same_base_rejects_a_different_shape(saved, make_base):
     _, out = saved
-    recorded = read_adapter_config(out)["base"]
+    recorded = read_config(out)["base"]
     other = make_base(num_hidden_layers=3)
     other.name_or_path = BASE_NAME
     with pytest.raises(ValueError, match=r"num_hidden_layers: adapter has 4, base has 3") as info:
@@ -95,7 +96,7 @@ def test_check_same_base_rejects_a_different_shape(saved, make_base):
 
 def test_check_same_base_names_every_differing_field(saved, make_base):
     _, out = saved
-    recorded = read_adapter_config(out)["base"]
+    recorded = read_config(out)["base"]
     other = make_base(num_key_value_heads=4, hidden_size=32)
     other.name_or_path = BASE_NAME
     with pytest.raises(ValueError) as info:
@@ -105,7 +106,7 @@ def test_check_same_base_names_every_differing_field(saved, make_base):
 
 def test_check_same_base_accepts_same_shape_and_warns_on_other_name(saved, make_base):
     _, out = saved
-    recorded = read_adapter_config(out)["base"]
+    recorded = read_config(out)["base"]
     same = make_base()
     same.name_or_path = BASE_NAME
     with warnings.catch_warnings():
@@ -138,7 +139,7 @@ def test_load_refuses_a_different_base(saved, make_base, tokenizer, monkeypatch)
     "content, message",
     [
         (None, "no adapter config"),
-        ("{not json", "not valid JSON"),
+        ("{not json", "invalid JSON at line 1"),
         (json.dumps({"format_version": 1, "adapter": {}}), "'base'"),
         (json.dumps({"format_version": 99, "adapter": {}, "base": {}}), "format_version 99"),
     ],
@@ -148,7 +149,7 @@ def test_read_adapter_config_errors_name_the_file(tmp_path, content, message):
     if content is not None:
         (tmp_path / CONFIG_NAME).write_text(content)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
-        read_adapter_config(tmp_path)
+        read_config(tmp_path)
     assert str(tmp_path / CONFIG_NAME) in str(info.value)
 
 

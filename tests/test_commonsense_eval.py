@@ -7,15 +7,13 @@ from collections import Counter
 import pytest
 from test_math_eval import row, serve_canned_answers, write_sets
 
-from llama_adapter import cli, data, scienceqa
-from llama_adapter.evaluation import evaluate_questions
+from llama_adapter import cli, data
+from llama_adapter.evaluation import BENCHMARK_DEFAULTS, DatasetsConfig, EvalConfig, evaluate_questions
 from llama_adapter.llm_adapters import (
     COMMONSENSE_DATASETS,
     COMMONSENSE_LABELS,
     MATH_DATASETS,
     PREDICTION_FIELDS,
-    CommonsenseEvalConfig,
-    MathEvalConfig,
     Question,
     format_table,
     load_questions,
@@ -24,6 +22,7 @@ from llama_adapter.llm_adapters import (
     read_answer,
     score,
 )
+from llama_adapter.predictions import read_predictions
 
 
 def question(dataset, answer, pid=None):
@@ -96,14 +95,14 @@ def test_score_and_table_cover_the_commonsense_sets():
 
 
 def test_commonsense_config_defaults_to_all_sets_and_32_tokens():
-    cfg = CommonsenseEvalConfig(data="d", out="o.jsonl")
-    assert (cfg.datasets, cfg.max_new_tokens, cfg.batch_size) == (COMMONSENSE_DATASETS, 32, 16)
-    assert MathEvalConfig(data="d", out="o.jsonl").max_new_tokens == 256
-    assert CommonsenseEvalConfig(data="d", out="o.jsonl", datasets=["piqa"]).datasets == ("piqa",)
+    defaults = BENCHMARK_DEFAULTS["commonsense"]
+    assert (defaults["datasets"], defaults["max_new_tokens"], defaults["batch_size"]) == (COMMONSENSE_DATASETS, 32, 16)
+    assert BENCHMARK_DEFAULTS["math"]["max_new_tokens"] == 256
+    assert DatasetsConfig(datasets=["piqa"]).datasets == ("piqa",)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
-        CommonsenseEvalConfig(data="d", out="o.jsonl", max_new_tokens=0)
+        EvalConfig(data="d", out="o.jsonl", max_new_tokens=0)
     with pytest.raises(ValueError, match="names a test set twice"):
-        CommonsenseEvalConfig(data="d", out="o.jsonl", datasets=["boolq", "boolq"])
+        DatasetsConfig(datasets=["boolq", "boolq"])
 
 
 @pytest.mark.parametrize(
@@ -168,7 +167,7 @@ def test_commonsense_evaluation_scores_the_canned_answers(make_model, canned, tm
     assert [len(batch) for batch in asked] == [4, 2]
     assert scores["accuracy"] == pytest.approx({"boolq": 100.0, "piqa": 50.0, "winogrande": 50.0, "Avg": 200 / 3})
     assert scores["unparsed"] == {"boolq": 0, "piqa": 1, "winogrande": 1}
-    records = scienceqa.read_predictions(out, PREDICTION_FIELDS)
+    records = read_predictions(out, PREDICTION_FIELDS)
     assert list(records) == [q.pid for q in questions]
     assert records["winogrande/0"] == {
         "pid": "winogrande/0", "dataset": "winogrande", "output": "option1 or option2", "pred": "option1",
@@ -183,7 +182,7 @@ def test_commonsense_evaluation_generates_with_the_real_tiny_model(make_model, t
     out = tmp_path / "commonsense.jsonl"
     scores = evaluate_questions(make_model(), questions, out, ("boolq",), batch_size=2, max_new_tokens=5)
     assert scores["count"] == {"boolq": 2}
-    records = scienceqa.read_predictions(out, PREDICTION_FIELDS)
+    records = read_predictions(out, PREDICTION_FIELDS)
     assert all(
         isinstance(r["output"], str) and r["pred"] == parse_label(r["output"], "boolq") for r in records.values()
     )
@@ -207,7 +206,7 @@ def test_cli_eval_commonsense_prints_and_saves_the_table(tmp_path, tiny_base_dir
     assert saved["count"] == {"piqa": 2, "boolq": 2}
     assert set(saved["accuracy"]) == {"piqa", "boolq", "Avg"}
     assert saved["settings"]["max_new_tokens"] == 32 and saved["settings"]["data"] == str(root)
-    records = scienceqa.read_predictions(out, PREDICTION_FIELDS)
+    records = read_predictions(out, PREDICTION_FIELDS)
     assert list(records) == ["piqa/0", "piqa/1", "boolq/0", "boolq/1"]
     assert all(r["pred"] == parse_label(r["output"], r["dataset"]) for r in records.values())
     cli.main([*argv, *flags, "--max-new-tokens", "32"])  # everything is done: nothing is generated again

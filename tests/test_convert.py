@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from llama_adapter.adapter_files import WEIGHTS_NAME
 from llama_adapter.convert import ConvertConfig, convert_official
-from llama_adapter.model import WEIGHTS_NAME, LlamaAdapterModel
+from llama_adapter.model import LlamaAdapterModel
 
 peft = pytest.importorskip("peft")
 

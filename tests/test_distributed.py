@@ -7,18 +7,22 @@ largest difference after 6 steps is below 1e-6; the tests allow 1e-5.
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from conftest import TRAINING_ROWS
 from safetensors.torch import load_file
+from test_resume import adapter_tensors, assert_same_tensors, losses
 
-from llama_adapter import checkpoint, cli, distributed
-from llama_adapter.config import AdapterConfig
+from llama_adapter import AdapterConfig, checkpoint, cli, distributed
+from llama_adapter.adapter_files import WEIGHTS_NAME
+from llama_adapter.config import BaseModelConfig
 from llama_adapter.distributed import World
-from llama_adapter.model import WEIGHTS_NAME
 from llama_adapter.train import TrainConfig, train
 
 # 17 rows: 4 held out, 13 to train on in batches of 3, so the last batch of each epoch has a single row and one of
@@ -43,6 +47,16 @@ def test_each_process_takes_every_nth_row_and_none_is_left_idle():
     assert distributed.share(rows, World(2, 3, torch.device("cpu"))) == (["c", "f"], True)
     # A process with no row of its own still runs a pass (the others wait for its all-reduce); it weighs nothing.
     assert distributed.share(["a"], World(1, 2, torch.device("cpu"))) == (["a"], False)
+
+
+def test_each_process_draws_from_a_stream_of_its_own():
+    cpu = torch.device("cpu")
+    distributed.seed(3, World(0, 2, cpu))
+    first = torch.rand(4)
+    distributed.seed(3, World(1, 2, cpu))
+    second = torch.rand(4)
+    distributed.seed(3, World(0, 2, cpu))
+    assert torch.equal(torch.rand(4), first) and not torch.equal(first, second)
 
 
 def test_a_single_process_needs_no_process_group(make_model):
@@ -74,7 +88,7 @@ def one_process(run_files, tmp_path):
     base, rows = run_files
     out = tmp_path / "one"
     torch.manual_seed(0)
-    summary = train(TrainConfig(data=str(rows), out=str(out), base=str(base), **FLAGS), ADAPTER)
+    summary = train(TrainConfig(data=str(rows), out=str(out), model=BaseModelConfig(base=str(base)), **FLAGS), ADAPTER)
     return out, summary
 
 
@@ -136,3 +150,69 @@ def test_fsdp_under_torchrun_trains_the_same_adapter_and_only_rank_0_speaks(run_
     assert summary["weights_mib_per_process"] < 0.55 * one_process[1]["weights_mib_per_process"]
     assert output[1, "stdout"] == ""
     assert "train:" not in output[1, "stderr"] and "validation loss" not in output[1, "stderr"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Randomness per process, and resuming it
+
+
+DROPOUT_FLAGS = "--method lora --lora-rank 2 --lora-dropout 0.5 --epochs 5 --batch-size 3 --lr 0.01 --val-fraction 0.25"
+DROPOUT_FLAGS += " --save-every 1 --seed 3"
+
+
+def lora_dropout_command(base, rows, out) -> list[str]:
+    """LoRA with dropout 0.5 in two processes, a checkpoint every step: 25 steps."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return [*torchrun, "-m", "llama_adapter.train", "--base", str(base), "--data", str(rows), "--out", str(out),
+            *DROPOUT_FLAGS.split()]  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, children first found by their parent id in /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_exactly(tiny_base_dir, tmp_path):
+    """Each process draws its own dropout masks and resumes its own random stream (R5)."""
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(ROWS))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    done = subprocess.run(
+        lora_dropout_command(tiny_base_dir, rows, whole), env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(lora_dropout_command(tiny_base_dir, rows, killed), env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (killed / checkpoint.FOLDER / "step-00000004").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint of step 4 came"
+        time.sleep(0.005)
+    for pid in [*descendants(process.pid), process.pid]:  # both training processes first, then torchrun
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.read_state(checkpoint.latest(killed))["progress"]["step"] < 25  # killed mid-run
+
+    done = subprocess.run(
+        lora_dropout_command(tiny_base_dir, rows, killed), env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resuming from" in done.stderr
+    assert losses(killed) == losses(whole)
+    assert_same_tensors(adapter_tensors(killed), adapter_tensors(whole))

@@ -11,8 +11,9 @@ from test_visual import write_image
 
 from llama_adapter import cli, data, scienceqa
 from llama_adapter.config import SamplingConfig, VisualConfig
-from llama_adapter.evaluation import check_resume_settings, evaluate_problems
+from llama_adapter.evaluation import evaluate_problems
 from llama_adapter.generation import generate_batch
+from llama_adapter.predictions import read_predictions
 from llama_adapter.synthetic import COLOURS, make_colour_problems
 
 
@@ -47,7 +48,7 @@ def test_likelihood_scoring_picks_the_most_likely_option(make_model, randomize_a
     randomize_adapter(model)
     problems, _ = scienceqa.load_problems(sqa_dir, "test", missing_images="text-only")
     scores = evaluate_problems(model, problems, tmp_path / "p.jsonl", scoring="likelihood", batch_size=4)
-    records = scienceqa.read_predictions(tmp_path / "p.jsonl")
+    records = read_predictions(tmp_path / "p.jsonl")
     assert scores["unparsed"] == 0 and scores["scoring"] == "likelihood"
     problem = problems[0]
     instruction, input = scienceqa.question_prompt(problem)
@@ -76,16 +77,19 @@ def test_evaluation_resumes_and_scores_every_problem_once(make_model, sqa_dir, t
     scores = evaluate_problems(model, problems, out, max_new_tokens=4)
     assert len(asked) == len(problems) - 2  # only the problems not predicted before
     assert scores["count"]["Avg"] == len(problems)
-    assert len(scienceqa.read_predictions(out)) == len(problems)
+    assert len(read_predictions(out)) == len(problems)
 
 
-def test_resume_refuses_other_settings(tmp_path):
-    out = tmp_path / "preds.jsonl"
-    check_resume_settings(out, {"scoring": "generate"})
-    out.write_text("")
-    check_resume_settings(out, {"scoring": "generate"})
+def test_the_library_refuses_to_mix_scoring_modes_in_one_predictions_file(make_model, sqa_dir, tmp_path):  # noqa: F811
+    """The settings check is in the loop every evaluation uses, not only in the command (R7)."""
+    model = make_model()
+    problems, _ = scienceqa.load_problems(sqa_dir, "test", missing_images="text-only")
+    out = tmp_path / "p.jsonl"
+    evaluate_problems(model, problems[:1], out, scoring="generate", max_new_tokens=2)
+    before = out.read_bytes()
     with pytest.raises(ValueError, match="other settings"):
-        check_resume_settings(out, {"scoring": "likelihood"})
+        evaluate_problems(model, problems, out, scoring="likelihood")
+    assert out.read_bytes() == before
 
 
 def test_multimodal_evaluation_gives_each_row_its_own_image(make_model, tiny_clip, tmp_path, monkeypatch):
@@ -149,7 +153,7 @@ def test_cli_trains_on_scienceqa_then_evaluates(tmp_path, sqa_dir, make_base, to
     cli.main(["eval", "scienceqa", "--data", str(sqa_dir), "--adapter", str(adapter), "--out", str(out),
               "--missing-images", "text-only", "--max-new-tokens", "3"])  # fmt: skip
     assert "scoring: generate" in capsys.readouterr().out
-    assert len(scienceqa.read_predictions(out)) == 6
+    assert len(read_predictions(out)) == 6
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from llama_adapter import AdapterConfig, cli
 from llama_adapter.config import SamplingConfig
 from llama_adapter.data import format_conversation, format_prompt
 from llama_adapter.generation import WORKER_NAME, conversation_prompt, generate_batch, generation_kwargs
@@ -165,13 +167,13 @@ def test_generation_kwargs_greedy_and_sampling():
 
 
 def test_base_without_pad_token_pads_with_eos(make_base, tokenizer, tmp_path):
-    """LLaMA tokenizers ship no pad token; loading one must still allow batched (padded) generation."""
+    """LLaMA tokenizers ship no pad token; loading one leaves it so, and batched generation pads with EOS."""
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
     make_base().save_pretrained(tmp_path)
     no_pad.save_pretrained(tmp_path)
     model = LlamaAdapterModel.from_base(str(tmp_path))
-    assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id
+    assert model.tokenizer.pad_token is None
     prompts = [format_prompt("Hi."), format_prompt("A much longer question?")]
     batched = generate_batch(model, prompts, greedy(5))
     assert batched == [generate_batch(model, [p], greedy(5))[0] for p in prompts]
@@ -188,3 +190,68 @@ def test_conversation_prompt_leaves_out_the_oldest_exchanges_first(tokenizer):
     assert conversation_prompt(tokenizer, earlier, "Fourth?", alone) == (format_prompt("Fourth?"), 3)
     with pytest.raises(ValueError, match=f"the message is {alone} tokens .* room for {alone - 1}"):
         conversation_prompt(tokenizer, earlier, "Fourth?", alone - 1)
+
+
+def tokenizer_state(tokenizer):
+    backend = tokenizer.backend_tokenizer
+    return (tokenizer.pad_token, tokenizer.padding_side, backend.padding, backend.truncation)
+
+
+def test_generation_leaves_the_tokenizer_as_it_was(make_model, randomize_adapter):
+    """Padding by hand: the tokenizer's padding settings are state that every thread shares (R8)."""
+    model = make_model()
+    randomize_adapter(model)
+    before = tokenizer_state(model.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=2)
+    calls = {
+        "generate_batch": lambda: generate_batch(model, [format_prompt("Hi."), format_prompt("Longer?")], sampling),
+        "stream": lambda: "".join(model.stream("Hi.", sampling=sampling)),
+        "continuation_logprobs": lambda: model.continuation_logprobs(format_prompt("Hi."), ["a", "bb"]),
+    }
+    for name, call in calls.items():
+        call()
+        assert tokenizer_state(model.tokenizer) == before, name
+
+
+def test_generate_batch_and_stream_from_two_threads_at_once(make_model, randomize_adapter):
+    model = make_model()
+    randomize_adapter(model, seed=1)
+    sampling = SamplingConfig(max_new_tokens=3)
+    prompts = [format_prompt("Count to three, slowly and clearly."), format_prompt("Hi.")]
+    expected = {
+        "batch": generate_batch(model, prompts, sampling),
+        "stream": "".join(model.stream("Poem?", sampling=sampling)),
+    }
+    calls = {
+        "batch": lambda: generate_batch(model, prompts, sampling),
+        "stream": lambda: "".join(model.stream("Poem?", sampling=sampling)),
+    }
+    results, failures = {"batch": [], "stream": []}, []
+
+    def run(kind):
+        try:
+            for _ in range(40):
+                results[kind].append(calls[kind]())
+        except Exception as err:  # noqa: BLE001 - reported below
+            failures.append(repr(err))
+
+    threads = [threading.Thread(target=run, args=(kind,)) for kind in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert all(result == expected[kind] for kind in calls for result in results[kind])
+
+
+def test_merge_exports_the_tokenizer_unchanged(make_base, tokenizer, tmp_path):
+    """`merge` writes the base's tokenizer as it was loaded: no padding token added to it."""
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    make_base().save_pretrained(tmp_path / "base")
+    no_pad.save_pretrained(tmp_path / "base")
+    LlamaAdapterModel.from_base(str(tmp_path / "base"), AdapterConfig(method="lora", lora_rank=2)).save(
+        tmp_path / "lora"
+    )
+    cli.main(["merge", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")])
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token is None

@@ -20,7 +20,7 @@ from llama_adapter import (
     hf,
     scienceqa,
 )
-from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME
+from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.train import evaluate, train_step
 
 pytestmark = pytest.mark.slow

@@ -6,13 +6,12 @@ from collections import Counter
 
 import pytest
 
-from llama_adapter import cli, data, scienceqa
-from llama_adapter.evaluation import evaluate_questions
+from llama_adapter import cli, data
+from llama_adapter.evaluation import BENCHMARK_DEFAULTS, DatasetsConfig, EvalConfig, evaluate_questions
 from llama_adapter.llm_adapters import (
     LETTER_DATASETS,
     MATH_DATASETS,
     PREDICTION_FIELDS,
-    MathEvalConfig,
     Question,
     format_table,
     load_questions,
@@ -21,6 +20,7 @@ from llama_adapter.llm_adapters import (
     prediction_record,
     score,
 )
+from llama_adapter.predictions import read_predictions
 
 
 def write_sets(root, **sets):
@@ -101,7 +101,8 @@ def test_score_averages_the_datasets_not_the_questions():
     assert scores["accuracy"] == pytest.approx({"gsm8k": 100 / 3, "AQuA": 100.0, "Avg": (100 / 3 + 100) / 2})
     assert scores["count"] == {"gsm8k": 3, "AQuA": 1, "AddSub": 0}
     assert scores["unparsed"] == {"gsm8k": 1, "AQuA": 0, "AddSub": 0}
-    assert score([], ("gsm8k",))["accuracy"] == {"Avg": 0.0}
+    with pytest.raises(ValueError, match="nothing to score: no prediction of any question of gsm8k"):
+        score([], ("gsm8k",))  # an average of nothing is no score, not a 0
 
 
 def test_table_has_a_column_per_dataset_then_the_average():
@@ -110,14 +111,16 @@ def test_table_has_a_column_per_dataset_then_the_average():
 
 
 def test_config_checks_its_limits_and_keeps_datasets_a_tuple():
-    assert MathEvalConfig(data="d", out="o.jsonl").datasets == MATH_DATASETS
-    assert MathEvalConfig(data="d", out="o.jsonl", datasets=["AQuA"]).datasets == ("AQuA",)
+    assert DatasetsConfig().datasets == BENCHMARK_DEFAULTS["math"]["datasets"] == MATH_DATASETS
+    assert DatasetsConfig(datasets=["AQuA"]).datasets == ("AQuA",)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
-        MathEvalConfig(data="d", out="o.jsonl", batch_size=0)
+        EvalConfig(data="d", out="o.jsonl", batch_size=0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        MathEvalConfig(data="d", out="o.jsonl", max_new_tokens=0)
+        EvalConfig(data="d", out="o.jsonl", max_new_tokens=0)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        EvalConfig(data="d", out="o.jsonl", limit=0)
     with pytest.raises(ValueError, match="at least one test set"):
-        MathEvalConfig(data="d", out="o.jsonl", datasets=())
+        DatasetsConfig(datasets=())
 
 
 def test_questions_come_in_the_order_asked_with_pids_and_a_limit_per_set(tmp_path):
@@ -148,7 +151,7 @@ def test_a_missing_test_set_names_its_file_and_the_sets_present(tmp_path):
 @pytest.mark.parametrize(
     "dataset, content, problem",
     [
-        ("gsm8k", "[{", "not valid JSON"),
+        ("gsm8k", "[{", "invalid JSON at line 1"),
         ("gsm8k", json.dumps({"rows": []}), "expected a list of rows, got dict"),
         ("gsm8k", json.dumps([row("Add.", "3"), ["Add.", "3"]]), "row 1: expected an object, got list"),
         ("gsm8k", json.dumps([{"answer": "3"}]), "row 0: field 'instruction' is missing, empty or not a string"),
@@ -207,7 +210,7 @@ def test_math_evaluation_scores_the_canned_answers(make_model, canned, tmp_path)
     assert scores["accuracy"] == pytest.approx({"gsm8k": 100.0, "SVAMP": 50.0, "AQuA": 50.0, "Avg": 200 / 3})
     assert scores["count"] == {"gsm8k": 2, "SVAMP": 2, "AQuA": 2}
     assert scores["unparsed"] == {"gsm8k": 0, "SVAMP": 1, "AQuA": 0}
-    records = scienceqa.read_predictions(out, PREDICTION_FIELDS)
+    records = read_predictions(out, PREDICTION_FIELDS)
     assert list(records) == [q.pid for q in questions]
     assert records["gsm8k/1"] | {"output": None} == {
         "pid": "gsm8k/1", "dataset": "gsm8k", "output": None, "pred": 1234.0, "answer": "1234", "correct": True
@@ -238,7 +241,7 @@ def test_math_evaluation_generates_with_the_real_tiny_model(make_model, tmp_path
     out = tmp_path / "math.jsonl"
     scores = evaluate_questions(make_model(), questions, out, ("AddSub",), batch_size=2, max_new_tokens=5)
     assert scores["count"] == {"AddSub": 2}
-    records = scienceqa.read_predictions(out, PREDICTION_FIELDS)
+    records = read_predictions(out, PREDICTION_FIELDS)
     assert all(isinstance(r["output"], str) and r["pred"] == parse_number(r["output"]) for r in records.values())
 
 
@@ -258,7 +261,7 @@ def test_cli_eval_math_prints_and_saves_the_table(tmp_path, tiny_base_dir, capsy
     assert set(saved["accuracy"]) == {"gsm8k", "AQuA", "Avg"}
     assert saved["settings"]["max_new_tokens"] == 4 and saved["settings"]["data"] == str(root)
     assert json.loads(out.with_suffix(".settings.json").read_text())["precision"] == "fp32"
-    assert Counter(r["dataset"] for r in scienceqa.read_predictions(out, PREDICTION_FIELDS).values()) == {
+    assert Counter(r["dataset"] for r in read_predictions(out, PREDICTION_FIELDS).values()) == {
         "gsm8k": 2, "AQuA": 2
     }  # fmt: skip
     with pytest.raises(SystemExit, match="llama-adapter eval: error: .*other settings"):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llama_adapter import cli
-from llama_adapter.config import AdapterConfig, ModelConfig, VisualConfig
+from llama_adapter import AdapterConfig, cli
+from llama_adapter.config import ModelConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel, load_model
 from llama_adapter.train import TrainConfig, train
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from llama_adapter.config import AdapterConfig
+from llama_adapter import AdapterConfig
 from llama_adapter.model import LlamaAdapterModel
 
 peft = pytest.importorskip("peft")

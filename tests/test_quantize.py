@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from llama_adapter import cli, hf
-from llama_adapter.config import AdapterConfig, ModelConfig
+from llama_adapter import AdapterConfig, cli, hf
+from llama_adapter.config import BaseModelConfig, ModelConfig
 from llama_adapter.model import LlamaAdapterModel, load_model
 from llama_adapter.train import TrainConfig, train
 
@@ -61,8 +61,7 @@ def test_training_on_a_quantised_base_lowers_the_loss_and_keeps_the_adapter_in_f
     cfg = TrainConfig(
         data=str(rows_file),
         out=str(tmp_path / "run"),
-        base=str(tiny_base_dir),
-        quantize=quantize,
+        model=BaseModelConfig(base=str(tiny_base_dir), quantize=quantize),
         epochs=3,
         batch_size=4,
         lr={"llama-adapter": 0.2, "lora": 0.02}[method],
@@ -103,9 +102,10 @@ def test_quantize_refusals(tiny_base_dir, rows_file, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"quantize must be one of \['none', 'int8', 'nf4'\], got 'int4'"):
         ModelConfig(quantize="int4")
     with pytest.raises(ValueError, match="quantize must be one of"):
-        TrainConfig(data="x", out="y", quantize="fp8")
+        TrainConfig(data="x", out="y", model=BaseModelConfig(quantize="fp8"))
     with pytest.raises(ValueError, match="--fsdp cannot shard a quantised base"):
-        train(TrainConfig(data=str(rows_file), out=str(tmp_path / "run"), quantize="nf4"), AdapterConfig(), fsdp=True)
+        cfg = TrainConfig(data=str(rows_file), out=str(tmp_path / "run"), model=BaseModelConfig(quantize="nf4"))
+        train(cfg, AdapterConfig(), fsdp=True)
     assert not (tmp_path / "run").exists()
 
     lora = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="lora", lora_rank=2), device="cpu")

@@ -2,6 +2,7 @@
 read, and a non-finite loss stops the run with the last checkpoint intact."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from llama_adapter import checkpoint
 from llama_adapter import train as train_module
-from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME
+from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.train import MetricsLog, TrainConfig, TrainingStopped, train
 
 
@@ -196,6 +197,22 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_written(make
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # What does not change the computation may change: a resumed run may checkpoint more or less often.
     train(config(rows_file, out, max_steps=2, save_every=1), make_model().config, make_model())
+
+
+def test_resuming_on_edited_data_is_refused_naming_the_file(make_model, rows_file, tmp_path, monkeypatch):
+    """A resumed run checks the content of its data, not only the path (R6)."""
+    out = tmp_path / "run"
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train(config(rows_file, out), make_model().config, make_model())
+    monkeypatch.undo()
+    rows = json.loads(rows_file.read_text())
+    rows[0]["output"] = "edited"
+    rows_file.write_text(json.dumps(rows))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=rf"{rows_file}.*changed"):
+        train(config(rows_file, out), make_model().config, make_model())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_no_resume_starts_over(make_model, rows_file, tmp_path):

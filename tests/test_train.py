@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from llama_adapter import cli, data
+from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.data import format_conversation
 from llama_adapter.generation import stream
-from llama_adapter.model import CONFIG_NAME, WEIGHTS_NAME, LlamaAdapterModel
+from llama_adapter.model import LlamaAdapterModel
 from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
 
 
 def test_paper_defaults_scale_lr_with_the_batch(rows_file, tmp_path):
     cfg = TrainConfig(data=str(rows_file), out=str(tmp_path))
-    assert (cfg.epochs, cfg.max_len, cfg.weight_decay, cfg.precision) == (5, 512, 0.02, "fp32")
-    assert cfg.lr == pytest.approx(9e-3 * 4 / 256)
-    assert TrainConfig(data="x", out="y", batch_size=8, grad_accum=4).lr == pytest.approx(9e-3 * 32 / 256)
+    assert (cfg.epochs, cfg.max_len, cfg.weight_decay, cfg.model.precision) == (5, 512, 0.02, "fp32")
+    assert cfg.learning_rate("llama-adapter") == pytest.approx(9e-3 * 4 / 256)
+    scaled = TrainConfig(data="x", out="y", batch_size=8, grad_accum=4)
+    assert scaled.learning_rate("llama-adapter") == pytest.approx(9e-3 * 32 / 256)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         TrainConfig(data="x", out="y", batch_size=0)
 

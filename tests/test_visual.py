@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 from test_adapter import random_batch, reference_attention
 
+from llama_adapter import hf
+from llama_adapter.adapter_files import CONFIG_NAME
 from llama_adapter.config import SamplingConfig, VisualConfig, add_arguments, from_arguments
-from llama_adapter.model import CONFIG_NAME, LlamaAdapterModel
+from llama_adapter.model import LlamaAdapterModel
 from llama_adapter.visual import FeatureCache, load_image
 
 
@@ -123,7 +125,30 @@ def test_loss_trains_the_projection_through_the_prompts(multimodal, tokenizer, r
     model.loss(ids, mask, labels, model.encode_images(images)).backward()
     assert model.visual_proj.linear.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.image_encoder.parameters())
-    assert all(prompt.visual is None for prompt in model.prompts.values())  # nothing left behind for the next batch
+    assert not any(hasattr(prompt, "visual") for prompt in model.prompts.values())  # images travel with the call
+
+
+def test_gradient_checkpointing_gives_the_same_multimodal_gradients(multimodal, tokenizer, randomize_adapter, images):
+    """The recomputed layers see the batch's image features: they travel with the call (R1)."""
+    model = multimodal()
+    randomize_adapter(model)
+    model.train()
+    ids, mask = random_batch(len(tokenizer))
+    labels = ids.masked_fill(mask == 0, -100)
+    features = model.encode_images(images)
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model.loss(ids, mask, labels, features).backward()
+        return {name: p.grad.clone() for name, p in model.adapter_state().items()}
+
+    expected = gradients()
+    hf.enable_gradient_checkpointing(model.base)
+    actual = gradients()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert expected["visual_proj.linear.weight"].abs().sum() > 0
 
 
 def test_generate_with_an_image(multimodal, randomize_adapter, images):

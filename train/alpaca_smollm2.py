@@ -14,12 +14,12 @@ import shutil
 from pathlib import Path
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
+from llama_adapter.adapter_files import WEIGHTS_NAME
 from llama_adapter.data import load_rows, split_rows
-from llama_adapter.model import WEIGHTS_NAME
 from llama_adapter.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA", REPO.parent / "shared" / "data")) / "alpaca" / "alpaca_small.json"
+DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data") / "alpaca" / "alpaca_small.json"
 SAMPLES = 3
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     # The held-out rows the training run will validate on; their instructions make the before/after samples.
     _, val_rows = split_rows(load_rows(cfg.data), cfg.val_fraction, cfg.seed)
     sampling = SamplingConfig(max_new_tokens=80)
-    model = LlamaAdapterModel.from_base(cfg.base, AdapterConfig())
+    model = LlamaAdapterModel.from_base(config=AdapterConfig())
     before = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows[:SAMPLES]]
     summary = train(cfg, model.config, model)
     after = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows[:SAMPLES]]

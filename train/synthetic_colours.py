@@ -48,7 +48,7 @@ def main() -> None:
     results = {"settings": vars(args)}
     for name, visual in (("multimodal", VisualConfig(clip_model=args.clip_model)), ("text_only", VisualConfig())):
         run = dataclasses.replace(cfg, out=str(Path(args.out) / name))
-        model = LlamaAdapterModel.from_base(run.base, AdapterConfig(), visual=visual)
+        model = LlamaAdapterModel.from_base(config=AdapterConfig(), visual=visual)
         summary = train(run, model.config, model, rows=scienceqa.to_rows(train_problems))
         scores = evaluate_problems(
             model, test_problems, Path(run.out) / "predictions.jsonl", scoring="likelihood", batch_size=16

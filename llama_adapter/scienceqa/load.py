@@ -1,34 +1,27 @@
-"""ScienceQA: loading problems, Alpaca prompts, answer parsing, scoring, and a resumable predictions file.
+"""ScienceQA's problems from its two sources.
 
-Two sources of problems:
-- the official ScienceQA layout (`problems.json`, `pid_splits.json`, `images/<split>/<pid>/...`, with optional
+- the official layout (`problems.json`, `pid_splits.json`, `images/<split>/<pid>/...`, with optional
   `captions.json` and `ocrs.json`), read by `load_problems`;
 - LLaVA's `llava_test_CQM-A.json`, which holds all 4241 test questions but no subject, grade or rationale, read by
   `load_llava_questions`.
 
-Evaluation has two stages, as in LLaVA: generation appends one JSON line per problem (`append_prediction`), so a
-crashed run resumes where it stopped (`read_predictions`); scoring (`score`, `format_table`) is a pure function of
-those records and the problems, with ScienceQA's official categories.
+Every field is checked; a bad one is a DataError naming the file and the problem.
 """
 
 import ast
-import json
-import os
 import re
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from llama_adapter.data import DataError
+from .. import files
+from ..data import DataError
 
 LETTERS = string.ascii_uppercase
-IMAGE_CONTEXTS = ("none", "captions", "ocr")
 MISSING_IMAGES = ("error", "text-only")
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
-COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
-PREDICTION_FIELDS = ("pid", "prompt", "output", "pred", "pred_letter", "answer", "correct")
 
 
 @dataclass(frozen=True)
@@ -70,7 +63,7 @@ def load_problems(
         raise ValueError(f"missing_images must be one of {MISSING_IMAGES}, got {missing_images!r}")
     data_dir = Path(data_dir).resolve()
     problems_path = data_dir / problems_file
-    records = _read_json(problems_path)
+    records = files.read_json(problems_path, DataError)
     if not isinstance(records, dict):
         raise DataError(f"{problems_path}: expected an object mapping pid -> problem, got {type(records).__name__}")
     pids = _split_pids(data_dir / splits_file, records, problems_path, split)
@@ -95,19 +88,6 @@ def load_problems(
     return problems, len(missing)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-
-
 def _split_pids(splits_path: Path, records: dict, problems_path: Path, split: str) -> list[str]:
     if not splits_path.exists():
         by_field = {}
@@ -117,7 +97,7 @@ def _split_pids(splits_path: Path, records: dict, problems_path: Path, split: st
             available = sorted(s for s in by_field if isinstance(s, str))
             raise DataError(f"{problems_path}: no problem has split '{split}'; available: {', '.join(available)}")
         return by_field[split]
-    splits = _read_json(splits_path)
+    splits = files.read_json(splits_path, DataError)
     if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
         raise DataError(f"{splits_path}: expected an object mapping split name -> list of pids")
     if split not in splits:
@@ -128,7 +108,7 @@ def _split_pids(splits_path: Path, records: dict, problems_path: Path, split: st
 def _read_captions(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
-    captions = _read_json(path)
+    captions = files.read_json(path, DataError)
     if not isinstance(captions, dict) or not isinstance(captions.get("captions"), dict):
         raise DataError(f"{path}: expected an object with a 'captions' object mapping pid -> text")
     return captions["captions"]
@@ -138,7 +118,7 @@ def _read_ocr_texts(path: Path, pids: Iterable[str]) -> dict[str, str]:
     """The OCR text of each of `pids` that has some; only those are parsed, as the file covers every image."""
     if not path.exists():
         return {}
-    ocrs = _read_json(path)
+    ocrs = files.read_json(path, DataError)
     if not isinstance(ocrs, dict) or not isinstance(ocrs.get("texts"), dict):
         raise DataError(f"{path}: expected an object with a 'texts' object mapping pid -> OCR result")
     texts = ocrs["texts"]
@@ -250,7 +230,7 @@ def load_llava_questions(path: str | Path, data_dir: str | Path | None = None) -
     whose first question lines then land in the hint; see tests/test_scienceqa.py).
     """
     path = Path(path)
-    entries = _read_json(path)
+    entries = files.read_json(path, DataError)
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a list of questions, got {type(entries).__name__}")
     problems = [_problem_from_llava(entry, f"{path}: entry {i}") for i, entry in enumerate(entries)]
@@ -337,218 +317,3 @@ def _with_image_context(problem: Problem, data_dir: Path, captions: dict[str, st
         caption=captions.get(problem.pid, ""),
         ocr=ocrs.get(problem.pid, ""),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def format_options(choices: Iterable[str]) -> str:
-    """('x', 'y') -> '(A) x (B) y', the options line of the LLaMA-Adapter and MM-CoT ScienceQA prompts."""
-    return " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices))
-
-
-def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str, str]:
-    """(instruction, input) for the Alpaca template: the question and options, then the context, if any.
-
-    `image_context` adds a text stand-in for the image to the context ("captions": its machine caption, "ocr": the
-    text read from it), for text-only models; it only applies to problems with an image.
-    """
-    if image_context not in IMAGE_CONTEXTS:
-        raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
-    instruction = (
-        f"Question: {problem.question}\nOptions: {format_options(problem.choices)}\n"
-        "Answer with the letter of the correct option."
-    )
-    context = []
-    if problem.hint:
-        context.append(f"Context: {problem.hint}")
-    if problem.names_image and image_context == "captions" and problem.caption:
-        context.append(f"Image: {problem.caption}")
-    if problem.names_image and image_context == "ocr" and problem.ocr:
-        context.append(f"Image text: {problem.ocr}")
-    return instruction, "\n".join(context)
-
-
-def answer_text(problem: Problem, cot: bool = False) -> str:
-    """The target response: 'The answer is B.', and with `cot` the lecture and solution after 'BECAUSE:'."""
-    answer = f"The answer is {LETTERS[problem.answer]}."
-    if not cot:
-        return answer
-    because = f"{problem.lecture} {problem.solution}".strip()
-    if not because:
-        raise ValueError(f"problem {problem.pid} has no lecture or solution to explain its answer with")
-    return f"{answer}\nBECAUSE: {because}"
-
-
-def to_rows(problems: Iterable[Problem], image_context: str = "none", cot: bool = False) -> list[dict]:
-    """Alpaca rows {instruction, input, output, image}, image being the image file's path or None."""
-    rows = []
-    for problem in problems:
-        instruction, input = question_prompt(problem, image_context)
-        output = answer_text(problem, cot)
-        image = str(problem.image) if problem.image is not None else None
-        rows.append({"instruction": instruction, "input": input, "output": output, "image": image})
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Answers and scores
-
-# Capital letters only, here and below: "a" is the English article, so "a cat ..." must not read as option A.
-_ANSWER_IS = re.compile(r"the answer is\s*\(?([A-Z])\)?(?=$|[\s.,;:!])", re.IGNORECASE)
-_LEADING_LETTER = re.compile(r"\(([A-Z])\)|([A-Z])(?:[.)]|$)")
-
-
-def parse_answer(text: str, num_choices: int) -> int | None:
-    """The option index a model's output picks, or None when it picks none clearly.
-
-    Accepted: a first line that is only a letter ("B"), a letter opening the text as "B.", "B)" or "(B)", and
-    "the answer is B" anywhere (any case, the letter optionally in parentheses). The letter must be a capital and
-    name one of the `num_choices` options. A bare capital word opening a sentence ("A cat is ...") is no answer.
-    """
-    if not 1 <= num_choices <= len(LETTERS):
-        raise ValueError(f"num_choices must be in 1..{len(LETTERS)}, got {num_choices}")
-    text = text.strip()
-    first_line = text.split("\n", 1)[0].strip()
-    leading = _LEADING_LETTER.match(first_line)
-    answer_is = _ANSWER_IS.search(text)
-    if leading:
-        letter = leading.group(1) or leading.group(2)
-    elif answer_is:
-        # IGNORECASE also lowers the letter class; check the case here so "the answer is a ..." stays unparsed.
-        letter = answer_is.group(1) if answer_is.group(1).isupper() else None
-    else:
-        letter = None
-    return LETTERS.index(letter) if letter is not None and LETTERS.index(letter) < num_choices else None
-
-
-def _columns_of(problem: Problem) -> list[str]:
-    """The score columns a problem counts in, by ScienceQA's official definitions."""
-    columns = ["Avg"]
-    if problem.subject is not None:
-        columns.append(SUBJECTS[problem.subject])
-    if problem.hint:
-        columns.append("TXT")
-    if problem.names_image:
-        columns.append("IMG")
-    if not problem.hint and not problem.names_image:
-        columns.append("NO")
-    if problem.grade is not None:
-        columns.append("G1-6" if int(problem.grade.removeprefix("grade")) <= 6 else "G7-12")
-    return columns
-
-
-def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
-    """Accuracy in percent per column (None for a column with no problems), "count" per column, and "unparsed".
-
-    A record whose "correct" disagrees with its "pred" and the problem's answer was made against other problems
-    (a different problems file), so it is an error rather than a number to average.
-    """
-    credits = []
-    seen = set()
-    for record in records:
-        pid = record["pid"]
-        if pid in seen:
-            raise ValueError(f"pid {pid} has more than one prediction")
-        seen.add(pid)
-        if pid not in problems_by_pid:
-            raise ValueError(f"prediction for pid {pid} has no problem")
-        problem = problems_by_pid[pid]
-        if record["correct"] != (record["pred"] == problem.answer):
-            raise ValueError(
-                f"prediction for pid {pid}: correct={record['correct']} but pred={record['pred']} "
-                f"and the answer is {problem.answer}"
-            )
-        credits.append((problem, float(record["correct"]), record["pred"] is None))
-    return _percent_by_column(credits)
-
-
-def chance(problems: Iterable[Problem]) -> dict:
-    """What guessing uniformly among each problem's options scores on average, in `score`'s shape.
-
-    Options number 2 to 5, so chance differs between subsets; a table row for it makes that visible.
-    """
-    return _percent_by_column((problem, 1 / len(problem.choices), False) for problem in problems)
-
-
-def _percent_by_column(credits: Iterable[tuple[Problem, float, bool]]) -> dict:
-    total = dict.fromkeys(COLUMNS, 0.0)
-    count = dict.fromkeys(COLUMNS, 0)
-    unparsed = 0
-    for problem, credit, was_unparsed in credits:
-        unparsed += was_unparsed
-        for column in _columns_of(problem):
-            count[column] += 1
-            total[column] += credit
-    accuracy = {c: 100 * total[c] / count[c] if count[c] else None for c in COLUMNS}
-    return accuracy | {"count": count, "unparsed": unparsed}
-
-
-def format_table(scores: dict) -> str:
-    """A markdown table, header and one row, of the 9 columns; '-' for a column with no problems."""
-    cells = ["-" if scores[c] is None else f"{scores[c]:.2f}" for c in COLUMNS]
-    return "\n".join(["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS), "| " + " | ".join(cells) + " |"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Predictions file
-
-
-def prediction_record(problem: Problem, prompt: str, output: str) -> dict:
-    """The record of one generated answer: the raw output, its parse, and whether it is right."""
-    pred = parse_answer(output, len(problem.choices))
-    return {
-        "pid": problem.pid,
-        "prompt": prompt,
-        "output": output,
-        "pred": pred,
-        "pred_letter": LETTERS[pred] if pred is not None else None,
-        "answer": problem.answer,
-        "correct": pred == problem.answer,
-    }
-
-
-def read_predictions(path: str | Path, fields: tuple[str, ...] = PREDICTION_FIELDS) -> dict[str, dict]:
-    """The records already written, by pid; {} when the file does not exist yet. Each must have `fields`.
-
-    A last line without its newline was cut off by a crash: it is dropped, and the file truncated to the last
-    complete line, so the next append starts on a fresh line instead of gluing onto the fragment.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) < len(raw):
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete))
-    records: dict[str, dict] = {}
-    lines: dict[str, int] = {}
-    for lineno, line in enumerate(complete.split(b"\n")[:-1], start=1):
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DataError(f"{path}: line {lineno}: not a JSON record") from None
-        if not isinstance(record, dict) or not isinstance(record.get("pid"), str):
-            raise DataError(f"{path}: line {lineno}: expected an object with a string 'pid'")
-        missing = [name for name in fields if name not in record]
-        if missing:
-            raise DataError(f"{path}: line {lineno}: not a prediction record: no {', '.join(missing)}")
-        if record["pid"] in records:
-            raise DataError(
-                f"{path}: line {lineno}: pid {record['pid']} already predicted on line {lines[record['pid']]}"
-            )
-        records[record["pid"]] = record
-        lines[record["pid"]] = lineno
-    return records
-
-
-def append_prediction(handle: IO[str], record: dict, fields: tuple[str, ...] = PREDICTION_FIELDS) -> None:
-    """Write one record as a JSON line and force it to disk, so a crash loses at most the line being written."""
-    missing = [name for name in fields if name not in record]
-    if missing:
-        raise ValueError(f"prediction record lacks {', '.join(missing)}")
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())

@@ -1,0 +1,107 @@
+"""The adapter methods behind `--method`, one `Method` subclass each, and the registry that lists them.
+
+    llama-adapter              LLaMA-Adapter's gated prompts in the top L attention layers (llama_adapter.py)
+    series, parallel           LLM-Adapters' bottleneck adapters on every decoder layer's MLP (bottleneck.py)
+    lora, adalora              PEFT's LoRA, and AdaLoRA, whose ranks are pruned while training (peft_methods.py)
+    dylora                     LoRA trained at a random rank each step, so that any rank up to r serves (dylora.py)
+    prefix, ptuning-v2, prompt K virtual tokens: PEFT's prefix tuning (with its MLP), P-tuning v2, prompt tuning
+
+Adding a method means writing its `Method` subclass (with its settings in configs.py) and listing it in METHODS:
+the --method choices and flags, the saved configs, the default learning rates and what each command refuses all
+come from here.
+"""
+
+import dataclasses
+import typing
+from typing import Literal
+
+from ..config import option
+from .bottleneck import Parallel, Series
+from .dylora import DyLora
+from .llama_adapter import AdaptionPrompts
+from .method import PAPER_BASE_LR, Method
+from .peft_methods import AdaLora, Lora, Prefix, PromptTuning, PTuningV2
+
+METHODS: tuple[type[Method], ...] = (
+    AdaptionPrompts, Series, Parallel, Lora, AdaLora, DyLora, Prefix, PTuningV2, PromptTuning
+)  # fmt: skip
+REGISTRY: dict[str, type[Method]] = {method.name: method for method in METHODS}
+
+
+def get(name: str) -> type[Method]:
+    """The method called `name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"method must be one of {list(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def with_capability(capability: str) -> list[str]:
+    """The names of the methods that declare `capability` (e.g. "takes_images")."""
+    return [name for name, method in REGISTRY.items() if getattr(method, capability)]
+
+
+class _AdapterConfigBase:
+    """What trains on the frozen base: `method` and the settings of every method, flat, as flags and saved configs
+    have them; each method reads only the fields of its own config (configs.py), and `to_dict` saves only those.
+
+    >>> AdapterConfig()                                # LLaMA-Adapter, K=10 prompts in the top L=30 layers
+    >>> AdapterConfig(method="lora", lora_rank=8)
+    """
+
+    def __post_init__(self):
+        get(self.method)
+        for config_class in dict.fromkeys(method.Config for method in METHODS):
+            checked = config_class(**{name: getattr(self, name) for name in _field_names(config_class)})
+            for name in _field_names(config_class):  # normalised: JSON's lists become tuples
+                setattr(self, name, getattr(checked, name))
+
+    def method_config(self):
+        """This method's own config: the fields it reads."""
+        config_class = get(self.method).Config
+        return config_class(**{name: getattr(self, name) for name in _field_names(config_class)})
+
+    def to_dict(self) -> dict:
+        """The method and the fields it reads, as saved with an adapter (the others are defaults it ignores)."""
+        return {"method": self.method} | dataclasses.asdict(self.method_config())
+
+    @classmethod
+    def from_saved(cls, saved: dict, where) -> "AdapterConfig":
+        """The config of a saved adapter (`to_dict`'s shape); a field its method does not have is an error."""
+        method = saved.get("method", "llama-adapter")
+        if method not in REGISTRY:
+            raise ValueError(f"{where}: unknown method {method!r}; this version has {', '.join(REGISTRY)}")
+        unexpected = sorted(set(saved) - {"method", *_field_names(REGISTRY[method].Config)})
+        if unexpected:
+            raise ValueError(f"{where}: field(s) {', '.join(unexpected)} are not settings of a {method} adapter")
+        try:
+            return cls(**saved)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+def _field_names(config_class: type) -> list[str]:
+    return [field.name for field in dataclasses.fields(config_class)]
+
+
+def _adapter_config_class() -> type:
+    """AdapterConfig: every method's fields (each declared once, in configs.py), then `method`."""
+    fields = {}
+    for method in METHODS:
+        hints = typing.get_type_hints(method.Config)
+        for f in dataclasses.fields(method.Config):
+            fields.setdefault(
+                f.name, (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+            )
+    chosen = (
+        "method",
+        Literal[tuple(REGISTRY)],
+        option("the adapter method (llama_adapter/methods/)", "llama-adapter"),
+    )
+    config_class = dataclasses.make_dataclass("AdapterConfig", [*fields.values(), chosen], bases=(_AdapterConfigBase,))
+    config_class.__module__, config_class.__doc__ = __name__, _AdapterConfigBase.__doc__
+    return config_class
+
+
+AdapterConfig = _adapter_config_class()
+
+__all__ = ["METHODS", "PAPER_BASE_LR", "REGISTRY", "AdapterConfig", "Method", "get", "with_capability"]

@@ -1,0 +1,101 @@
+"""`Method`: what one adapter method adds to a frozen base, and what it can do. Each method is one subclass."""
+
+from contextlib import nullcontext
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+PAPER_BASE_LR = 9e-3  # LLaMA-Adapter's --blr: lr = blr * effective batch / 256
+
+
+class Method(nn.Module):
+    """One adapter on a base. Its registered submodules are its trainables that the base does not hold.
+
+    A subclass declares its `name` (the --method value), its own `Config` dataclass (configs.py), its default
+    learning rate and its capabilities. It must never change the base in `__init__`: what it puts in the forward
+    pass it either hands to the shared base as `placements` (hooked in while it is the active adapter) or, for a
+    method that has to rewrite the base's modules (PEFT's), does in `attach` and undoes in `detach`, which the
+    shared base calls under its lock.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    default_lr: ClassVar[float | None] = None  # None: LLaMA-Adapter's rule, PAPER_BASE_LR x batch / 256
+    can_merge: ClassVar[bool] = False  # folds into the base's weights (`merge`)
+    takes_images: ClassVar[bool] = False  # a CLIP encoder's features can shift its prompts
+    has_ranks: ClassVar[bool] = False  # answers with a chosen number of its ranks (`set_rank`)
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    shares_base: ClassVar[bool] = True  # leaves the base's modules alone, so adapters can take turns on one base
+    virtual_tokens: int = 0  # positions the base's outputs have before the input's own (prompt tuning's)
+
+    def __init__(self, base: nn.Module, config):
+        super().__init__()
+        self.__dict__["base"] = base  # not a submodule: the model that owns this method holds the base
+        self.config = config
+
+    @classmethod
+    def learning_rate(cls, batch: int) -> float:
+        """The default peak learning rate for an effective batch of `batch` rows."""
+        return cls.default_lr if cls.default_lr is not None else PAPER_BASE_LR * batch / 256
+
+    # ------------------------------------------------------------------------------------------------------
+    # On the base
+
+    def attach(self) -> None:
+        """Change the base's modules, if this method has to; called once, under the shared base's lock."""
+
+    def detach(self) -> None:
+        """Undo `attach`: the base's modules as they were."""
+
+    def placements(self) -> dict[str, nn.Module]:
+        """The modules the shared base runs while this adapter is active, by decoder path (see hf.hook_module)."""
+        return {}
+
+    def disabled(self):
+        """A context in which the base runs without this adapter's changes to its modules (see `attach`)."""
+        return nullcontext()
+
+    # ------------------------------------------------------------------------------------------------------
+    # What trains and what is saved
+
+    def parameters_by_name(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by the names they are saved under."""
+        raise NotImplementedError
+
+    def layer_prompts(self) -> dict[int, nn.Module]:
+        """LLaMA-Adapter's AdaptionPrompt per adapted layer; other methods have none."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------------------
+    # Calls of the base
+
+    def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Keyword arguments for a call of the base (or its decoder) on these tokens."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def generation_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Keyword arguments for the base's `generate` on these (left-padded) prompts."""
+        return self.inputs(input_ids, attention_mask)
+
+    def merge(self) -> None:
+        raise ValueError(f"a {self.name} adapter cannot be folded into the base weights; only LoRA can")
+
+    def set_rank(self, rank: int) -> None:
+        raise ValueError(f"a {self.name} adapter has no ranks to choose from; only DyLoRA has")
+
+    # ------------------------------------------------------------------------------------------------------
+    # Training
+
+    def begin_training(self, total_steps: int) -> None:
+        """Called once before the first optimizer step of a run of `total_steps`."""
+
+    def begin_step(self, step: int) -> None:
+        """Called before the forward passes of optimizer step `step` (from 1)."""
+
+    def end_step(self, step: int) -> None:
+        """Called after optimizer step `step`, while the gradients are still there."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """A term added to the training loss (not to validation losses), if the method has one."""
+        return None

@@ -1,0 +1,85 @@
+"""ScienceQA as prompts and targets (LLaMA-Adapter's and MM-CoT's shape), and a model's answer read back."""
+
+import re
+from collections.abc import Iterable
+
+from .load import LETTERS, Problem
+
+IMAGE_CONTEXTS = ("none", "captions", "ocr")
+
+
+def format_options(choices: Iterable[str]) -> str:
+    """('x', 'y') -> '(A) x (B) y', the options line of the LLaMA-Adapter and MM-CoT ScienceQA prompts."""
+    return " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices))
+
+
+def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str, str]:
+    """(instruction, input) for the Alpaca template: the question and options, then the context, if any.
+
+    `image_context` adds a text stand-in for the image to the context ("captions": its machine caption, "ocr": the
+    text read from it), for text-only models; it only applies to problems with an image.
+    """
+    if image_context not in IMAGE_CONTEXTS:
+        raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
+    instruction = (
+        f"Question: {problem.question}\nOptions: {format_options(problem.choices)}\n"
+        "Answer with the letter of the correct option."
+    )
+    context = []
+    if problem.hint:
+        context.append(f"Context: {problem.hint}")
+    if problem.names_image and image_context == "captions" and problem.caption:
+        context.append(f"Image: {problem.caption}")
+    if problem.names_image and image_context == "ocr" and problem.ocr:
+        context.append(f"Image text: {problem.ocr}")
+    return instruction, "\n".join(context)
+
+
+def answer_text(problem: Problem, cot: bool = False) -> str:
+    """The target response: 'The answer is B.', and with `cot` the lecture and solution after 'BECAUSE:'."""
+    answer = f"The answer is {LETTERS[problem.answer]}."
+    if not cot:
+        return answer
+    because = f"{problem.lecture} {problem.solution}".strip()
+    if not because:
+        raise ValueError(f"problem {problem.pid} has no lecture or solution to explain its answer with")
+    return f"{answer}\nBECAUSE: {because}"
+
+
+def to_rows(problems: Iterable[Problem], image_context: str = "none", cot: bool = False) -> list[dict]:
+    """Alpaca rows {instruction, input, output, image}, image being the image file's path or None."""
+    rows = []
+    for problem in problems:
+        instruction, input = question_prompt(problem, image_context)
+        output = answer_text(problem, cot)
+        image = str(problem.image) if problem.image is not None else None
+        rows.append({"instruction": instruction, "input": input, "output": output, "image": image})
+    return rows
+
+
+# Capital letters only, here and below: "a" is the English article, so "a cat ..." must not read as option A.
+_ANSWER_IS = re.compile(r"the answer is\s*\(?([A-Z])\)?(?=$|[\s.,;:!])", re.IGNORECASE)
+_LEADING_LETTER = re.compile(r"\(([A-Z])\)|([A-Z])(?:[.)]|$)")
+
+
+def parse_answer(text: str, num_choices: int) -> int | None:
+    """The option index a model's output picks, or None when it picks none clearly.
+
+    Accepted: a first line that is only a letter ("B"), a letter opening the text as "B.", "B)" or "(B)", and
+    "the answer is B" anywhere (any case, the letter optionally in parentheses). The letter must be a capital and
+    name one of the `num_choices` options. A bare capital word opening a sentence ("A cat is ...") is no answer.
+    """
+    if not 1 <= num_choices <= len(LETTERS):
+        raise ValueError(f"num_choices must be in 1..{len(LETTERS)}, got {num_choices}")
+    text = text.strip()
+    first_line = text.split("\n", 1)[0].strip()
+    leading = _LEADING_LETTER.match(first_line)
+    answer_is = _ANSWER_IS.search(text)
+    if leading:
+        letter = leading.group(1) or leading.group(2)
+    elif answer_is:
+        # IGNORECASE also lowers the letter class; check the case here so "the answer is a ..." stays unparsed.
+        letter = answer_is.group(1) if answer_is.group(1).isupper() else None
+    else:
+        letter = None
+    return LETTERS.index(letter) if letter is not None and LETTERS.index(letter) < num_choices else None

@@ -1,0 +1,94 @@
+"""ScienceQA's scores: accuracy in the official nine columns, a pure function of the prediction records."""
+
+from collections.abc import Iterable
+
+from .load import LETTERS, SUBJECTS, Problem
+from .prompts import parse_answer
+
+COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+PREDICTION_FIELDS = ("pid", "prompt", "output", "pred", "pred_letter", "answer", "correct")
+
+
+def prediction_record(problem: Problem, prompt: str, output: str) -> dict:
+    """The record of one generated answer: the raw output, its parse, and whether it is right."""
+    pred = parse_answer(output, len(problem.choices))
+    return {
+        "pid": problem.pid,
+        "prompt": prompt,
+        "output": output,
+        "pred": pred,
+        "pred_letter": LETTERS[pred] if pred is not None else None,
+        "answer": problem.answer,
+        "correct": pred == problem.answer,
+    }
+
+
+def _columns_of(problem: Problem) -> list[str]:
+    """The score columns a problem counts in, by ScienceQA's official definitions."""
+    columns = ["Avg"]
+    if problem.subject is not None:
+        columns.append(SUBJECTS[problem.subject])
+    if problem.hint:
+        columns.append("TXT")
+    if problem.names_image:
+        columns.append("IMG")
+    if not problem.hint and not problem.names_image:
+        columns.append("NO")
+    if problem.grade is not None:
+        columns.append("G1-6" if int(problem.grade.removeprefix("grade")) <= 6 else "G7-12")
+    return columns
+
+
+def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
+    """Accuracy in percent per column (None for a column with no problems), "count" per column, and "unparsed".
+
+    A record whose "correct" disagrees with its "pred" and the problem's answer was made against other problems
+    (a different problems file), so it is an error rather than a number to average.
+    """
+    credits = []
+    seen = set()
+    for record in records:
+        pid = record["pid"]
+        if pid in seen:
+            raise ValueError(f"pid {pid} has more than one prediction")
+        seen.add(pid)
+        if pid not in problems_by_pid:
+            raise ValueError(f"prediction for pid {pid} has no problem")
+        problem = problems_by_pid[pid]
+        if record["correct"] != (record["pred"] == problem.answer):
+            raise ValueError(
+                f"prediction for pid {pid}: correct={record['correct']} but pred={record['pred']} "
+                f"and the answer is {problem.answer}"
+            )
+        credits.append((problem, float(record["correct"]), record["pred"] is None))
+    return _percent_by_column(credits)
+
+
+def chance(problems: Iterable[Problem]) -> dict:
+    """What guessing uniformly among each problem's options scores on average, in `score`'s shape.
+
+    Options number 2 to 5, so chance differs between subsets; a table row for it makes that visible.
+    """
+    return _percent_by_column((problem, 1 / len(problem.choices), False) for problem in problems)
+
+
+def _percent_by_column(credits: Iterable[tuple[Problem, float, bool]]) -> dict:
+    """Accuracy per column in percent; nothing to average is an error, never a 0 or a blank that reads as one."""
+    total = dict.fromkeys(COLUMNS, 0.0)
+    count = dict.fromkeys(COLUMNS, 0)
+    unparsed = 0
+    for problem, credit, was_unparsed in credits:
+        unparsed += was_unparsed
+        for column in _columns_of(problem):
+            count[column] += 1
+            total[column] += credit
+    if not count["Avg"]:
+        raise ValueError("nothing to score: no prediction of any of these problems")
+    accuracy = {c: 100 * total[c] / count[c] if count[c] else None for c in COLUMNS}
+    return accuracy | {"count": count, "unparsed": unparsed}
+
+
+def format_table(scores: dict) -> str:
+    """A markdown table, header and one row, of the 9 columns; '-' for a column with no problems."""
+    cells = ["-" if scores[c] is None else f"{scores[c]:.2f}" for c in COLUMNS]
+    return "\n".join(["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS), "| " + " | ".join(cells) + " |"])

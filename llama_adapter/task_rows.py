@@ -1,0 +1,89 @@
+"""A training task as rows, and rows as the examples and batches a run trains on.
+
+`--task alpaca` reads Alpaca rows as they are; `--task scienceqa` turns ScienceQA's train split into Alpaca rows.
+Images are checked (and encoded into the feature cache) before the first step, so a bad one stops the run, or is
+left out with its row, before any work is done.
+"""
+
+import hashlib
+import json
+import sys
+
+import torch
+
+from . import data, distributed, scienceqa
+from .config import ScienceQAConfig, VisualConfig
+from .distributed import World
+from .run_log import report_left_out, say
+from .visual import FeatureCache
+
+
+def load_task_rows(
+    task: str, source: str, cot: bool, sqa: ScienceQAConfig, visual: VisualConfig, skipped: data.BadRows | None
+) -> list[dict]:
+    """Training rows of `task` from `source`: Alpaca rows as they are, or ScienceQA's train split as Alpaca rows.
+
+    Bad Alpaca rows go into `skipped` when it is given (see `data.load_rows`).
+    """
+    if task == "alpaca":
+        return data.load_rows(source, skipped)
+    # A text-only adapter never opens the image files, so it needs none of them.
+    missing_images = sqa.missing_images if visual.clip_model else "text-only"
+    problems, missing = scienceqa.load_problems(source, "train", sqa.problems, sqa.splits, missing_images)
+    if missing and visual.clip_model:
+        print(
+            f"{missing} of {len(problems)} training problems lack their image file: trained without it", file=sys.stderr
+        )
+    return scienceqa.to_rows(problems, sqa.image_context, cot)
+
+
+def rows_hash(rows: list[dict]) -> str:
+    """The training data's content hash: a resumed run refuses data that changed since its checkpoint."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def training_examples(
+    rows: list[dict], tokenizer, val_fraction: float, seed: int, max_len: int, source: str, skipped, world: World,
+    cache: FeatureCache | None,
+) -> tuple[list[data.Example], list[data.Example], int]:  # fmt: skip
+    """The training and validation examples of `rows`, with the rows whose images cannot be used left out (or an
+    error), and how many training rows were dropped because their prompt alone fills max_len; reports both."""
+    rows = with_usable_images(rows, cache, skipped, world, source)
+    train_rows, val_rows = data.split_rows(rows, val_fraction, seed)
+    train_set, dropped = data.encode_all(tokenizer, train_rows, max_len)
+    val_set, _ = data.encode_all(tokenizer, val_rows, max_len)
+    if not train_set:
+        raise data.DataError(f"{source}: every training row's prompt is longer than max_len {max_len}")
+    report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, max_len)
+    return train_set, val_set, dropped
+
+
+def with_usable_images(
+    rows: list[dict], cache: FeatureCache | None, skipped: data.BadRows | None, world: World, source: str
+) -> list[dict]:
+    """The rows whose images a multimodal adapter can use, every image encoded (and cached) before training.
+
+    An image that is missing, unreadable, corrupt or a decompression bomb raises DataError, or with a `skipped`
+    list leaves its row out. A text-only adapter reads no image, so its rows are kept as they are.
+    """
+    named = [row["image"] for row in rows if row.get("image")]
+    if cache is None:
+        if named:
+            say(world, f"{len(named)} rows name an image; this text-only adapter ignores them (--clip-model uses them)")
+        return rows
+    with distributed.main_first(world):  # one process encodes, the others read its cache
+        failed = cache.precompute(named, show_progress=world.main)
+    if failed and skipped is None:
+        why = next(iter(failed.values()))
+        raise data.DataError(
+            f"{source}: {len(failed)} image(s) cannot be used, e.g. {why}; --on-bad-row skip leaves their rows out"
+        )
+    if failed:
+        skipped += [(f"{source}: image {path}", why.removeprefix(f"{path}: ")) for path, why in failed.items()]
+    return [row for row in rows if row.get("image") not in failed]
+
+
+def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:
+    """Padded token tensors, plus image features and a has_image mask when a multimodal adapter's rows have images."""
+    batch = data.collate(examples, pad_id)
+    return batch | cache.model_inputs([example.image for example in examples]) if cache else batch
