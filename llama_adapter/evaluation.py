@@ -88,16 +88,20 @@ def predict(
     fields: tuple[str, ...],
     batch_size: int,
     desc: str,
+    prepare: Callable[[list], None] | None = None,
 ) -> list[dict]:
     """The records of every question (anything with a `pid`), answering, `batch_size` at a time, only those not yet
     in `out`, each batch's records (`answer(batch)`, each with `fields`) appended as soon as it is done.
 
-    `settings` (with the answering model's own added) must be those `out` was made with.
+    `settings` (with the answering model's own added) must be those `out` was made with. `prepare(questions)` runs
+    on the questions still to answer before the first of them is: where bad input should stop a run unstarted.
     """
     model_settings = {"adapter_config": model.config.to_dict(), "base_model": model.base.name_or_path}
     check_resume_settings(out, settings | model_settings)
     done = read_predictions(out, fields)
     todo = [question for question in questions if question.pid not in done]
+    if prepare is not None:
+        prepare(todo)
     with (
         open(out, "a", encoding="utf-8") as handle,
         tqdm(total=len(questions), initial=len(questions) - len(todo), desc=desc, unit="q") as bar,
@@ -126,11 +130,13 @@ def evaluate_problems(
     `settings`: what else decides the answers (the questions' source, the adapter's folder), recorded with `out`.
     """
     cache = model.feature_cache()
-    if cache:  # every image encoded before the first prediction: a bad one stops the run before it starts
-        failed = cache.precompute([str(p.image) for p in problems if p.image])
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+
+    def encode_images(todo: list[Problem]) -> None:
+        # Every image encoded before the first prediction: a bad one stops the run before it starts.
+        failed = cache.precompute([str(p.image) for p in todo if p.image])
         if failed:
             raise data.DataError(f"{len(failed)} image(s) cannot be used, e.g. {next(iter(failed.values()))}")
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
     def answer(chunk: list[Problem]) -> list[dict]:
         prompts = [data.format_prompt(*scienceqa.question_prompt(p, image_context)) for p in chunk]
@@ -145,7 +151,7 @@ def evaluate_problems(
     asked |= {"max_new_tokens": max_new_tokens} if scoring == "generate" else {}
     records = predict(
         model, problems, out, (settings or {}) | asked, answer, scienceqa.PREDICTION_FIELDS, batch_size,
-        f"eval ({scoring})",
+        f"eval ({scoring})", encode_images if cache else None,
     )  # fmt: skip
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
 

@@ -127,7 +127,7 @@ class LlamaAdapterModel(nn.Module):
         visual = VisualConfig(**saved.get("visual", {}))
         if clip_weights:
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
-        sharing = alongside is not None and methods.get(config.method).shares_base and alongside.method.shares_base
+        sharing = alongside is not None and alongside.shared.can_take(methods.get(config.method))
         if sharing:
             model, tokenizer = alongside.base, alongside.tokenizer
         else:
@@ -322,9 +322,10 @@ def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterMod
     """
     dtype = PRECISIONS[cfg.precision]
     if adapter is None:  # a fresh adapter has zero gates: exactly the base model
-        if alongside is not None and alongside.method.shares_base:
-            return LlamaAdapterModel(alongside.base, alongside.tokenizer)
-        return LlamaAdapterModel.from_base(cfg.base or hf.DEFAULT_BASE, dtype=dtype, quantize=cfg.quantize)
+        config = AdapterConfig()
+        if alongside is not None and alongside.shared.can_take(methods.get(config.method)):
+            return LlamaAdapterModel(alongside.base, alongside.tokenizer, config)
+        return LlamaAdapterModel.from_base(cfg.base or hf.DEFAULT_BASE, config, dtype=dtype, quantize=cfg.quantize)
     model = LlamaAdapterModel.load(
         adapter, cfg.base, dtype, clip_weights=cfg.clip_weights, alongside=alongside, quantize=cfg.quantize
     )

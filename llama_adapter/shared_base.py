@@ -59,9 +59,9 @@ class SharedBase:
             name = name or self._free_name(method.name)
             if name in self.adapters:
                 raise ValueError(f"an adapter named {name!r} is on this base already")
-            for other in self.adapters.values():
-                if not (method.shares_base and other.shares_base):
-                    raise ValueError(f"a {method.name} adapter cannot share a base with a {other.name} adapter")
+            if not self.can_take(method):
+                other = next(iter(self.adapters.values()))
+                raise ValueError(f"a {method.name} adapter cannot share a base with a {other.name} adapter")
             method.attach()
             for path in method.placements():
                 if hf.is_attention(self.model, path) and self._own_attention is None:
@@ -71,6 +71,11 @@ class SharedBase:
             self.adapters[name] = method
             self._activate(method)
             return name
+
+    def can_take(self, method) -> bool:
+        """Whether an adapter of `method` (a Method or its class) can be added: a base takes turns only between
+        adapters that all leave its modules alone."""
+        return not self.adapters or (method.shares_base and all(m.shares_base for m in self.adapters.values()))
 
     def remove(self, name: str) -> None:
         """Take an adapter off the base; once none is left, the base is exactly the model that was loaded."""
@@ -113,6 +118,8 @@ class SharedBase:
                 self._activate(active)
 
     def _activate(self, method: nn.Module | None) -> None:
+        if method is self._active:  # every call activates its adapter: most find it in place already
+            return
         self._active = method
         self._placed.clear()
         self._placed.update(method.placements() if method is not None else {})

@@ -132,16 +132,17 @@ def train(
     visual_cfg = visual_cfg or VisualConfig()
     settings = run_settings(cfg, adapter_cfg, visual_cfg)
     resume_from = find_resume_point(cfg, settings)  # first: a refused resumption costs nothing
-    if resume_from is not None and (finished := checkpoint.read_state(resume_from))["progress"]["done"]:
+    before = checkpoint.read_state(resume_from) if resume_from is not None else None
+    if before is not None and before["progress"]["done"]:
         say(world, f"{cfg.out}: this run has finished already ({resume_from}); --no-resume trains it again")
         distributed.finish(world)
-        return finished["summary"]
+        return before["summary"]
     skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None
     if rows is None:
         rows = load_task_rows(cfg.task, cfg.data, cfg.cot, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
     data_hash = rows_hash(rows)
-    if resume_from is not None:
-        check_same_data(resume_from, data_hash, cfg.data)
+    if before is not None:
+        check_same_data(before, resume_from, data_hash, cfg.data)
     torch.manual_seed(cfg.seed)  # every process builds the same adapter
     if model is None:
         with distributed.main_first(world):  # the first load of the default base converts it, once
@@ -311,9 +312,9 @@ def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
     return last
 
 
-def check_same_data(resume_from: Path, data_hash: str, source: str) -> None:
-    """Refuse to resume on training data whose content differs from the data the checkpoint was trained on."""
-    before = checkpoint.read_state(resume_from).get("data_sha256", data_hash)  # checkpoints before 0.2 have none
+def check_same_data(state: dict, resume_from: Path, data_hash: str, source: str) -> None:
+    """Refuse to resume on training data whose content differs from the data the checkpoint (`state`) was trained on."""
+    before = state.get("data_sha256", data_hash)  # checkpoints made before the hash was kept have none
     if before != data_hash:
         raise ValueError(
             f"{source}: the training data changed since {resume_from} was made (content hash {before[:12]}, now "

@@ -123,7 +123,15 @@ class AdaLora(_InjectedPeftMethod):
         return self.schedule.orth_reg_weight * torch.stack(terms).mean()
 
 
-class Prefix(PeftMethod):
+class _VirtualTokenMethod(PeftMethod):
+    """Prefix, P-tuning v2 and prompt tuning: PEFT keeps their prompts in its wrapper, outside the base."""
+
+    def attach(self):
+        super().attach()
+        self.prompt_encoder = self.peft_model.prompt_encoder  # registered here: the base does not hold it
+
+
+class Prefix(_VirtualTokenMethod):
     """Prefix tuning (Li & Liang 2021): every attention layer also attends to K keys and values (held in a KV cache),
     made from K embeddings by a two-layer MLP, which steadies training."""
 
@@ -141,10 +149,6 @@ class Prefix(PeftMethod):
             encoder_hidden_size=self.config.prefix_hidden_size,
             task_type="CAUSAL_LM",
         )
-
-    def attach(self):
-        super().attach()
-        self.prompt_encoder = self.peft_model.prompt_encoder  # registered here: the base does not hold it
 
     def inputs(self, input_ids, attention_mask):
         # What PEFT's own forward does: the prefix as a cache of K positions that every token may attend to.
@@ -176,7 +180,7 @@ class PTuningV2(Prefix):
         return PrefixTuningConfig(num_virtual_tokens=self.config.adapter_len, task_type="CAUSAL_LM")
 
 
-class PromptTuning(PeftMethod):
+class PromptTuning(_VirtualTokenMethod):
     """Prompt tuning (Lester et al. 2021): K trained embeddings before the input's, initialised from random words."""
 
     name = "prompt"
@@ -193,10 +197,6 @@ class PromptTuning(PeftMethod):
     def __init__(self, base, config: PromptLength):
         super().__init__(base, config)
         self.virtual_tokens = config.adapter_len
-
-    def attach(self):
-        super().attach()
-        self.prompt_encoder = self.peft_model.prompt_encoder  # registered here: the base does not hold it
 
     def inputs(self, input_ids, attention_mask):
         embeddings = self.base.get_input_embeddings()(input_ids)
