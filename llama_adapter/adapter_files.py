@@ -5,7 +5,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import files
@@ -13,6 +13,7 @@ from . import files
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+TOP_LEVEL = {"format_version", "adapter", "visual", "base", "trainable_parameters"}  # what `write` callers save
 
 
 def write(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -32,33 +33,47 @@ def read_config(adapter_dir: str | Path) -> dict:
     saved = files.read_json(path)
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")  # noqa: TRY004 - a bad file
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {saved.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+    unexpected = sorted(set(saved) - TOP_LEVEL)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected field(s) {', '.join(map(repr, unexpected))}")
     for key in ("adapter", "base"):
         if not isinstance(saved.get(key), dict):
             raise ValueError(f"{path}: field '{key}' is missing or not an object")  # noqa: TRY004 - a bad file
-    if saved.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {saved.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+    if not isinstance(saved["base"].get("name"), str):
+        raise ValueError(f"{path}: field 'base': 'name' must be the base model's name or folder")  # noqa: TRY004
     return saved
 
 
 def read_tensors(path: str | Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, each one checked against the name and shape in `expected` before any is used."""
+    """The tensors of a weights file, checked against the names and shapes in `expected` (from the file's header,
+    before any data is read) and then for values that are not finite, which would make every answer empty."""
     try:
+        with safe_open(path, framework="pt") as handle:
+            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}  # noqa: SIM118
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}")
     for name, param in expected.items():
-        if tensors[name].shape != param.shape:
-            raise ValueError(
-                f"{path}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(param.shape)}"
-            )
+        if list(shapes[name]) != list(param.shape):
+            raise ValueError(f"{path}: tensor {name} has shape {list(shapes[name])}, expected {list(param.shape)}")
+        if not tensors[name].is_floating_point():
+            raise ValueError(f"{path}: tensor {name} holds {tensors[name].dtype} values, expected floating point")
+        bad = int((~torch.isfinite(tensors[name])).sum())
+        if bad:
+            raise ValueError(f"{path}: tensor {name} holds {bad:,} values that are not finite (NaN or infinity)")
     return tensors
 
 
 def check_same_base(saved: dict, actual: dict, where: Path) -> None:
     """Refuse a base whose shape differs from the one the adapter was trained on; warn if only the name differs."""
+    unexpected = sorted(saved.keys() - actual.keys())
+    if unexpected:
+        raise ValueError(f"{where}: field 'base': unexpected field(s) {', '.join(map(repr, unexpected))}")
     differences = [
         f"{key}: adapter has {saved.get(key)!r}, base has {actual[key]!r}"
         for key in actual

@@ -6,9 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapter_files, distributed, llm_adapters, methods, scienceqa
+from . import adapter_files, distributed, files, llm_adapters, methods, scienceqa
 from .config import (
     PRECISIONS,
+    Checked,
     DemoConfig,
     ModelConfig,
     SamplingConfig,
@@ -38,7 +39,7 @@ from .train import TrainConfig, TrainingStopped, train
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(Checked):
     """Who answers, and what to ask about besides the instruction."""
 
     adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
@@ -46,8 +47,15 @@ class ChatConfig:
     image: str | None = option("an image file the instruction is about (multimodal adapters)", None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag gets one line, like every other error of the command, and exit status 1."""
+
+    def error(self, message: str):
+        sys.exit(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-adapter", description="LLaMA-Adapter for Hugging Face LLaMA models")
+    parser = _Parser(prog="llama-adapter", description="LLaMA-Adapter for Hugging Face LLaMA models")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune an adapter on Alpaca-format data")
@@ -87,21 +95,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    check_arguments_are_text(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        handlers = {
-            "train": run_train,
-            "eval": run_eval,
-            "chat": run_chat,
-            "demo": run_demo,
-            "convert": run_convert,
-            "merge": run_merge,
-        }
-        handlers[args.command](args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, TrainingStopped) as err:
+        HANDLERS[args.command](args)
+    except (ValueError, OSError, ModuleNotFoundError, TrainingStopped) as err:
         # Under torchrun every process fails alike; one message is enough.
-        sys.exit(f"llama-adapter {args.command}: error: {err}" if distributed.is_main_process() else 1)
+        sys.exit(f"llama-adapter {args.command}: error: {error_text(err)}" if distributed.is_main_process() else 1)
+    except KeyboardInterrupt:
+        # Ctrl-C: what was saved stays saved (a training run goes on from its last checkpoint when started again).
+        if distributed.is_main_process():
+            resumes = "; the same command goes on from the last checkpoint" if args.command == "train" else ""
+            print(f"\nllama-adapter {args.command}: interrupted{resumes}", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def check_arguments_are_text(argv: list[str]) -> None:
+    """Refuse an argument that is not UTF-8 (Python keeps its bytes as lone surrogates, which no tokenizer, JSON
+    file or log can take), naming the flag it belongs to."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            flag = arg.split("=", 1)[0] if arg.startswith("--") else None
+            if flag is None and i and argv[i - 1].startswith("--"):
+                flag = argv[i - 1]
+            named = flag or f"argument {i + 1}"
+            shown = arg.encode("utf-8", "backslashreplace").decode()
+            command = f" {argv[0]}" if argv[0] in HANDLERS else ""
+            sys.exit(f"llama-adapter{command}: error: {named}: '{shown}' is not UTF-8 text")
+
+
+def error_text(err: Exception) -> str:
+    """The one line a failure gets: ours already name their file or flag; the operating system's get the path."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 # eval <benchmark>: the config of the questions it asks beside EvalConfig, and its help line
@@ -127,24 +160,28 @@ def run_train(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(EvalConfig, args), from_arguments(ModelConfig, args)
     test = from_arguments(EVAL_QUESTIONS[args.benchmark], args)
+    out = Path(cfg.out)
+    files.check_can_write(out, "--out", folder=False)
     if args.benchmark == "scienceqa":
         sqa = from_arguments(ScienceQAConfig, args)
         problems = load_eval_problems(cfg, test, sqa.problems, sqa.splits, sqa.missing_images)
         settings = {"questions": test.llava or f"{cfg.data}/{sqa.problems}:{test.split}", "adapter": cfg.adapter}
         settings |= flat_dict(model_cfg)
         model = load_model(model_cfg, cfg.adapter)
-        scores = evaluate_problems(
-            model, problems, cfg.out, test.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens, settings
-        )
+        with own(out):
+            scores = evaluate_problems(
+                model, problems, cfg.out, test.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens, settings
+            )
         print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {test.scoring}, unparsed: {scores['unparsed']}")
         print(scienceqa.format_table(scores))
     else:  # math, commonsense: the same loop; the test set decides how an answer is read
         questions = llm_adapters.load_questions(cfg.data, test.datasets, cfg.limit)
         settings = {"data": cfg.data, "adapter": cfg.adapter} | flat_dict(model_cfg)
         model = load_model(model_cfg, cfg.adapter)
-        scores = evaluate_questions(
-            model, questions, cfg.out, test.datasets, cfg.batch_size, cfg.max_new_tokens, settings
-        )
+        with own(out):
+            scores = evaluate_questions(
+                model, questions, cfg.out, test.datasets, cfg.batch_size, cfg.max_new_tokens, settings
+            )
         unparsed = sum(scores["unparsed"].values())
         print(f"{args.benchmark.capitalize()} accuracy (%), {len(questions)} questions, unparsed: {unparsed}")
         print(llm_adapters.format_table(scores))
@@ -152,10 +189,18 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"predictions: {cfg.out}; scores: {path}")
 
 
+def own(predictions: Path):
+    """One evaluation at a time appends to a predictions file: a second one would write its answers twice."""
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    return files.held(predictions.with_name(f".{predictions.name}.lock"), f"--out {predictions}")
+
+
 def run_chat(args: argparse.Namespace) -> None:
     cfg = from_arguments(ChatConfig, args)
-    model = load_model(from_arguments(ModelConfig, args), cfg.adapter)
     sampling = from_arguments(SamplingConfig, args)
+    if args.instruction is None and (sys.stdin is None or sys.stdin.closed):
+        raise ValueError('standard input is closed: give the instruction as an argument, llama-adapter chat "..."')
+    model = load_model(from_arguments(ModelConfig, args), cfg.adapter)
     if args.instruction is not None:
         show(model.stream(args.instruction, cfg.input, sampling, cfg.image))
         return
@@ -169,7 +214,11 @@ def run_chat(args: argparse.Namespace) -> None:
             break
         if not instruction:
             break
-        pieces, left_out = stream_conversation(model, earlier, instruction, sampling, cfg.image)
+        try:
+            pieces, left_out = stream_conversation(model, earlier, instruction, sampling, cfg.image)
+        except ValueError as err:  # this message alone is refused; the conversation goes on
+            print(f"[refused: {err}]", file=sys.stderr)
+            continue
         if left_out:
             print(f"[the context is full: the {left_out} oldest exchange(s) are left out of the prompt]")
         try:
@@ -187,6 +236,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def run_convert(args: argparse.Namespace) -> None:
     cfg = from_arguments(ConvertConfig, args)
+    files.check_can_write(cfg.out, "--out", folder=True)
     model = convert_official(cfg)
     print(
         f"{cfg.checkpoint} -> {cfg.out}: {model.config.adapter_len} prompts in each of the top "
@@ -195,7 +245,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(Checked):
     """Which LoRA adapter to fold into its base, and where the merged model goes."""
 
     adapter: str = option("a LoRA adapter folder (trained with --method lora)")
@@ -204,6 +254,7 @@ class MergeConfig:
 
 def run_merge(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
+    files.check_can_write(cfg.out, "--out", folder=True)
     saved = adapter_files.read_config(Path(cfg.adapter))["adapter"]
     method = methods.get(AdapterConfig.from_saved(saved, Path(cfg.adapter) / adapter_files.CONFIG_NAME).method)
     if not method.can_merge:  # refused before the base is loaded
@@ -215,6 +266,16 @@ def run_merge(args: argparse.Namespace) -> None:
     merged.save_pretrained(cfg.out)
     model.tokenizer.save_pretrained(cfg.out)
     print(f"{cfg.adapter} + {merged.name_or_path} -> {cfg.out}: the base with LoRA folded into its weights")
+
+
+HANDLERS = {
+    "train": run_train,
+    "eval": run_eval,
+    "chat": run_chat,
+    "demo": run_demo,
+    "convert": run_convert,
+    "merge": run_merge,
+}
 
 
 def without_option(argv: list[str], flag: str) -> list[str]:

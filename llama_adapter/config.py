@@ -6,6 +6,7 @@ points build their parsers from these classes, so a flag can never drift from th
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,27 +23,123 @@ QUANTIZE_HELP = (
 )
 
 
-def option(help: str, default=dataclasses.MISSING):
-    """A config field with the help text of its command-line flag; no default makes the flag required."""
-    return field(default=default, metadata={"help": help})
+SEED_MAX = 2**32 - 1  # what every random generator we seed (Python's, torch's, NumPy's) accepts
+
+
+def option(help: str, default=dataclasses.MISSING, **limits):
+    """A config field with the help text of its command-line flag; no default makes the flag required.
+
+    `limits` bound a number (or each number of a tuple): at_least, above, at_most, below. The flag and the
+    dataclass check them alike (`check_fields`), and a float must be finite.
+    """
+    unknown = limits.keys() - LIMITS.keys()
+    if unknown:
+        raise TypeError(f"unknown limit(s) {sorted(unknown)}; known: {sorted(LIMITS)}")
+    return field(default=default, metadata={"help": help, "limits": limits})
+
+
+# limit name -> (how a message says it, whether a value passes)
+LIMITS = {
+    "at_least": (">=", lambda value, bound: value >= bound),
+    "above": (">", lambda value, bound: value > bound),
+    "at_most": ("<=", lambda value, bound: value <= bound),
+    "below": ("<", lambda value, bound: value < bound),
+}
+
+
+class Checked:
+    """A config dataclass whose fields are checked against their types and limits when it is made.
+
+    Configs come from flags, from JSON files (a saved adapter's) and from Python: all three get the same clear
+    error naming the field, never a comparison failing deep inside.
+    """
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def from_dict(config_class: type, values, where: str):
+    """A config from a JSON object (a saved file's): a key it does not have, or a bad value, is named with `where`."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected an object of settings, got {type(values).__name__}")  # noqa: TRY004
+    unexpected = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+    if unexpected:
+        raise ValueError(f"{where}: unexpected field(s) {', '.join(map(repr, unexpected))}")
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def check_fields(config) -> None:
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = _problem(value, hints[f.name], f.metadata.get("limits", {}))
+        if value == "" and f.default != "":  # --out "" would write into the working folder, --base "" load a default
+            problem = "a non-empty string" + (" or left out" if f.default is None else "") + ", got ''"
+        if problem:
+            raise ValueError(f"{f.name} must be {problem}")
+
+
+def _problem(value, hint, limits: dict) -> str | None:
+    """What is wrong with `value` as a `hint` within `limits`, or None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = _unwrap_optional(hint)
+    got = f"got {type(value).__name__} {value!r:.60}"
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, hint) else f"a {hint.__name__}, {got}"
+    if typing.get_origin(hint) is typing.Literal:
+        return None if value in typing.get_args(hint) else f"one of {list(typing.get_args(hint))}, got {value!r:.60}"
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (tuple, list)):
+            return f"a list, {got}"
+        problems = (_problem(item, typing.get_args(hint)[0], limits) for item in value)
+        return next((f"a list of which each is {problem}" for problem in problems if problem), None)
+    if hint is bool:
+        return None if isinstance(value, bool) else f"true or false, {got}"
+    if hint is str:
+        return None if isinstance(value, str) else f"a string, {got}"
+    if hint in (int, float):
+        return _number_problem(value, hint, limits)
+    raise TypeError(f"no check for fields of type {hint}")  # a new kind of field: teach _problem about it
+
+
+def _number_problem(value, kind: type, limits: dict) -> str | None:
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        return f"{'an integer' if kind is int else 'a number'}, got {type(value).__name__} {value!r:.60}"
+    if not math.isfinite(value):
+        return f"a finite number, got {value}"
+    failed = [f"{LIMITS[name][0]} {bound}" for name, bound in limits.items() if not LIMITS[name][1](value, bound)]
+    return f"{' and '.join(failed)}, got {value}" if failed else None
 
 
 @dataclass
-class VisualConfig:
+class VisualConfig(Checked):
     """The frozen CLIP image encoder of a multimodal adapter; no clip_model means a text-only adapter."""
 
     clip_model: str | None = option("open_clip architecture, e.g. ViT-L-14 (the paper's); unset = text-only", None)
     clip_weights: str | None = option(
         "open_clip pretrained tag (needs internet, e.g. openai) or a local checkpoint file; unset = random init", None
     )
-    clip_seed: int = option("seed of the random CLIP init without weights, saved so reloads rebuild the same", 0)
+    clip_seed: int = option(
+        "seed of the random CLIP init without weights, saved so reloads rebuild the same",
+        0,
+        at_least=0,
+        at_most=SEED_MAX,
+    )
     clip_layers: tuple[int, ...] = option(
         "multi-scale features (paper sec. 3.3): also the class token of these ViT blocks (0-based), concatenated "
         "with the image embedding; none = the embedding alone",
         (),
+        at_least=0,
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.clip_weights and not self.clip_model:
             raise ValueError("clip_weights needs clip_model: the architecture the weights belong to")
         self.clip_layers = tuple(sorted(set(self.clip_layers)))  # JSON gives a list; the encoder yields block order
@@ -51,7 +148,7 @@ class VisualConfig:
 
 
 @dataclass
-class BaseModelConfig:
+class BaseModelConfig(Checked):
     """The frozen LLM under the adapters, and how its weights are held."""
 
     base: str | None = option(
@@ -65,10 +162,9 @@ class BaseModelConfig:
     quantize: Quantization = option(QUANTIZE_HELP, "none")
 
     def __post_init__(self):
-        self.precision = self.precision or default_precision()
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        check_quantize(self.quantize)
+        super().__post_init__()
+        if self.precision is None:
+            self.precision = default_precision()
 
 
 @dataclass
@@ -79,17 +175,14 @@ class ModelConfig(BaseModelConfig):
         "this machine's copy of the CLIP weights a multimodal adapter was trained with", None
     )
     dylora_rank: int | None = option(
-        "a DyLoRA adapter answers with its first r ranks alone (default: all); any other adapter refuses it", None
+        "a DyLoRA adapter answers with its first r ranks alone (default: all); any other adapter refuses it",
+        None,
+        at_least=1,
     )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.dylora_rank is not None and self.dylora_rank < 1:
-            raise ValueError(f"dylora_rank must be >= 1, got {self.dylora_rank}")
 
 
 @dataclass
-class ScienceQAConfig:
+class ScienceQAConfig(Checked):
     """Which ScienceQA problems, and how they become prompts."""
 
     problems: str = option("problems file inside the data folder", "problems.json")
@@ -103,34 +196,25 @@ class ScienceQAConfig:
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Checked):
     """Which adapters the browser demo offers and where it listens."""
 
     adapter: tuple[str, ...] = option("adapter folders the chooser offers, beside the base model alone", ())
     host: str = option("address to listen on; 0.0.0.0 opens the demo to your whole network", "127.0.0.1")
-    port: int = option("port to listen on", 7860)
+    port: int = option("port to listen on", 7860, at_least=1, at_most=65535)
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Checked):
     """How `generate` picks tokens: greedy when temperature is 0."""
 
-    max_new_tokens: int = option("stop after this many new tokens", 256)
-    temperature: float = option("0 = greedy decoding; > 0 samples", 0.0)
-    top_p: float = option("nucleus sampling: keep the smallest token set with this much probability", 1.0)
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def check_quantize(value: str) -> None:
-    if value not in typing.get_args(Quantization):
-        raise ValueError(f"quantize must be one of {list(typing.get_args(Quantization))}, got {value!r}")
+    max_new_tokens: int = option(
+        "stop after this many new tokens (or at the end of the model's context)", 256, at_least=1
+    )
+    temperature: float = option("0 = greedy decoding; > 0 samples", 0.0, at_least=0)
+    top_p: float = option(
+        "nucleus sampling: keep the smallest token set with this much probability", 1.0, above=0, at_most=1
+    )
 
 
 def default_precision() -> str:
@@ -163,12 +247,35 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type, defaults:
         elif typing.get_origin(kind) is typing.Literal:
             kwargs["choices"] = typing.get_args(kind)
         elif typing.get_origin(kind) is tuple:
-            kwargs |= {"nargs": "*", "type": typing.get_args(kind)[0]}
+            kwargs |= {"nargs": "*", "type": flag_type(typing.get_args(kind)[0], f.metadata.get("limits", {}))}
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = flag_type(kind, f.metadata.get("limits", {}))
         if default not in (None, ()) and kind is not bool:
             kwargs["help"] += f" (default: {shown_default(default)})"
         group.add_argument(flag, **kwargs)
+
+
+def flag_type(kind: type, limits: dict):
+    """The argparse `type` of a flag: numbers are parsed and checked against the field's limits, so a bad value is
+    refused naming its flag before anything is loaded."""
+    if kind not in (int, float):
+        return kind
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}, got {text!r:.60}"
+            ) from None
+        problem = _number_problem(value, kind, limits)
+        if problem:
+            raise argparse.ArgumentTypeError(f"must be {problem}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.limits = limits  # for tests that generate values out of range
+    return parse
 
 
 def from_arguments(config_class: type, args: argparse.Namespace):

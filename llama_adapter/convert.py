@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import hf
-from .config import option
+from .config import Checked, option
 from .methods import AdapterConfig
 from .model import LlamaAdapterModel
 
@@ -35,7 +35,7 @@ GATE_KEY = re.compile(r"layers\.(\d+)\.attention\.gate")
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(Checked):
     """An official LLaMA-Adapter v1 checkpoint, the base it was trained on, and where to write our adapter."""
 
     checkpoint: str = option("official LLaMA-Adapter v1 checkpoint, e.g. llama_adapter_len10_layer30_release.pth")

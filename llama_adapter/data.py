@@ -47,6 +47,18 @@ class DataError(ValueError):
 # is tokenised, which would cost seconds and gigabytes for nothing, as at most max_len tokens of it are trained.
 MAX_ROW_CHARS = 1_000_000
 
+
+def check_text(text: str, where: str) -> None:
+    """Refuse a string Python holds but no tokenizer can encode: one with a lone UTF-16 surrogate (from a JSON
+    escape such as "\\ud800", or a command-line argument that was not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(
+            f"{where}: not valid Unicode text (a lone surrogate {text[err.start]!a} at character {err.start})"
+        ) from None
+
+
 BadRows = list[tuple[str, str]]  # (where, why): the rows left out by `load_rows(..., skipped=...)`
 
 
@@ -59,8 +71,12 @@ def load_rows(path: str | Path, skipped: BadRows | None = None) -> list[dict]:
     row is left out and (where, why) appended to it instead. A file that cannot be read as a whole always raises.
     """
     path = Path(path)
-    raw = files.read_bytes(path, DataError)
-    records = _json_list(raw, path) if raw.lstrip().startswith(b"[") else _jsonl_records(raw, path)
+    raw = files.read_bytes(path, DataError).removeprefix(UTF8_BOM)  # editors on Windows start files with one
+    if path.suffix != ".jsonl" and raw.lstrip().startswith(b"["):
+        records = _json_list(raw, path)
+    else:
+        _refuse_wrapped_rows(raw, path)
+        records = _jsonl_records(raw, path)
     if not records:
         raise DataError(f"{path}: no rows")
     rows = []
@@ -78,9 +94,28 @@ def load_rows(path: str | Path, skipped: BadRows | None = None) -> list[dict]:
     return rows
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+FIELDS = ("instruction", "input", "output")
+
+
+def _refuse_wrapped_rows(raw: bytes, path: Path) -> None:
+    """A JSON object that holds the rows (say {"data": [...]}) is neither format: say so, rather than report its
+    first line as a bad row."""
+    try:
+        whole = json.loads(raw)
+    except (ValueError, RecursionError):
+        return  # JSONL, or broken: the lines tell which
+    if isinstance(whole, dict) and not whole.keys() & set(FIELDS):
+        keys = ", ".join(repr(key) for key in list(whole)[:5])
+        raise DataError(
+            f"{path}: one JSON object (keys {keys}), not rows: expected a JSON list of rows, or JSONL (one row "
+            "object per line) with fields instruction, input, output"
+        )
+
+
 def _json_list(raw: bytes, path: Path) -> list[tuple[str, object]]:
     """(where, record) for each element of a JSON list; a list that does not parse has no rows to keep."""
-    records = files.parse_json(raw, path, DataError)
+    records = files.parse_json(raw, path, DataError, text_only=False)  # each row's fields are checked: skippable
     return [(f"{path}: row {i}", record) for i, record in enumerate(records)]
 
 
@@ -93,6 +128,8 @@ def _jsonl_records(raw: bytes, path: Path) -> list[tuple[str, object]]:
         where = f"{path}: line {lineno}"
         try:
             records.append((where, json.loads(line.decode("utf-8"))))
+        except RecursionError:
+            records.append((where, DataError(f"{where}: JSON nested too deeply to read")))
         except UnicodeDecodeError as err:
             records.append((where, DataError(f"{where}: not UTF-8 text (byte {err.start} of the line)")))
         except json.JSONDecodeError as err:
@@ -104,14 +141,19 @@ def _check_row(record, where: str, folder: Path) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with instruction/input/output, got {type(record).__name__}")
     row = {}
-    for name, required in (("instruction", True), ("input", False), ("output", True)):
-        value = record.get(name, None if required else "")
-        if value is None:
+    for name in FIELDS:
+        required = name != "input"  # an absent or null input means none, as in Alpaca's own data
+        if required and name not in record:
             raise DataError(f"{where}: missing field '{name}'")
+        value = record.get(name)
+        if value is None and required:
+            raise DataError(f"{where}: field '{name}' is null")
+        value = "" if value is None else value
         if not isinstance(value, str):
             raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
         if required and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
+        check_text(value, f"{where}: field '{name}'")
         row[name] = value
     size = sum(len(value) for value in row.values())
     if size > MAX_ROW_CHARS:

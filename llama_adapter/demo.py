@@ -3,9 +3,15 @@
 Every adapter offered whose method can share a base (LLaMA-Adapter, bottlenecks, DyLoRA) shares one frozen base in
 memory (`LlamaAdapterModel.load(..., alongside=...)`), so the chooser switches between them at no cost; PEFT's
 methods rebuild their base, so each has a base of its own. One answer is generated at a time; the queue keeps the others waiting.
+
+What the page shows loads nothing from elsewhere: messages and answers go through `safe_markdown`, and the page
+carries a content security policy that lets the browser fetch from the demo alone.
 """
 
+import html
+import inspect
 import logging
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -14,6 +20,7 @@ from matplotlib.figure import Figure
 from . import synthetic
 from .adapter_files import read_config
 from .config import DemoConfig, ModelConfig, SamplingConfig
+from .data import DataError, check_text
 from .generation import stream_conversation
 from .model import LlamaAdapterModel, load_model
 from .scienceqa import format_options
@@ -28,6 +35,9 @@ COLOUR_QUESTION = (
 EXAMPLES = Path(__file__).parent / "examples"
 MAX_UPLOAD = "10mb"
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away with "queue full" rather than waiting for ever
+# The browser may fetch from the demo itself and nothing else: a guard behind safe_markdown, for whatever reaches
+# the page some other way (Gradio's own error messages, renderers added in a later Gradio).
+CONTENT_POLICY = "default-src 'self' 'unsafe-inline' 'unsafe-eval' data: blob:"
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +63,8 @@ def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
         turns = gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="conversation")
+                # No LaTeX: Gradio cuts $$...$$ out before the Markdown is parsed, across code fences.
+                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="conversation", latex_delimiters=[])
                 box = gr.MultimodalTextbox(
                     placeholder="Type a message; attach an image (optional) with the clip button",
                     file_types=["image"],
@@ -94,7 +105,12 @@ def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
 def launch(app: gr.Blocks, cfg: DemoConfig, block: bool = True) -> None:
     """Serve the app on cfg.host:cfg.port, never through a public share link; `block=False` returns at once."""
     app.launch(
-        server_name=cfg.host, server_port=cfg.port, share=False, max_file_size=MAX_UPLOAD, prevent_thread_lock=not block
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=False,
+        max_file_size=MAX_UPLOAD,
+        prevent_thread_lock=not block,
+        head=f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_POLICY}">',
     )
 
 
@@ -107,6 +123,10 @@ class _Chat:
     def send(self, message: dict | None, turns: list[dict], choice, temperature, top_p, max_new_tokens):
         text = ((message or {}).get("text") or "").strip()
         files = (message or {}).get("files") or []
+        try:
+            check_text(text, "Your message")  # a lone surrogate (JSON "\ud800") can come through Gradio's JSON API
+        except DataError as err:
+            raise gr.Error(_public(str(err))) from None
         if not text:
             raise gr.Error("Type a message first" + (": an image alone asks nothing." if files else "."))
         image = _checked_image(files[0]) if files else None
@@ -136,8 +156,8 @@ class _Chat:
             sampling = SamplingConfig(int(max_new_tokens), float(temperature), float(top_p))
             exchanges = [(t["text"], t["answer"]) for t in earlier]
             pieces, left_out = stream_conversation(model, exchanges, turn["text"], sampling, image)
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
+        except (ValueError, OSError) as err:  # OSError: an earlier turn's upload that Gradio has since deleted
+            raise gr.Error(_public(str(err), image, *self.choices)) from None
         if left_out:
             notes.insert(0, f"The context is full: the {left_out} oldest exchange(s) are left out of the prompt.")
         note = " ".join(notes)
@@ -148,7 +168,7 @@ class _Chat:
                 yield _messages(turns), turns, note
         except Exception as err:
             log.exception("generation failed")
-            raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
+            raise gr.Error(_public(f"Generation failed: {type(err).__name__}: {err}", image, *self.choices)) from None
         finally:
             pieces.close()  # a Stop click closes this generator: the model stops at its next token
 
@@ -169,7 +189,7 @@ class _Chat:
 
     def _model(self, choice) -> LlamaAdapterModel:
         if choice not in self.choices:
-            raise gr.Error(f"Unknown adapter {choice!r}; choose one of {list(self.choices)}.")
+            raise gr.Error(_public(f"Unknown adapter {choice!r}; choose one of {list(self.choices)}.", *self.choices))
         return self.choices[choice]
 
 
@@ -196,9 +216,26 @@ def _checked_image(upload) -> str:
     try:
         load_image(path)
     except (ValueError, FileNotFoundError) as err:
-        name = Path(path).name
-        raise gr.Error(f"{name} cannot be used as an image: {str(err).removeprefix(f'{path}: ')}") from None
+        why = str(err).removeprefix(f"{path}: ")
+        raise gr.Error(_public(f"{Path(path).name} cannot be used as an image: {why}", path)) from None
     return path
+
+
+# An absolute path, POSIX or Windows, up to a quote or white space (not one in a URL); "name" is its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:[A-Za-z]:)?[/\\](?:[^\s'\"/\\]+[/\\])+(?P<name>[^\s'\"/\\]*)")
+
+
+def _public(message: str, *paths: str | None) -> str:
+    """An error message fit for the page: server paths reduced to file names, and HTML shown as text.
+
+    The paths given, and paths in their folders, are reduced whole (a name may hold a space); any other absolute
+    path up to its first space. Gradio renders an error message as HTML, so a file name or a choice sent through
+    the API could carry a tag.
+    """
+    for path in sorted({str(p) for p in paths if p and Path(p).is_absolute()}, key=len, reverse=True):
+        within = re.escape(path) + r"(?:[/\\][^\s'\"/\\]+)*"
+        message = re.sub(within, lambda m: re.split(r"[/\\]", m[0])[-1], message)
+    return html.escape(_ABSOLUTE_PATH.sub(r"\g<name>", message), quote=False)
 
 
 def _messages(turns: list[dict]) -> list[dict]:
@@ -206,9 +243,89 @@ def _messages(turns: list[dict]) -> list[dict]:
     for turn in turns:
         if turn["image"]:
             messages.append({"role": "user", "content": {"path": turn["image"]}})
-        messages.append({"role": "user", "content": turn["text"]})
-        messages.append({"role": "assistant", "content": turn["answer"]})
+        messages.append({"role": "user", "content": safe_markdown(turn["text"])})
+        messages.append({"role": "assistant", "content": safe_markdown(turn["answer"])})
     return messages
+
+
+# A code fence as CommonMark reads one: up to 3 spaces, then 3 or more backticks (no backtick in the info string
+# after them) or tildes.
+_FENCE = re.compile(r"(?P<indent> {0,3})(?P<fence>`{3,}(?=[^`]*$)|~{3,})(?P<info>.*)")
+_LINES = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")  # splits after each line end: \n, \r\n or \r, as marked.js reads them
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")  # inline `code`, within one line
+# What may load something: an HTML tag ("<" then a letter, "/", "!" or "?"), an image, a diagram Gradio draws
+# (wherever one starts, in a quote or a list too, with HTML in its labels).
+_LOADER = re.compile(r"<[A-Za-z/!?]|!\[|```mermaid")
+
+
+def safe_markdown(text: str) -> str:
+    """The text as Markdown that the chat shows as written, but that makes the browser load nothing.
+
+    Gradio's sanitiser keeps <img>, <video>, srcset and style attributes, and Markdown images are <img> too: a
+    message, or an answer a model was talked into, could make the page fetch from any address (and tell it the
+    conversation in the URL). Outside fenced code blocks, no "<" that opens a tag, no "![" and no ```mermaid is
+    left: they become "&lt;", "!\\[" and "``\\`mermaid", which show as written. Inline code holding one becomes an
+    HTML <code> element that shows it. Code blocks keep every character, behind a fence that no line inside can
+    close, at the left margin where no list or quote can take it in. The text is first tidied as Gradio tidies a
+    chat message (inspect.cleandoc), so that Gradio changes nothing more.
+    """
+    lines = _LINES.split(inspect.cleandoc(text))
+    shown, i = [], 0
+    while i < len(lines):
+        opening = _FENCE.fullmatch(lines[i].rstrip("\r\n"))
+        if not opening:
+            shown.append(_shown_line(lines[i]))
+            i += 1
+            continue
+        fence, indent = opening["fence"], len(opening["indent"])
+        closing = re.compile(rf" {{0,3}}{re.escape(fence)}{re.escape(fence[0])}* *")
+        end = next((j for j in range(i + 1, len(lines)) if closing.fullmatch(lines[j].rstrip("\r\n"))), len(lines))
+        code = "".join(line[min(indent, len(line) - len(line.lstrip(" "))) :] for line in lines[i + 1 : end])
+        ends = (_line_end(lines[i]) or "\n", _line_end(lines[end]) if end < len(lines) else "")
+        shown.append(_code_block(code, fence[0], opening["info"], ends))
+        i = end + 1
+    return "".join(shown)
+
+
+def _shown_line(line: str) -> str:
+    """A line outside code blocks, with nothing left in it that loads: its inline code spans are kept when harmless."""
+    pieces, done = [], 0
+    for span in _CODE_SPAN.finditer(line):
+        pieces += [_escaped(line[done : span.start()]), _inline_code(span[2]) if _LOADER.search(span[0]) else span[0]]
+        done = span.end()
+    return "".join(pieces) + _escaped(line[done:])
+
+
+def _escaped(text: str) -> str:
+    """Markdown text with its tags, images and diagrams shown as written instead."""
+    # An entity, not a backslash: a bare URL just before a tag would take the backslash into the link.
+    text = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+    return text.replace("![", "!\\[").replace("```mermaid", "``\\`mermaid")
+
+
+def _inline_code(code: str) -> str:
+    """Inline code as an HTML <code> element whose text is the code as written, not Markdown nor HTML."""
+    if code.startswith(" ") and code.endswith(" ") and code.strip(" "):
+        code = code[1:-1]  # as CommonMark strips a code span
+    # Every ASCII punctuation character escaped: "&" and "<" as HTML entities, the rest with a backslash.
+    return "<code>" + re.sub(r"[!-/:-@\[-`{-~]", lambda m: _ENTITIES.get(m[0], "\\" + m[0]), code) + "</code>"
+
+
+_ENTITIES = {"&": "&amp;", "<": "&lt;"}
+
+
+def _code_block(code: str, char: str, info: str, ends: tuple[str, str]) -> str:
+    """Code behind a fence of `char` longer than any run of it inside; `ends`: the fence lines' line ends."""
+    fence = char * max(3, 1 + max((len(run) for run in re.findall(f"{re.escape(char)}+", code)), default=0))
+    if info.split()[:1] == ["mermaid"]:
+        info = ""  # shown as code, not drawn
+    if code and not code.endswith(("\n", "\r")):
+        code += "\n"
+    return f"{fence}{info}{ends[0]}{code}{fence}{ends[1]}"
+
+
+def _line_end(line: str) -> str:
+    return line[len(line.rstrip("\r\n")) :]
 
 
 def _examples() -> list[dict]:

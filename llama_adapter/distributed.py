@@ -22,21 +22,19 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import hf
-from .config import default_device, option
+from .config import Checked, default_device, option
 
 
 @dataclass
-class DistributedConfig:
+class DistributedConfig(Checked):
     """How many processes train together, and whether they share the frozen base's memory."""
 
-    nproc: int = option("processes on this machine, one per GPU, started with torchrun (1: this process alone)", 1)
+    nproc: int = option(
+        "processes on this machine, one per GPU, started with torchrun (1: this process alone)", 1, at_least=1
+    )
     fsdp: bool = option(
         "shard the frozen base's decoder layers across the processes (FSDP) for models too big for one device", False
     )
-
-    def __post_init__(self):
-        if self.nproc < 1:
-            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
 
 
 @dataclass(frozen=True)

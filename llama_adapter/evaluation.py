@@ -18,7 +18,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from . import data, files, llm_adapters, scienceqa
-from .config import SamplingConfig, option
+from .config import Checked, SamplingConfig, option
 from .generation import generate_batch
 from .model import LlamaAdapterModel
 from .predictions import append_prediction, check_resume_settings, read_predictions, settings_path
@@ -26,26 +26,19 @@ from .scienceqa import Problem
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Which benchmark data, who answers, where the predictions go, and how many questions at a time."""
 
     data: str = option("the benchmark's folder: ScienceQA's (problems.json, ...) or LLM-Adapters' (<set>/test.json)")
     out: str = option("predictions JSONL; an existing file is resumed; scores go beside it (.scores.json)")
     adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
-    batch_size: int = option("questions per batch", 8)
-    max_new_tokens: int = option("answer length limit, in tokens", 16)
-    limit: int | None = option("evaluate only the first N questions of each test set (a quick look)", None)
-
-    def __post_init__(self):
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+    batch_size: int = option("questions per batch", 8, at_least=1)
+    max_new_tokens: int = option("answer length limit, in tokens", 16, at_least=1)
+    limit: int | None = option("evaluate only the first N questions of each test set (a quick look)", None, at_least=1)
 
 
 @dataclass
-class ScienceQATestConfig:
+class ScienceQATestConfig(Checked):
     """Which ScienceQA questions are asked, and how an answer is chosen."""
 
     split: str = option("which split of the problems file", "test")
@@ -57,12 +50,13 @@ class ScienceQATestConfig:
 
 
 @dataclass
-class DatasetsConfig:
+class DatasetsConfig(Checked):
     """Which of LLM-Adapters' test sets are asked."""
 
     datasets: tuple[str, ...] = option("test sets, by folder name", llm_adapters.MATH_DATASETS)
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.datasets:
             raise ValueError("datasets must name at least one test set")
         if len(set(self.datasets)) < len(self.datasets):
@@ -206,7 +200,7 @@ def load_eval_problems(
             )
     else:
         problems, missing = scienceqa.load_problems(cfg.data, test.split, problems_file, splits_file, missing_images)
-    problems = problems[: cfg.limit] if cfg.limit else problems
+    problems = problems[: cfg.limit]  # None: all of them
     if missing:
         print(f"{missing} problems lack their image file and are evaluated without it", file=sys.stderr)
     return problems

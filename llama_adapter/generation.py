@@ -21,7 +21,7 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     the worker is re-raised here instead of leaving the consumer waiting.
     """
     tokenizer = model.tokenizer
-    ids, mask = data.left_padded([tokenizer(prompt)["input_ids"]], data.pad_id(tokenizer))
+    ids, mask = data.left_padded(prompt_tokens(model, [prompt]), data.pad_id(tokenizer))
     inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
@@ -32,7 +32,7 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
             with torch.no_grad(), model.running(image_features):
                 model.base.generate(
                     **inputs,
-                    **generation_kwargs(sampling, tokenizer),
+                    **generation_kwargs(sampling, tokenizer, room(model, ids)),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
                 )
@@ -70,6 +70,7 @@ def conversation_prompt(tokenizer, earlier: list[tuple[str, str]], instruction: 
 
     The oldest exchanges are left out until it fits; returns the prompt and how many were left out.
     """
+    data.check_text(instruction, "the message")
     for left_out in range(len(earlier) + 1):
         prompt = data.format_conversation(earlier[left_out:], instruction)
         length = len(tokenizer(prompt)["input_ids"])
@@ -88,17 +89,38 @@ def generate_batch(
 ) -> list[str]:
     """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column."""
     tokenizer = model.tokenizer
-    ids, mask = data.left_padded([tokenizer(prompt)["input_ids"] for prompt in prompts], data.pad_id(tokenizer))
+    ids, mask = data.left_padded(prompt_tokens(model, prompts), data.pad_id(tokenizer))
     inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
     with model.running(image_features, has_image):
-        out = model.base.generate(**inputs, **generation_kwargs(sampling, tokenizer))
+        out = model.base.generate(**inputs, **generation_kwargs(sampling, tokenizer, room(model, ids)))
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def generation_kwargs(sampling: SamplingConfig, tokenizer) -> dict:
-    """Arguments for Hugging Face `generate`, overriding whatever the base's generation_config suggests."""
+def prompt_tokens(model, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's tokens; a prompt that is not text, or that leaves no room in the context to answer, is refused
+    (past its context a model answers garbage, slowly)."""
+    tokens = []
+    for prompt in prompts:
+        data.check_text(prompt, "the prompt")
+        tokens.append(model.tokenizer(prompt)["input_ids"])
+        if len(tokens[-1]) >= model.context_length:
+            raise ValueError(
+                f"the prompt is {len(tokens[-1]):,} tokens; the model's context holds {model.context_length:,} "
+                "with the answer: shorten it"
+            )
+    return tokens
+
+
+def room(model, ids: torch.Tensor) -> int:
+    """How many tokens the answer can have before the context is full."""
+    return model.context_length - ids.shape[1] - model.method.virtual_tokens
+
+
+def generation_kwargs(sampling: SamplingConfig, tokenizer, room: int) -> dict:
+    """Arguments for Hugging Face `generate`, overriding whatever the base's generation_config suggests; the answer
+    stops at `max_new_tokens` or where the context is full, whichever comes first."""
     kwargs = {
-        "max_new_tokens": sampling.max_new_tokens,
+        "max_new_tokens": max(1, min(sampling.max_new_tokens, room)),
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": data.pad_id(tokenizer),
     }

@@ -55,6 +55,8 @@ class Question:
 
 def load_questions(data_dir: str | Path, datasets: tuple[str, ...], limit: int | None = None) -> list[Question]:
     """The test questions of each dataset in order, the first `limit` of each if given."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be >= 1 (None: every question), got {limit!r}")
     questions = []
     for name in datasets:
         path = Path(data_dir) / name / "test.json"
@@ -64,7 +66,7 @@ def load_questions(data_dir: str | Path, datasets: tuple[str, ...], limit: int |
         rows = files.read_json(path, DataError)
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a list of rows, got {type(rows).__name__}")
-        questions += [_question(row, name, i, path) for i, row in enumerate(rows[:limit] if limit else rows)]
+        questions += [_question(row, name, i, path) for i, row in enumerate(rows[:limit])]
     return questions
 
 

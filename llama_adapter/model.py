@@ -13,7 +13,7 @@ from torch import nn
 from . import adapter_files, data, hf, methods
 from .adapter import VisualProjection
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from .config import PRECISIONS, ModelConfig, SamplingConfig, VisualConfig, default_device
+from .config import PRECISIONS, ModelConfig, SamplingConfig, VisualConfig, default_device, from_dict
 from .methods import AdapterConfig
 from .shared_base import SharedBase
 from .visual import FeatureCache, ImageEncoder
@@ -41,6 +41,7 @@ class LlamaAdapterModel(nn.Module):
     ):
         super().__init__()
         config = config or AdapterConfig()
+        config.check_fits(base.config.hidden_size, hf.context_length(base))
         method = methods.get(config.method)
         self.visual_config = visual or VisualConfig()
         if self.visual_config.clip_model and not method.takes_images:
@@ -123,8 +124,9 @@ class LlamaAdapterModel(nn.Module):
         """
         adapter_dir = Path(adapter_dir)
         saved = adapter_files.read_config(adapter_dir)
-        config = AdapterConfig.from_saved(saved["adapter"], adapter_dir / CONFIG_NAME)
-        visual = VisualConfig(**saved.get("visual", {}))
+        where = adapter_dir / CONFIG_NAME
+        config = AdapterConfig.from_saved(saved["adapter"], where)
+        visual = from_dict(VisualConfig, saved.get("visual", {}), f"{where}: field 'visual'")
         if clip_weights:
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
         sharing = alongside is not None and alongside.shared.can_take(methods.get(config.method))
@@ -132,9 +134,14 @@ class LlamaAdapterModel(nn.Module):
             model, tokenizer = alongside.base, alongside.tokenizer
         else:
             device = torch.device(device or default_device())
-            model, tokenizer = hf.load_base(base or saved["base"]["name"], dtype, None, quantize, device)
-        adapter_files.check_same_base(saved["base"], hf.base_identity(model), adapter_dir / CONFIG_NAME)
-        loaded = cls(model, tokenizer, config, visual)
+            model, tokenizer = hf.load_base(
+                saved["base"]["name"] if base is None else base, dtype, None, quantize, device
+            )
+        adapter_files.check_same_base(saved["base"], hf.base_identity(model), where)
+        try:
+            loaded = cls(model, tokenizer, config, visual)
+        except ValueError as err:  # a setting of the file that this base cannot take
+            raise ValueError(f"{where}: {err}") from None
         try:
             loaded.load_adapter_weights(adapter_dir / WEIGHTS_NAME)
         except Exception:
@@ -325,7 +332,9 @@ def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterMod
         config = AdapterConfig()
         if alongside is not None and alongside.shared.can_take(methods.get(config.method)):
             return LlamaAdapterModel(alongside.base, alongside.tokenizer, config)
-        return LlamaAdapterModel.from_base(cfg.base or hf.DEFAULT_BASE, config, dtype=dtype, quantize=cfg.quantize)
+        return LlamaAdapterModel.from_base(
+            hf.DEFAULT_BASE if cfg.base is None else cfg.base, config, dtype=dtype, quantize=cfg.quantize
+        )
     model = LlamaAdapterModel.load(
         adapter, cfg.base, dtype, clip_weights=cfg.clip_weights, alongside=alongside, quantize=cfg.quantize
     )

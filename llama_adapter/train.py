@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, distributed, files, hf, methods
-from .config import PRECISIONS, BaseModelConfig, ScienceQAConfig, VisualConfig, flat_dict, option
+from .config import PRECISIONS, SEED_MAX, BaseModelConfig, Checked, ScienceQAConfig, VisualConfig, flat_dict, option
 from .distributed import World
 from .methods import AdapterConfig
 from .model import LlamaAdapterModel
@@ -39,7 +39,7 @@ class TrainingStopped(RuntimeError):
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """Fine-tuning: data, optimisation and output."""
 
     data: str = option(
@@ -53,39 +53,35 @@ class TrainConfig:
         f"peak learning rate (default: the method's; LLaMA-Adapter's is {methods.PAPER_BASE_LR} x batch-size x "
         "grad-accum / 256, as the paper; docs/methods.md lists the others)",
         None,
+        above=0,
     )
-    epochs: int = option("passes over the training rows", 5)
-    batch_size: int = option("rows per forward pass, over all processes together", 4)
-    grad_accum: int = option("forward passes per optimizer step", 1)
-    max_steps: int | None = option("stop after this many optimizer steps (default: epochs' worth)", None)
-    max_len: int = option("truncate prompt + response to this many tokens", 512)
+    epochs: int = option("passes over the training rows", 5, at_least=1)
+    batch_size: int = option("rows per forward pass, over all processes together", 4, at_least=1)
+    grad_accum: int = option("forward passes per optimizer step", 1, at_least=1)
+    max_steps: int | None = option("stop after this many optimizer steps (default: epochs' worth)", None, at_least=1)
+    max_len: int = option(
+        "truncate prompt + response to this many tokens (at most the base's context)", 512, at_least=1
+    )
     gradient_checkpointing: bool = option(
         "recompute each layer's activations in the backward pass: far less memory for long sequences, about a "
         "third more compute",
         False,
     )
-    seed: int = option("seed for the split, the shuffling, the prompt initialisation and dropout", 0)
-    val_fraction: float = option("share of rows held out for validation loss", 0.05)
-    weight_decay: float = option("AdamW weight decay", 0.02)
-    warmup: float = option("share of steps with linear warm-up before cosine decay (2 of 5 epochs in the paper)", 0.4)
-    save_every: int = option("write a checkpoint every this many optimizer steps, besides each epoch's end", 50)
+    seed: int = option(
+        "seed for the split, the shuffling, the prompt initialisation and dropout", 0, at_least=0, at_most=SEED_MAX
+    )
+    val_fraction: float = option("share of rows held out for validation loss", 0.05, at_least=0, below=1)
+    weight_decay: float = option("AdamW weight decay", 0.02, at_least=0)
+    warmup: float = option(
+        "share of steps with linear warm-up before cosine decay (2 of 5 epochs in the paper)", 0.4, at_least=0, below=1
+    )
+    save_every: int = option(
+        "write a checkpoint every this many optimizer steps, besides each epoch's end", 50, at_least=1
+    )
     resume: bool = option("go on from the last checkpoint in --out, if any (--no-resume starts over)", True)
     on_bad_row: Literal["error", "skip"] = option(
         "a bad data row (or image) stops the run naming it, or is left out and counted in the report", "error"
     )
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
 
     def learning_rate(self, method: str) -> float:
         """--lr, or the default of `method` for this effective batch."""
@@ -129,7 +125,33 @@ def train(
     if cfg.model.quantize != "none" and fsdp:
         raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")
     world = distributed.setup()
-    visual_cfg = visual_cfg or VisualConfig()
+    if not world.main:
+        return _train(cfg, adapter_cfg, model, visual_cfg or VisualConfig(), sqa_cfg, rows, fsdp, world)
+    out = Path(cfg.out)
+    files.check_can_write(out, "--out", folder=True)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with files.held(out / LOCK_NAME, f"--out {out}"):  # one run writes a run folder at a time
+            return _train(cfg, adapter_cfg, model, visual_cfg or VisualConfig(), sqa_cfg, rows, fsdp, world)
+    finally:
+        if made and not any(out.iterdir()):  # a run that stopped before writing leaves no empty folder behind
+            out.rmdir()
+
+
+LOCK_NAME = ".lock"
+
+
+def _train(
+    cfg: TrainConfig,
+    adapter_cfg: AdapterConfig,
+    model: LlamaAdapterModel | None,
+    visual_cfg: VisualConfig,
+    sqa_cfg: ScienceQAConfig | None,
+    rows: list[dict] | None,
+    fsdp: bool,
+    world: World,
+) -> dict:
     settings = run_settings(cfg, adapter_cfg, visual_cfg)
     resume_from = find_resume_point(cfg, settings)  # first: a refused resumption costs nothing
     before = checkpoint.read_state(resume_from) if resume_from is not None else None
@@ -147,9 +169,11 @@ def train(
     if model is None:
         with distributed.main_first(world):  # the first load of the default base converts it, once
             model = LlamaAdapterModel.from_base(
-                cfg.model.base or hf.DEFAULT_BASE, adapter_cfg, PRECISIONS[cfg.model.precision],
+                hf.DEFAULT_BASE if cfg.model.base is None else cfg.model.base, adapter_cfg, PRECISIONS[cfg.model.precision],
                 distributed.load_device(world, fsdp), visual=visual_cfg, quantize=cfg.model.quantize,
             )  # fmt: skip
+    if cfg.max_len > model.context_length:  # longer rows would run past the positions the base knows
+        raise ValueError(f"max_len must be <= {model.context_length} (the base's context), got {cfg.max_len}")
     distributed.seed(cfg.seed, world)  # and draws its own dropout masks
     cache = model.feature_cache()
     train_set, val_set, dropped = training_examples(
@@ -161,7 +185,7 @@ def train(
     loss_fn = distributed.prepare(model, world, fsdp)
     weights_mib = round(distributed.weights_mib(model), 1)  # at rest: FSDP gathers layers only while they run
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    total_steps = min(math.inf if cfg.max_steps is None else cfg.max_steps, cfg.epochs * steps_per_epoch)
     params = list(model.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
@@ -175,7 +199,6 @@ def train(
     pad_id = data.pad_id(model.tokenizer)
     out = Path(cfg.out)
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
         if resume_from is None and checkpoint.latest(out) is not None:
             # --no-resume: the earlier run's checkpoints would pass for this one's. Removed only now, when the data,
             # the images and the model have all loaded: a run that fails on bad input leaves them as they were.

@@ -14,8 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,9 +29,14 @@ MAX_PIXELS = 64_000_000
 
 
 def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
-    """An RGB image from a path or a PIL image (any format PIL reads: PNG, JPEG, GIF, WebP, ...)."""
+    """An RGB image from a path or a PIL image (any format PIL reads: PNG, JPEG, GIF, WebP, ...), as a viewer shows it.
+
+    Upright by its EXIF orientation, 16- and 32-bit integer grey scaled down to 8 bits, transparency composited
+    onto white. Float ("F") images are left to PIL's conversion, which clips to 0..255: their range is not
+    written in the file (0..1 and 0..255 are both common), so there is nothing sure to scale by.
+    """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return _as_shown(source)
     try:
         with warnings.catch_warnings():  # PIL warns of big images; ours is the stricter check, right below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -38,13 +44,52 @@ def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
         with image:
             if image.width * image.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height}")
-            return image.convert("RGB")
+            return _as_shown(image)  # decodes the pixels: only now, after the size check
     except FileNotFoundError:
         raise FileNotFoundError(f"{source}: no such image file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{source}: not a readable image ({err})") from None
     except Image.DecompressionBombError:
         raise ValueError(f"{source}: too many pixels (over {MAX_PIXELS:,}) for an image; refused") from None
+
+
+def _as_shown(image: Image.Image) -> Image.Image:
+    """The RGB pixels an image viewer shows for this image; a new image, the argument is left unchanged."""
+    image = ImageOps.exif_transpose(image)  # a phone's sideways JPEG says "rotate me" in EXIF, not in its pixels
+    image = _grey_to_8_bits(image)
+    if _has_transparency(image):
+        image = _on_white(image)
+    return image.convert("RGB")
+
+
+def _grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit grey ("I;16*") and 32-bit integer grey ("I") as 8-bit "L"; any other image as it is.
+
+    PIL's convert() clips these at 255, so all but the darkest pixels come out white. "I" is how older Pillows
+    loaded 16-bit PNGs, so it is read as 0..65535 too (values outside are clipped). Keeping the high byte (v >> 8)
+    gives 256 equal bins, and it gives back the 8-bit value of a 16-bit image made from an 8-bit one by either
+    common expansion, v * 257 or v << 8; rounding v / 257 undoes only the first.
+    """
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)  # any byte order in, native uint16 out
+    return Image.fromarray((values >> 8).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """An alpha channel, an alpha palette, or one colour or palette entry marked transparent."""
+    palette_alpha = image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+    return image.mode in ("RGBA", "RGBa", "LA", "PA") or palette_alpha or "transparency" in image.info
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """The image composited onto white, as a browser shows it on a white page.
+
+    convert("RGB") would drop the alpha and show whatever colour the transparent pixels happen to hold,
+    often black, so the encoder would see a picture nobody sees.
+    """
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
 
 
 class ImageEncoder(nn.Module):

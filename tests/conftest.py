@@ -57,7 +57,7 @@ def tiny_config(tokenizer, **overrides) -> LlamaConfig:
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,  # grouped-query attention: two query heads per key/value head
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 512,  # the default --max-len fits
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

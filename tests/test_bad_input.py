@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP, build_tokenizer, register_tiny_clip, tiny_config
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from llama_adapter import AdapterConfig, checkpoint, cli, demo
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
@@ -137,6 +138,25 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def not_finite(folder: Path) -> None:
+    tensors = load_file(folder / WEIGHTS_NAME)
+    name = next(name for name in sorted(tensors) if name.endswith("adapter_prompt"))
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, folder / WEIGHTS_NAME)
+
+
+def edit_config(**changes) -> Callable[[Path], None]:
+    """Set top-level fields of adapter_config.json; a dict value updates that section."""
+
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        for key, value in changes.items():
+            config[key] = config[key] | value if isinstance(value, dict) else value
+        (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+    return damage
+
+
 def resume_damaged(ws: Workspace, here: Path, damage: Callable[[Path], None]) -> list[str]:
     """Resume a copy of the workspace's run, its checkpoint damaged, with the run's own settings."""
     folder = here / "run"
@@ -234,6 +254,24 @@ CASES = [
          r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*truncated.png: not a readable image \(image file is truncated"),
     Case("train", "decompression-bomb image", lambda ws, h: train_with_image(ws, h, bomb_png(h)),
          r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*bomb.png: too many pixels \(over 64,000,000\) for an image; refused"),
+    Case("train", "--out is an existing file", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", write(h, "taken", "x")],
+         r"--out .*taken: a file, expected a folder"),
+    Case("train", "--out where nothing can be written", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", "/sys/llama-adapter-run"],
+         r"--out /sys/llama-adapter-run: cannot write in /sys \("),
+    Case("train", "--lr 0", lambda ws, h: train_on(ws, ws.rows, "--lr", "0"),
+         r"argument --lr: must be > 0, got 0"),
+    Case("train", "--max-len beyond the base's context", lambda ws, h: train_on(ws, ws.rows, "--max-len", "100000"),
+         r"max_len must be <= 512 \(the base's context\), got 100000"),
+    Case("train", "--adapter-len far too large", lambda ws, h: train_on(ws, ws.rows, "--adapter-len", str(10**12)),
+         r"adapter_len must be <= 512 on this base"),
+    Case("train", "text no tokenizer can encode", lambda ws, h: train_on(ws, write(h, "rows.jsonl", '{"instruction": "a\\ud800", "output": "b"}\n')),
+         r"rows.jsonl: line 1: field 'instruction': not valid Unicode text \(a lone surrogate '\\ud800' at character 1\)"),
+    Case("train", "a field that is null", lambda ws, h: train_on(ws, write(h, "rows.jsonl", jsonl(ROW, ROW | {"output": None}))),
+         r"rows.jsonl: line 2: field 'output' is null"),
+    Case("train", "a JSON object wrapping the rows", lambda ws, h: train_on(ws, write(h, "rows.json", json.dumps({"data": [ROW]}, indent=2))),
+         r"rows.json: one JSON object \(keys 'data'\), not rows: expected a JSON list of rows, or JSONL"),
+    Case("train", "--data that is not UTF-8", lambda ws, h: train_on(ws, "rows-\udcff.json"),
+         r"--data: 'rows-\\udcff.json' is not UTF-8 text"),
     Case("train", "missing base path", lambda ws, h: ["train", "--base", str(h / "no-model"), "--data", ws.rows, "--out", str(h / "o")],
          r"--base '.*no-model': no such folder"),
     Case("train", "resume: torn trainer_state.json", lambda ws, h: resume_damaged(ws, h, lambda c: truncate(c / checkpoint.STATE_JSON)),
@@ -270,6 +308,34 @@ CASES = [
          r"adapter_config.json: this adapter was trained on a different base model .*hidden_size: adapter has 64, base has 32"),
     Case("chat", "missing base path", lambda ws, h: ["chat", "--base", str(h / "no-model"), "hi"],
          r"--base '.*no-model': no such folder"),
+    Case("chat", "prompt longer than the base's context", lambda ws, h: ["chat", "--base", ws.base, "word " * 600],
+         r"the prompt is [\d,]+ tokens; the model's context holds 512 with the answer"),
+    Case("chat", "instruction that is not UTF-8", lambda ws, h: ["chat", "--base", ws.base, "hi \udcff"],
+         r"argument 4: 'hi \\udcff' is not UTF-8 text"),
+    Case("chat", "--temperature nan", lambda ws, h: ["chat", "--base", ws.base, "--temperature", "nan", "hi"],
+         r"argument --temperature: must be a finite number, got nan"),
+    Case("chat", "adapter weights that are not finite", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, not_finite), "hi"],
+         r"adapter.safetensors: tensor layers.\d.adapter_prompt holds 1 values that are not finite \(NaN or infinity\)"),
+    Case("chat", "adapter config: an unexpected key", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, edit_config(bogus=1)), "hi"],
+         r"adapter_config.json: unexpected field\(s\) 'bogus'"),
+    Case("chat", "adapter config: a value of the wrong type", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, edit_config(adapter={"adapter_len": "3"})), "hi"],
+         r"adapter_config.json: adapter_len must be an integer, got str '3'"),
+    Case("chat", "adapter config: an absurd size", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, edit_config(adapter={"adapter_len": 10**12})), "hi"],
+         r"adapter_config.json: adapter_len must be <= 512 on this base \(the base's context is 512 tokens\), got 1000000000000"),
+    Case("eval", "--out is a folder", lambda ws, h: ["eval", "scienceqa", "--data", ws.sqa, "--base", ws.base, "--out", str(h)],
+         r"--out .*: a folder, expected a file"),
+    Case("eval", "--limit 0", lambda ws, h: eval_on(ws, ws.sqa) + ["--limit", "0"],
+         r"argument --limit: must be >= 1, got 0"),
+    Case("eval", "--limit -1 (math)", lambda ws, h: ["eval", "math", "--data", str(h), "--base", ws.base, "--out", str(h / "p.jsonl"), "--limit", "-1"],
+         r"argument --limit: must be >= 1, got -1"),
+    Case("demo", "--port out of range", lambda ws, h: ["demo", "--base", ws.base, "--port", "70000"],
+         r"argument --port: must be <= 65535, got 70000"),
+    Case("convert", "--out is an existing file", lambda ws, h: ["convert", "--checkpoint", evil_pth(h), "--out", write(h, "taken", "x"), "--base", ws.base],
+         r"--out .*taken: a file, expected a folder"),
+    Case("merge", "--out is an existing file", lambda ws, h: ["merge", "--adapter", ws.adapter, "--out", write(h, "taken", "x"), "--base", ws.base],
+         r"--out .*taken: a file, expected a folder"),
+    Case("merge", "not a LoRA adapter", lambda ws, h: ["merge", "--adapter", ws.adapter, "--out", str(h / "o"), "--base", ws.base],
+         r"adapter: a llama-adapter adapter; only LoRA folds into the base weights"),
     Case("demo", "corrupt adapter", lambda ws, h: ["demo", "--adapter", adapter_copy(ws, h, lambda a: truncate(a / WEIGHTS_NAME))],
          r"adapter.safetensors: not a readable safetensors file"),
     Case("demo", "not an adapter folder", lambda ws, h: ["demo", "--adapter", str(h / "empty")],
@@ -303,7 +369,7 @@ def test_bad_input_gets_a_clear_error_and_damages_nothing(case, workspace, monke
     before = snapshot(workspace)
     argv, code, message = run_case(case, workspace)
     assert code != 0, f"{argv} succeeded"
-    assert argv[0] == case.entry and message.startswith(f"llama-adapter {case.entry}: error: "), message
+    assert argv[0] == case.entry and re.match(rf"llama-adapter( {case.entry}( \w+)?)?: error: ", message), message
     assert re.search(case.message, message), message
     assert "Traceback" not in message
     assert snapshot(workspace) == before
@@ -368,5 +434,8 @@ def test_the_demo_listens_on_localhost_only_and_caps_uploads_by_default():
             "share": False,
             "max_file_size": "10mb",
             "prevent_thread_lock": False,
+            # and the page itself may load nothing from elsewhere: a message's markdown image or <img> stays inert
+            "head": f'<meta http-equiv="Content-Security-Policy" content="{demo.CONTENT_POLICY}">',
         }
     ]
+    assert demo.CONTENT_POLICY.startswith("default-src 'self' ")

@@ -1,26 +1,37 @@
 """The Gradio demo driven through its HTTP API with gradio_client, on tiny random models served on localhost.
 
 Every answer is checked against the library's own generation on the same model and prompt, so the demo can
-only pass by routing each request to the right adapter, prompt and image.
+only pass by routing each request to the right adapter, prompt and image. The last tests call the demo's
+functions directly: what the chat shows (safe_markdown) and what its errors say, without a server.
 """
 
+import inspect
+import json
+import re
 import threading
 import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 import torch
 from conftest import build_tokenizer, spaced_answers, tiny_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from transformers import LlamaForCausalLM
 
-from llama_adapter.config import ModelConfig, SamplingConfig
+from llama_adapter import demo
+from llama_adapter.config import ModelConfig, SamplingConfig, VisualConfig
 from llama_adapter.data import format_conversation, format_prompt
-from llama_adapter.demo import BASE_CHOICE, load_choices
+from llama_adapter.demo import BASE_CHOICE, load_choices, safe_markdown
 from llama_adapter.generation import WORKER_NAME, conversation_prompt, stream
 
-pytestmark = pytest.mark.slow  # a real server: seconds per test, not milliseconds
+slow = pytest.mark.slow  # a real server: seconds per test, not milliseconds (the tests without one are quick)
 
 NEW = 12  # new tokens per answer: enough to tell answers apart, quick on the tiny model
 
@@ -81,6 +92,7 @@ def shape_png(tmp_path):
     return path
 
 
+@slow
 def test_text_turn_streams_the_adapters_greedy_answer(served, client):
     job = client.submit({"text": "Name a colour.", "files": []}, served.text, 0.0, 1.0, NEW, api_name="/chat")
     final = job.result()
@@ -92,6 +104,7 @@ def test_text_turn_streams_the_adapters_greedy_answer(served, client):
     assert all(want.startswith(p) for p in partial)
 
 
+@slow
 def test_second_turn_sees_the_first_exchange(served, client):
     model = served.choices[served.text]
     first = generated(model, format_prompt("Hello there."))
@@ -102,9 +115,12 @@ def test_second_turn_sees_the_first_exchange(served, client):
     assert notes == ""
 
 
+@slow
 def test_oldest_turns_leave_the_prompt_when_the_context_is_full(served, client):
     model = served.choices[served.text]
-    budget = 40  # the tiny model has 256 positions (characters): the template alone takes about 140 of the rest
+    # Positions are characters on the tiny model and the template alone takes about 140: with answers a quarter of
+    # the context long, the third question cannot have both earlier exchanges in its prompt.
+    budget = model.context_length // 4
     room = model.context_length - budget
     history, shown = [], []
     for question in ["First question here?", "Second question here?", "Third question here?"]:
@@ -117,6 +133,7 @@ def test_oldest_turns_leave_the_prompt_when_the_context_is_full(served, client):
     assert [answer for answer, _ in shown] == [squash(answer) for _, answer in history]
 
 
+@slow
 def test_image_turn_conditions_the_multimodal_adapter(served, client, shape_png):
     model = served.choices[served.visual]
     messages, notes = say(client, "What colour is the shape?", served.visual, files=[shape_png])
@@ -131,12 +148,14 @@ def test_image_turn_conditions_the_multimodal_adapter(served, client, shape_png)
     assert answer_text(messages) == expected(model, followup, str(shape_png))
 
 
+@slow
 def test_image_to_a_text_only_adapter_answers_from_text_and_says_so(served, client, shape_png):
     messages, notes = say(client, "Describe it.", served.text, files=[shape_png])
     assert answer_text(messages) == expected(served.choices[served.text], format_prompt("Describe it."))
     assert "no visual encoder" in notes
 
 
+@slow
 def test_switching_adapters_answers_with_each_and_the_base_alone(served, client):
     prompt = format_prompt("Say something.")
     answers = {}
@@ -157,6 +176,7 @@ def test_switching_adapters_answers_with_each_and_the_base_alone(served, client)
     assert len(set(answers[served.text][:1] + answers[BASE_CHOICE] + answers[served.visual])) == 3
 
 
+@slow
 def test_adapter_panel_shows_gates_config_and_parameter_count(served, client):
     summary, plot, config = client.predict(served.visual, api_name="/describe")
     model = served.choices[served.visual]
@@ -168,6 +188,7 @@ def test_adapter_panel_shows_gates_config_and_parameter_count(served, client):
     assert "no prompts" in summary and plot is None
 
 
+@slow
 def test_gate_figure_holds_tanh_of_every_gate(served):
     from llama_adapter.demo import gate_figure
 
@@ -178,18 +199,21 @@ def test_gate_figure_holds_tanh_of_every_gate(served):
     assert torch.allclose(torch.tensor(image.get_array()), torch.stack([gates[i] for i in sorted(gates)]))
 
 
+@slow
 def test_retry_regenerates_the_last_answer(served, client):
     first = answer_text(say(client, "Tell me a fact.", served.text)[0])
     messages, _ = client.predict(served.text, 0.0, 1.0, NEW, api_name="/retry")
     assert answer_text(messages) == first and len(messages) == 2  # replaced, not appended
 
 
+@slow
 def test_sampled_retry_gives_a_new_answer(served, client):
     first = answer_text(say(client, "Tell me a story.", served.text, temperature=1.5, max_new_tokens=30)[0])
     retried = [answer_text(client.predict(served.text, 1.5, 1.0, 30, api_name="/retry")[0]) for _ in range(3)]
     assert any(r != first for r in retried)
 
 
+@slow
 def test_clear_starts_a_fresh_conversation(served, client):
     say(client, "Remember this.", served.text)
     client.predict(api_name="/clear")
@@ -198,6 +222,7 @@ def test_clear_starts_a_fresh_conversation(served, client):
     assert answer_text(messages) == expected(served.choices[served.text], format_prompt("What did I say?"))
 
 
+@slow
 @pytest.mark.parametrize(
     ("text", "files", "message"),
     [
@@ -214,10 +239,12 @@ def test_bad_messages_get_a_clear_error(served, client, shape_png, tmp_path, tex
     (tmp_path / "text-named.png").write_text("not an image either")
     (tmp_path / "broken.png").write_bytes(shape_png.read_bytes()[:60])  # a PNG cut short
     paths = [shape_png if f == "shape" else tmp_path / f for f in files]
-    with pytest.raises(AppError, match=message):
+    with pytest.raises(AppError, match=message) as caught:
         say(client, text, served.visual, files=paths)
+    assert_no_paths(str(caught.value))  # the upload lies in Gradio's folder, /tmp/gradio/<hash>/ by default
 
 
+@slow
 def test_decompression_bomb_is_refused(served, client, tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (12000, 12000)).save(bomb)  # 144 megapixels in a few kilobytes
@@ -226,6 +253,7 @@ def test_decompression_bomb_is_refused(served, client, tmp_path):
         say(client, "What is this?", served.visual, files=[bomb])
 
 
+@slow
 def test_oversized_upload_is_refused(served, client, tmp_path):
     big = tmp_path / "big.bmp"
     Image.effect_noise((2000, 2000), 64).convert("RGB").save(big)  # 12 MB, over the 10 MB limit
@@ -233,13 +261,16 @@ def test_oversized_upload_is_refused(served, client, tmp_path):
         say(client, "What is this?", served.visual, files=[big])
 
 
+@slow
 def test_answer_length_and_message_length_are_bounded_by_the_context(served, client):
-    with pytest.raises(AppError, match="greater than maximum value 128"):  # the slider stops at half the context
-        say(client, "Hi.", served.text, max_new_tokens=129)
-    with pytest.raises(AppError, match="the message is 3[0-9][0-9] tokens .* room for 244"):
-        say(client, "Tell me more. " * 16, served.text)
+    context = served.choices[served.text].context_length
+    with pytest.raises(AppError, match=f"greater than maximum value {context // 2}"):  # the slider's end: half of it
+        say(client, "Hi.", served.text, max_new_tokens=context // 2 + 1)
+    with pytest.raises(AppError, match=rf"the message is \d+ tokens .* room for {context - NEW}"):
+        say(client, "Tell me more. " * (context // 14), served.text)  # the context's length in characters
 
 
+@slow
 def test_stop_ends_generation_on_the_server(served, client):
     base = served.choices[BASE_CHOICE].base
     slow = base.register_forward_hook(lambda *args: time.sleep(0.05))  # ~20 tokens/s: time to press Stop
@@ -259,6 +290,7 @@ def test_stop_ends_generation_on_the_server(served, client):
     assert 0 < len(streamed[-1]) < 90
 
 
+@slow
 def test_waiting_users_each_get_their_answer(served):
     questions = [f"Question number {i}?" for i in range(4)]
     jobs = [
@@ -269,6 +301,7 @@ def test_waiting_users_each_get_their_answer(served):
     assert got == [expected(served.choices[served.text], format_prompt(q)) for q in questions]
 
 
+@slow
 def test_demo_refuses_an_adapter_for_another_base(served, tmp_path):
     torch.manual_seed(1)
     tokenizer = build_tokenizer()
@@ -279,7 +312,216 @@ def test_demo_refuses_an_adapter_for_another_base(served, tmp_path):
         load_choices(ModelConfig(base=str(tmp_path / "other"), precision="fp32"), (served.text,))
 
 
+@slow
 def test_base_choice_alone_without_adapters(served):
     choices = load_choices(ModelConfig(base=str(served.root / "base"), precision="fp32"), ())
     assert list(choices) == [BASE_CHOICE]
     assert all(g.abs().max() == 0 for g in choices[BASE_CHOICE].gates().values())
+
+
+@slow
+def test_a_message_that_is_not_unicode_text_gets_a_clear_error_through_the_json_api(served):
+    """gradio_client cannot even send "\\ud800"; Gradio's JSON API takes it, as any HTTP client may send it."""
+    body = json.dumps({"data": [{"text": "hi \ud800", "files": []}, served.text, 0.0, 1.0, NEW]}).encode()
+    call = urllib.request.Request(f"{served.url}gradio_api/call/chat", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(call, timeout=30) as response:
+        event = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{served.url}gradio_api/call/chat/{event}", timeout=30) as response:
+        stream = response.read().decode()
+    assert "event: error" in stream
+    assert "Your message: not valid Unicode text (a lone surrogate '\\\\ud800' at character 3)" in stream
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the chat shows: safe_markdown. Gradio's chat renders Markdown and keeps <img>, <video>, srcset and
+# style attributes, so the text it is given must hold nothing that loads (tests/test_demo_browser.py shows it
+# in a browser).
+
+# The Markdown that still loads something, read as marked.js (Gradio's renderer) reads code fences: a closing
+# fence may carry more fence characters. Inside code, nothing loads; outside, a tag, an image, a diagram.
+# "<code>" and "</code>" are safe_markdown's own, around inline code that held one of them.
+LOADER_IN_TEXT = re.compile(r"<[A-Za-z/!?]|!\[|```mermaid")
+FENCE_OPENING = re.compile(r" {0,3}(`{3,}(?=[^`]*$)|~{3,})(.*)")
+
+
+def loading_markup(shown: str) -> list[str]:
+    found, fence = [], None
+    for line in re.split(r"\r\n|\r|\n", shown):
+        if fence:
+            if re.fullmatch(rf" {{0,3}}{re.escape(fence)}[`~]* *", line):
+                fence = None
+        elif opening := FENCE_OPENING.fullmatch(line):
+            fence = opening[1]
+            found += [line] if opening[2].strip().startswith("mermaid") else []
+        else:
+            found += LOADER_IN_TEXT.findall(line.replace("<code>", "").replace("</code>", ""))
+    return found
+
+
+URLS = st.builds(
+    "{}//{}/{}".format,
+    st.sampled_from(["http:", "https:", "", "HTTP:"]),
+    st.sampled_from(["198.51.100.7", "example.com", "x.test:8080"]),
+    st.text("abc./?=&%", max_size=8),
+)
+LOADERS = st.one_of(
+    URLS.map(form.format)
+    for form in [
+        "![a]({})",
+        "![a][r]\n\n[r]: {}",
+        '<img src="{}">',
+        "<IMG SRC={}>",
+        "<img\nsrc={}>",
+        '<video poster="{0}" src="{0}"></video>',
+        "<audio src={} autoplay>",
+        "<iframe src='{}'>",
+        '<div style="background:url({})">',
+        '<picture><source srcset="{}"></picture>',
+        '<svg><image href="{}"/></svg>',
+        "<{}>",
+        "{0}<img src={0}>",  # a bare URL right before a tag
+        "`<img src={}>`",
+        '```mermaid\ngraph TD; A["<img src={}>"]\n```',
+    ]
+)
+MARKUP = st.sampled_from(
+    ["```", "~~~", "````", "```mermaid", "   ```", "    ```", "\n", "\r\n", "\r", "\n\n", "> ", "- ", "1. "]
+    + ["\\", "`", "``", "$$", "<", "!", "[", "]", "(", ")", "a < b", "&lt;", "\t", " ", "|", "<code>", "</code>"]
+)
+# Whole fence lines, and lines that close a fence for marked.js but not for CommonMark ("```~").
+FENCE_LINES = st.sampled_from(["```", "~~~", "````", "```~", "~~~`", "  ```", "```python", "```mermaid"]).map(
+    "\n{}\n".format
+)
+MIXED = st.lists(st.one_of(st.text(max_size=10), LOADERS, MARKUP, FENCE_LINES), max_size=20).map("".join)
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(MIXED)
+def test_safe_markdown_leaves_nothing_that_loads(text):
+    shown = safe_markdown(text)
+    assert loading_markup(shown) == []
+    assert inspect.cleandoc(shown) == shown  # what Gradio does to a chat message changes nothing more
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(st.text().filter(lambda t: not re.search(r"<[A-Za-z/!?]|!\[|`|~", t)))
+def test_safe_markdown_shows_plain_text_unchanged(text):
+    assert safe_markdown(text) == inspect.cleandoc(text)  # Gradio tidies white space in any case
+
+
+def test_safe_markdown_keeps_code_lists_and_comparisons_as_written():
+    answer = "If a < b:\n\n```python\nif a < b:\n    print('<b>bold</b>', x<y)\n```\n\n- one\n- two"
+    assert safe_markdown(answer) == answer
+    # A fence in a list item moves to the left margin, where no list can take in a line of it.
+    assert safe_markdown("1. Make it:\n   ```html\n   <img src=x>\n   ```\n2. Done.") == (
+        "1. Make it:\n```html\n<img src=x>\n```\n2. Done."
+    )
+    assert safe_markdown("````\n```\n<img src=x>\n") == "````\n```\n<img src=x>\n````"  # unclosed: closed
+    assert safe_markdown("Use `vector<int>`, `a < b` or ![x](y).") == (
+        "Use <code>vector&lt;int\\></code>, `a < b` or !\\[x](y)."
+    )
+    assert safe_markdown("Inline ```mermaid``` too") == "Inline <code>mermaid</code> too"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the demo's errors and notes say: file names, never a path on the server.
+
+GREEDY = (0.0, 1.0, 4)  # temperature, top_p, max new tokens
+
+
+@pytest.fixture
+def chat(make_model, tiny_clip, tmp_path):
+    """The demo's event handlers over a text-only and a multimodal tiny adapter, chosen by absolute folder."""
+    adapters = tmp_path / "my adapters"  # a space: a path is reduced whole all the same
+    folders = SimpleNamespace(text=str(adapters / "text"), visual=str(adapters / "visual"))
+    models = {folders.text: make_model(), folders.visual: make_model(visual=VisualConfig(clip_model=tiny_clip))}
+    return SimpleNamespace(handlers=demo._Chat(models), **vars(folders))
+
+
+@pytest.fixture
+def upload(tmp_path):
+    """Where Gradio keeps an upload: <its temporary folder>/<hash>/<the file's name>."""
+    folder = tmp_path / "gradio" / "0f5d370fec7490769d3a2f4c0b90b570"
+    folder.mkdir(parents=True)
+    return folder / "my photo.png"
+
+
+def error(handler) -> str:
+    with pytest.raises(gr.Error) as caught:
+        list(handler)
+    return caught.value.message
+
+
+def assert_no_paths(message: str, *paths) -> None:
+    """No absolute path, and no folder of the paths given (the file's own name may be there)."""
+    assert message
+    assert not re.search(r"(^|[\s'\"(=])([A-Za-z]:)?[/\\]\w", message), message
+    for path in paths:
+        assert not any(folder in message for folder in Path(path).parent.parts[1:]), message
+
+
+def send(chat, text, choice, files=(), turns=()):
+    return chat.handlers.send({"text": text, "files": [{"path": str(f)} for f in files]}, list(turns), choice, *GREEDY)
+
+
+def not_an_image(chat, upload):
+    upload.write_text("these are not pixels")
+    return error(send(chat, "What is it?", chat.visual, [upload]))
+
+
+def cut_short(chat, upload):
+    upload.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    return error(send(chat, "What is it?", chat.visual, [upload]))
+
+
+def gone(chat, upload):
+    return error(send(chat, "What is it?", chat.visual, [upload]))
+
+
+def gone_since_an_earlier_turn(chat, upload):  # the library's own error, from encoding the image
+    earlier = {"text": "What is it?", "image": str(upload), "answer": "A cat."}
+    return error(send(chat, "Are you sure?", chat.visual, turns=[earlier]))
+
+
+@pytest.mark.parametrize("make_error", [not_an_image, cut_short, gone, gone_since_an_earlier_turn])
+def test_an_image_that_cannot_be_read_is_named_by_its_file_name(chat, upload, make_error):
+    message = make_error(chat, upload)
+    assert "photo.png" in message
+    assert_no_paths(message, upload)
+
+
+def test_an_unknown_adapter_is_told_the_adapters_by_name(chat, tmp_path):
+    message = error(send(chat, "Hi.", str(tmp_path / "elsewhere" / "other")))
+    assert message == "Unknown adapter 'other'; choose one of ['text', 'visual']."
+
+
+def test_generation_errors_name_no_server_folder(chat, monkeypatch):
+    path = f"{chat.text}/adapter.safetensors"
+
+    def refuses(*args):
+        raise ValueError(f"{path}: prompts of another base")
+
+    def breaks_half_way(*args):
+        def pieces():
+            yield "Half an"
+            raise OSError(f"{path}: file vanished")
+
+        return pieces(), 0
+
+    monkeypatch.setattr(demo, "stream_conversation", refuses)
+    assert error(send(chat, "Hi.", chat.text)) == "adapter.safetensors: prompts of another base"
+    monkeypatch.setattr(demo, "stream_conversation", breaks_half_way)
+    assert error(send(chat, "Hi.", chat.text)) == "Generation failed: OSError: adapter.safetensors: file vanished"
+
+
+def test_image_to_a_text_only_adapter_is_noted_without_its_path(chat, upload):
+    Image.new("RGB", (8, 8), "red").save(upload)
+    *_, (_, turns, notes, _) = send(chat, "What is it?", chat.text, [upload])
+    assert "no visual encoder" in notes
+    assert_no_paths(notes, upload)
+    assert turns[-1]["image"] == str(upload)  # kept for a later multimodal turn, and shown as the upload itself
+
+
+def test_a_message_that_is_not_unicode_text_says_so(chat):
+    message = error(send(chat, "hi \ud800", chat.text))
+    assert message == "Your message: not valid Unicode text (a lone surrogate '\\ud800' at character 3)"

@@ -3,6 +3,7 @@
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from test_demo import expected, squash
@@ -145,3 +146,77 @@ def test_a_file_that_is_not_an_image_gets_a_message_not_a_trace(page, served, tm
     toast.first.wait_for(timeout=15_000)
     assert "Traceback" not in page.content()
     assert bot_messages(page).count() == 1  # nothing was added to the conversation
+
+
+# TEST-NET-2 (RFC 5737): an address for documentation that is never routed, so a request to it cannot reach anyone.
+OUTSIDE = "http://198.51.100.7"
+
+
+def external_references(tag: str) -> str:
+    """Markdown and HTML that a browser would fetch from OUTSIDE, each at a path naming its kind."""
+    url = f"{OUTSIDE}/{tag}"
+    return "\n\n".join(
+        [
+            f"A picture: ![chart]({url}-markdown.png) and ![ref][pic]\n\n[pic]: {url}-reference.png",
+            f'<img src="{url}-img.png" alt="img">',
+            f"A bare link right before a tag: {url}-page<img src={url}-after-link.png>",
+            f'<video src="{url}-video.mp4" poster="{url}-poster.png" preload="auto"></video>',
+            f'<audio src="{url}-audio.mp3" preload="auto"></audio>',
+            f'<iframe src="{url}-iframe.html"></iframe>',
+            f'<div style="background-image: url({url}-css.png)">styled</div>',
+            f'<picture><source srcset="{url}-srcset.png"><img alt="p"></picture>',
+            f'<table background="{url}-table.png"><tr><td>cell</td></tr></table>',
+            f'<svg width="8" height="8"><image href="{url}-svg.png" width="8" height="8"/></svg>',
+            f'<input type="image" src="{url}-input.png">',
+            f"Inline code: `<img src={url}-inline-code.png>`",
+            "Code stays code: `a < b` and\n\n```\nif a < b and x<y:\n    pass\n```\n\n- one\n- two",
+        ]
+    )
+
+
+def answer_with_markup(monkeypatch) -> None:
+    """The model's answer holds markup as well, as one talked into writing it would; streamed 40 characters a go."""
+    from llama_adapter import demo
+
+    answer = external_references("answer") + "\n\nEnd of answer."
+    pieces = (answer[i : i + 40] for i in range(0, len(answer), 40))
+    monkeypatch.setattr(demo, "stream_conversation", lambda *args: (pieces, 0))
+
+
+def requests_outside(page, served) -> dict[str, str | None]:
+    """Every request the page makes beyond the demo from now on: url -> why it failed (None: it did not)."""
+    own = urlsplit(served.url).netloc
+    outside = {}
+    page.on("request", lambda r: outside.setdefault(r.url, None) if urlsplit(r.url).netloc not in (own, "") else None)
+    page.on("requestfailed", lambda r: outside.update({r.url: r.failure}) if r.url in outside else None)
+    # Abort each at once (recorded all the same), so that none waits on an address that never answers.
+    page.route(lambda url: urlsplit(url).netloc not in (own, ""), lambda route: route.abort())
+    return outside
+
+
+def test_images_and_html_in_messages_and_answers_fetch_nothing_from_elsewhere(page, served, monkeypatch):
+    answer_with_markup(monkeypatch)
+    outside = requests_outside(page, served)
+    send(page, external_references("message"))
+    bot_messages(page).first.get_by_text("End of answer.").wait_for(timeout=15_000)
+    page.wait_for_timeout(1000)  # media elements may start loading a moment after they are inserted
+    assert list(outside) == [], f"the page fetched from outside the demo: {list(outside)}"
+    # All of it is shown, as text: the code keeps its "<", the list its items.
+    shown = page.locator("#conversation").inner_text()
+    assert "a < b" in shown and "if a < b and x<y:" in shown and f'<img src="{OUTSIDE}/answer-img.png"' in shown
+    assert f"<img src={OUTSIDE}/message-inline-code.png>" in shown
+    assert page.locator("#conversation li").count() == 4  # "- one", "- two" of the message and of the answer
+
+
+def test_the_page_itself_refuses_what_would_fetch_from_elsewhere(page, served, monkeypatch):
+    """The second guard: were markup to reach the page (here safe_markdown is turned off), the browser refuses it."""
+    from llama_adapter import demo
+
+    monkeypatch.setattr(demo, "safe_markdown", lambda text: text)
+    answer_with_markup(monkeypatch)
+    outside = requests_outside(page, served)
+    send(page, external_references("message"))
+    bot_messages(page).first.get_by_text("End of answer.").wait_for(timeout=15_000)
+    page.wait_for_timeout(1000)
+    assert f"{OUTSIDE}/message-img.png" in outside and f"{OUTSIDE}/answer-img.png" in outside  # tried, then:
+    assert {url: why for url, why in outside.items() if why != "csp"} == {}, "not refused by the page's policy"

@@ -155,15 +155,17 @@ def test_sampling_config_accepts_boundaries():
 
 def test_generation_kwargs_greedy_and_sampling():
     tok = SimpleNamespace(eos_token_id=3, pad_token_id=1)
-    greedy_kwargs = generation_kwargs(SamplingConfig(max_new_tokens=5), tok)
+    greedy_kwargs = generation_kwargs(SamplingConfig(max_new_tokens=5), tok, room=100)
     assert greedy_kwargs["do_sample"] is False and greedy_kwargs["max_new_tokens"] == 5
     # None overrides whatever sampling settings the base's generation_config carries.
     assert greedy_kwargs["temperature"] is None and greedy_kwargs["top_p"] is None and greedy_kwargs["top_k"] is None
     assert greedy_kwargs["eos_token_id"] == 3 and greedy_kwargs["pad_token_id"] == 1
 
-    sampled = generation_kwargs(SamplingConfig(temperature=0.7, top_p=0.9), tok)
+    sampled = generation_kwargs(SamplingConfig(temperature=0.7, top_p=0.9), tok, room=1000)
     assert sampled["do_sample"] is True and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9
     assert sampled["top_k"] == 0  # pure nucleus sampling, no top-k cut
+    # past the end of its context a model answers garbage: the answer stops where the context is full
+    assert generation_kwargs(SamplingConfig(max_new_tokens=10**12), tok, room=7)["max_new_tokens"] == 7
 
 
 def test_base_without_pad_token_pads_with_eos(make_base, tokenizer, tmp_path):

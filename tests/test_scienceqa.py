@@ -186,11 +186,15 @@ def test_captions_and_ocr_files_are_optional(sqa_dir):
         ("grade", "grade13", "problem 2: field 'grade' must be 'grade1' .. 'grade12', got 'grade13'"),
         ("grade", None, "problem 2: field 'grade' must be 'grade1' .. 'grade12', got None"),
         ("lecture", 5, "problem 2: field 'lecture' must be a string, got int"),
-        ("split", None, "problem 2: missing field 'split'"),
+        ("split", None, "problem 2: field 'split' is null"),  # present but null: not "missing"
+        ("split", ..., "problem 2: missing field 'split'"),
     ],
 )
 def test_bad_record_names_file_pid_and_field(sqa_dir, field, value, message):
-    write_json(sqa_dir / "problems.json", PROBLEMS | {"2": PROBLEMS["2"] | {field: value}})
+    record = PROBLEMS["2"] | {field: value}
+    if value is ...:
+        del record[field]
+    write_json(sqa_dir / "problems.json", PROBLEMS | {"2": record})
     with pytest.raises(DataError) as err:
         text_only(sqa_dir)
     assert str(err.value).startswith(f"{sqa_dir / 'problems.json'}: {message}")

@@ -2,9 +2,15 @@
 
 import argparse
 import shutil
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 from test_adapter import random_batch, reference_attention
 
@@ -203,6 +209,132 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
         load_image(bomb)
     Image.new("1", (7_000, 7_000)).save(bomb)  # 49 megapixels: a large photo, accepted
     assert load_image(bomb).size == (7_000, 7_000)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load_image shows what an image viewer shows: upright by EXIF, 16-bit grey in its shades, transparency on white.
+# Property tests: the same examples every run (derandomize), and no failing examples saved to replay (database).
+
+IMAGE_PROPERTY = settings(max_examples=100, deadline=None, derandomize=True, database=None)
+EXIF_ORIENTATION = 0x0112
+
+# What a viewer shows for each EXIF orientation, from the stored pixel rows (y) and columns (x): the EXIF spec's
+# words spelt as numpy flips and quarter turns (np.rot90 turns counter-clockwise), not as PIL's transposes.
+SHOWN_FOR_ORIENTATION = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: np.rot90(a, 2),  # upside down
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: np.rot90(a[:, ::-1], 1),  # mirrored left-right, then a quarter turn counter-clockwise
+    6: lambda a: np.rot90(a, -1),  # a quarter turn clockwise (a phone held upright)
+    7: lambda a: np.rot90(a[:, ::-1], -1),  # mirrored left-right, then a quarter turn clockwise
+    8: lambda a: np.rot90(a, 1),  # a quarter turn counter-clockwise
+}
+
+byte = st.integers(0, 255)
+grey16 = hnp.arrays(np.uint16, hnp.array_shapes(min_dims=2, max_dims=2, max_side=6))  # the full 0..65535
+
+
+@st.composite
+def wide_pictures(draw) -> np.ndarray:
+    """Small RGB pixel arrays wider than tall, so a quarter turn changes the shape as well as the pixels."""
+    height = draw(st.integers(1, 5))
+    width = draw(st.integers(height + 1, height + 4))
+    return draw(hnp.arrays(np.uint8, (height, width, 3)))
+
+
+def shown_both_ways(path) -> np.ndarray:
+    """load_image's pixels for a file, read by its path and as an opened PIL image, which must agree."""
+    by_path = np.asarray(load_image(path))
+    with Image.open(path) as opened:
+        assert np.array_equal(np.asarray(load_image(opened)), by_path)
+    return by_path
+
+
+def on_white(colour, alpha) -> np.ndarray:
+    return np.array(colour) * alpha / 255 + 255 * (1 - alpha / 255)
+
+
+@IMAGE_PROPERTY
+@given(grey=grey16)
+def test_sixteen_bit_grey_png_keeps_its_shades(grey):
+    """A 16-bit grey v shows as the 8-bit v >> 8 in all three channels (convert() made every v over 255 white)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "grey16.png"
+        Image.fromarray(grey).save(path)
+        with Image.open(path) as stored:
+            assert stored.mode.startswith("I")  # really a 16-bit file, not one PIL cut to 8 bits on saving
+        shown = shown_both_ways(path)
+    assert np.array_equal(shown, np.stack([grey // 256] * 3, axis=-1))
+
+
+@IMAGE_PROPERTY
+@given(grey=grey16, mode=st.sampled_from(["I;16", "I;16L", "I;16B", "I"]))
+def test_integer_grey_images_in_memory_keep_their_shades(grey, mode):
+    """Every integer grey mode PIL has, built from raw bytes in its own byte order; "I" holds 0..65535 too."""
+    byte_order = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I": "=i4"}[mode]
+    image = Image.frombytes(mode, grey.shape[::-1], grey.astype(byte_order).tobytes())
+    assert np.array_equal(np.asarray(load_image(image)), np.stack([grey // 256] * 3, axis=-1))
+
+
+@IMAGE_PROPERTY
+@given(pixels=wide_pictures(), orientation=st.integers(1, 8), file_format=st.sampled_from(["PNG", "JPEG"]))
+def test_exif_orientation_turns_the_image_upright(pixels, orientation, file_format):
+    """PNG compared exactly; JPEG, being lossy, with its own pixels as decoded before any turn."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"photo.{file_format.lower()}"
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        Image.fromarray(pixels).save(path, format=file_format, exif=exif)
+        with Image.open(path) as stored:
+            assert stored.getexif()[EXIF_ORIENTATION] == orientation
+            stored_pixels = np.asarray(stored.convert("RGB"))  # as decoded, unturned: JPEG changes the pixels
+        shown = shown_both_ways(path)
+    assert np.array_equal(shown, SHOWN_FOR_ORIENTATION[orientation](stored_pixels))
+
+
+def palette_image(mode, colour, alpha=None) -> Image.Image:
+    """A 3x2 image of palette entry 0, which holds `colour`; a "PA" image gives each pixel `alpha`."""
+    image = Image.new(mode, (3, 2), 0 if alpha is None else (0, alpha))
+    image.putpalette(colour)
+    return image
+
+
+@IMAGE_PROPERTY
+@given(colour=st.tuples(byte, byte, byte), alpha=byte)
+def test_translucent_pixels_show_on_white(colour, alpha):
+    """RGBA, LA and palette pixels with alpha, in memory and from PNGs, as a browser shows them on a white page."""
+    grey = colour[0]
+    rgba, la = Image.new("RGBA", (3, 2), (*colour, alpha)), Image.new("LA", (3, 2), (grey, alpha))
+    shown = [(load_image(rgba), colour), (load_image(la), (grey,) * 3)]
+    shown.append((load_image(palette_image("PA", colour, alpha)), colour))
+    with tempfile.TemporaryDirectory() as folder:
+        rgba.save(Path(folder) / "rgba.png")
+        la.save(Path(folder) / "la.png")
+        # PNG cannot hold "PA": a palette with an alpha per entry, which PIL reads back as "P" plus transparency.
+        palette_image("P", colour).save(Path(folder) / "p.png", transparency=bytes([alpha]))
+        shown += [(shown_both_ways(Path(folder) / name), colour) for name in ("rgba.png", "p.png")]
+        shown.append((shown_both_ways(Path(folder) / "la.png"), (grey,) * 3))
+    for pixels, visible in shown:
+        assert np.abs(np.asarray(pixels).astype(float) - on_white(visible, alpha)).max() <= 1, visible
+
+
+@IMAGE_PROPERTY
+@given(
+    hidden=st.tuples(byte, byte, byte), kept=st.tuples(byte, byte, byte), file_format=st.sampled_from(["PNG", "GIF"])
+)
+def test_transparent_palette_entry_shows_white(hidden, kept, file_format):
+    """A palette image whose entry 0 is marked transparent: those pixels are white, whatever colour entry 0 holds."""
+    image = Image.new("P", (2, 1))
+    image.putpalette([*hidden, *kept])
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 0
+    expected = np.array([[[255, 255, 255], kept]])
+    assert np.array_equal(np.asarray(load_image(image)), expected)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"palette.{file_format.lower()}"
+        image.save(path, transparency=0)
+        assert np.array_equal(shown_both_ways(path), expected)
 
 
 def test_feature_cache_encodes_each_image_content_once(multimodal, images, tmp_path):

@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from typing import Literal
 
-from ..config import option
+from ..config import from_dict, option
 from .bottleneck import Parallel, Series
 from .dylora import DyLora
 from .llama_adapter import AdaptionPrompts
@@ -68,15 +68,27 @@ class _AdapterConfigBase:
     def from_saved(cls, saved: dict, where) -> "AdapterConfig":
         """The config of a saved adapter (`to_dict`'s shape); a field its method does not have is an error."""
         method = saved.get("method", "llama-adapter")
-        if method not in REGISTRY:
+        if not isinstance(method, str) or method not in REGISTRY:
             raise ValueError(f"{where}: unknown method {method!r}; this version has {', '.join(REGISTRY)}")
         unexpected = sorted(set(saved) - {"method", *_field_names(REGISTRY[method].Config)})
         if unexpected:
             raise ValueError(f"{where}: field(s) {', '.join(unexpected)} are not settings of a {method} adapter")
-        try:
-            return cls(**saved)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: {err}") from None
+        return from_dict(cls, saved, where)
+
+    def check_fits(self, hidden_size: int, context_length: int) -> None:
+        """Refuse sizes beyond what a base of this width and context can use, before anything is allocated: a typo
+        or a damaged adapter_config.json would otherwise ask for gigabytes first and fail later."""
+        limits = {
+            "adapter_len": (context_length, f"the base's context is {context_length} tokens"),
+            "lora_rank": (hidden_size, f"a rank above the base's width, {hidden_size}, adds nothing"),
+            "adalora_init_rank": (hidden_size, f"a rank above the base's width, {hidden_size}, adds nothing"),
+            "bottleneck_size": (16 * hidden_size, f"16 x the base's width, {hidden_size}"),
+            "prefix_hidden_size": (16 * hidden_size, f"16 x the base's width, {hidden_size}"),
+        }
+        for name in _field_names(get(self.method).Config):
+            value = getattr(self, name)
+            if name in limits and value > limits[name][0]:
+                raise ValueError(f"{name} must be <= {limits[name][0]} on this base ({limits[name][1]}), got {value}")
 
 
 def _field_names(config_class: type) -> list[str]:

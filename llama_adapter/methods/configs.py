@@ -6,46 +6,40 @@ of the prompt methods), so every field has one default and one help text. `metho
 
 from dataclasses import dataclass
 
-from ..config import option
-
-
-def _check_positive(config, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+from ..config import Checked, option
 
 
 @dataclass
-class PromptLength:
-    adapter_len: int = option("K: prompt vectors per adapted layer (llama-adapter), virtual tokens (prefix, ...)", 10)
-
-    def __post_init__(self):
-        _check_positive(self, "adapter_len")
+class PromptLength(Checked):
+    adapter_len: int = option(
+        "K: prompt vectors per adapted layer (llama-adapter), virtual tokens (prefix, ...)", 10, at_least=1
+    )
 
 
 @dataclass
 class LlamaAdapterConfig(PromptLength):
     """LLaMA-Adapter: K gated prompts in each of the top L attention layers (the paper's K=10, L=30)."""
 
-    adapter_layers: int = option("L: number of top layers that get prompts (clamped to the model's depth)", 30)
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_positive(self, "adapter_layers")
+    adapter_layers: int = option(
+        "L: number of top layers that get prompts (clamped to the model's depth)", 30, at_least=1
+    )
 
 
 @dataclass
-class LoraScaling:
-    lora_alpha: float = option("LoRA scale numerator: the update is (alpha / r) B A (also adalora, dylora)", 64.0)
-    lora_dropout: float = option("dropout on LoRA's input while training (also adalora, dylora)", 0.05)
+class LoraScaling(Checked):
+    lora_alpha: float = option(
+        "LoRA scale numerator: the update is (alpha / r) B A (also adalora, dylora)", 64.0, above=0
+    )
+    lora_dropout: float = option(
+        "dropout on LoRA's input while training (also adalora, dylora)", 0.05, at_least=0, below=1
+    )
     lora_targets: tuple[str, ...] = option(
         "the projections LoRA adapts, by module name (also adalora, dylora)",
         ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
     )
 
     def __post_init__(self):
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        super().__post_init__()
         if not self.lora_targets:
             raise ValueError("lora_targets must name at least one projection")
         self.lora_targets = tuple(self.lora_targets)  # JSON gives a list
@@ -55,23 +49,18 @@ class LoraScaling:
 class LoraConfig(LoraScaling):
     """LoRA (and DyLoRA, whose rank r is the largest it trains): W x + (alpha / r) B A x on the target projections."""
 
-    lora_rank: int = option("LoRA rank r (dylora: the largest rank)", 32)
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_positive(self, "lora_rank")
+    lora_rank: int = option("LoRA rank r (dylora: the largest rank)", 32, at_least=1)
 
 
 @dataclass
 class AdaLoraConfig(LoraScaling):
     """AdaLoRA: LoRA as an SVD whose ranks are pruned from the initial rank towards an average target rank."""
 
-    adalora_init_rank: int = option("adalora: every projection's rank before pruning", 12)
-    adalora_target_rank: int = option("adalora: the average rank pruning leaves", 8)
+    adalora_init_rank: int = option("adalora: every projection's rank before pruning", 12, at_least=1)
+    adalora_target_rank: int = option("adalora: the average rank pruning leaves", 8, at_least=1)
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive(self, "adalora_init_rank", "adalora_target_rank")
         if self.adalora_target_rank > self.adalora_init_rank:
             raise ValueError(
                 f"adalora_target_rank ({self.adalora_target_rank}) must be <= adalora_init_rank "
@@ -80,21 +69,16 @@ class AdaLoraConfig(LoraScaling):
 
 
 @dataclass
-class BottleneckConfig:
+class BottleneckConfig(Checked):
     """Series and Parallel bottleneck adapters on every decoder layer's MLP."""
 
-    bottleneck_size: int = option("series/parallel: the adapter's inner width", 256)
-
-    def __post_init__(self):
-        _check_positive(self, "bottleneck_size")
+    bottleneck_size: int = option("series/parallel: the adapter's inner width", 256, at_least=1)
 
 
 @dataclass
 class PrefixConfig(PromptLength):
     """Prefix tuning: K keys and values in every layer, made by an MLP of this width while training."""
 
-    prefix_hidden_size: int = option("prefix: width of the MLP that produces the prefix while training", 512)
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_positive(self, "prefix_hidden_size")
+    prefix_hidden_size: int = option(
+        "prefix: width of the MLP that produces the prefix while training", 512, at_least=1
+    )

@@ -175,7 +175,9 @@ def _text(record: dict, name: str, where: str, required: bool = False) -> str:
     value = record.get(name)
     if value is None:
         if required:
-            raise DataError(f"{where}: missing field '{name}'")
+            raise DataError(
+                f"{where}: field '{name}' is null" if name in record else f"{where}: missing field '{name}'"
+            )
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
@@ -205,7 +207,7 @@ def _answer(record: dict, num_choices: int, where: str) -> int:
 
 def _subject(record: dict, where: str) -> str:
     subject = record.get("subject")
-    if subject not in SUBJECTS:
+    if not isinstance(subject, str) or subject not in SUBJECTS:
         raise DataError(f"{where}: field 'subject' must be one of {', '.join(SUBJECTS)}, got {subject!r}")
     return subject
 
