@@ -395,7 +395,7 @@ FENCE_LINES = st.sampled_from(["```", "~~~", "````", "```~", "~~~`", "  ```", "`
 MIXED = st.lists(st.one_of(st.text(max_size=10), LOADERS, MARKUP, FENCE_LINES), max_size=20).map("".join)
 
 
-@settings(deadline=None, derandomize=True, max_examples=200)
+@settings(deadline=None, derandomize=True, database=None, max_examples=200)
 @given(MIXED)
 def test_safe_markdown_leaves_nothing_that_loads(text):
     shown = safe_markdown(text)
@@ -403,7 +403,7 @@ def test_safe_markdown_leaves_nothing_that_loads(text):
     assert inspect.cleandoc(shown) == shown  # what Gradio does to a chat message changes nothing more
 
 
-@settings(deadline=None, derandomize=True, max_examples=200)
+@settings(deadline=None, derandomize=True, database=None, max_examples=200)
 @given(st.text().filter(lambda t: not re.search(r"<[A-Za-z/!?]|!\[|`|~", t)))
 def test_safe_markdown_shows_plain_text_unchanged(text):
     assert safe_markdown(text) == inspect.cleandoc(text)  # Gradio tidies white space in any case
