@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -122,8 +122,17 @@ def quantization(model: PreTrainedModel) -> str:
 
 
 def load_tokenizer(name: str):
-    """The tokenizer of a base model named as `load_base` takes it, exactly as saved (see `data.pad_id`)."""
-    return AutoTokenizer.from_pretrained(default_base_dir() if name == DEFAULT_BASE else name)
+    """The tokenizer of a base model named as `load_base` takes it, exactly as saved (see `data.pad_id`).
+
+    A folder whose tokenizer is SentencePiece's `tokenizer.model` alone, with no tokenizer_config.json to say how
+    to use it (LLaMA-1 checkpoints converted by hand), gets LLaMA's tokenizer: BOS first, as LLaMA was trained.
+    """
+    source = default_base_dir() if name == DEFAULT_BASE else Path(name)
+    if (source / "tokenizer.model").is_file() and not any(
+        (source / other).is_file() for other in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return LlamaTokenizer.from_pretrained(source, add_bos_token=True)
+    return AutoTokenizer.from_pretrained(str(source))  # a hub name stays a name
 
 
 def default_base_dir() -> Path:

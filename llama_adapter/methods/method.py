@@ -1,5 +1,6 @@
 """`Method`: what one adapter method adds to a frozen base, and what it can do. Each method is one subclass."""
 
+import importlib.util
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -28,8 +29,12 @@ class Method(nn.Module):
     supports_gradient_checkpointing: ClassVar[bool] = True
     shares_base: ClassVar[bool] = True  # leaves the base's modules alone, so adapters can take turns on one base
     virtual_tokens: int = 0  # positions the base's outputs have before the input's own (prompt tuning's)
+    requires: ClassVar[tuple[str, ...]] = ()  # packages it imports; each a run-time dependency of llama-adapter
 
     def __init__(self, base: nn.Module, config):
+        for package in self.requires:  # a broken environment is told what to install, before anything is built
+            if importlib.util.find_spec(package) is None:
+                raise ModuleNotFoundError(f"--method {self.name} needs {package}: pip install {package}")
         super().__init__()
         self.__dict__["base"] = base  # not a submodule: the model that owns this method holds the base
         self.config = config

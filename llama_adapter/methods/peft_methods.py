@@ -16,6 +16,7 @@ class PeftMethod(Method):
     """A PEFT tuner around the base."""
 
     shares_base = False
+    requires = ("peft",)
 
     def attach(self):
         from peft import get_peft_model  # imported here: only the PEFT methods need it
