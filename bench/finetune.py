@@ -96,9 +96,9 @@ def main() -> None:
     write_results(results, args.out)
 
 
-def random_batch_padding(examples: list[data.Example], batch_size: int, seed: int) -> float:
+def random_batch_padding(examples: data.Examples, batch_size: int, seed: int) -> float:
     """The share of padding positions if the same examples were batched in plain random order."""
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = list(examples.lengths)
     random.Random(seed).shuffle(lengths)
     batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
     return 1 - sum(lengths) / sum(max(b) * len(b) for b in batches)

@@ -21,6 +21,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import datasets
 import torch
 from common import ALPACA, DATA, MODELS, RESULTS, generation_speed, load_base, write_results
 
@@ -64,11 +65,11 @@ def main() -> None:
     args.max_new_tokens = args.max_new_tokens or max_new_tokens
     args.out = args.out or str(RESULTS / ("methods.json" if args.task == "math" else f"methods_{args.task}.json"))
     skipped = []  # math_data.json has three rows with an empty output
-    training_rows = [row for name in files for row in data.load_rows(Path(args.data) / name, skipped)]
+    training_rows = datasets.concatenate_datasets([data.load_rows(Path(args.data) / name, skipped) for name in files])
 
     questions = llm_adapters.load_questions(args.data, test_sets, args.limit or None)
     base, tokenizer = load_base(args.model)
-    alpaca, _ = data.encode_all(tokenizer, data.load_rows(args.alpaca)[: args.alpaca_rows], args.max_len)
+    alpaca, _ = data.encode_all(tokenizer, data.load_rows(args.alpaca).take(args.alpaca_rows), args.max_len)
     plain = LlamaAdapterModel(base, tokenizer, AdapterConfig())  # zero gates: the base model itself
     rows = [
         {

@@ -165,7 +165,13 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.benchmark == "scienceqa":
         sqa = from_arguments(ScienceQAConfig, args)
         problems = load_eval_problems(cfg, test, sqa.problems, sqa.splits, sqa.missing_images)
-        settings = {"questions": test.llava or f"{cfg.data}/{sqa.problems}:{test.split}", "adapter": cfg.adapter}
+        official = Path(cfg.data, sqa.problems).is_file()  # else the hub's layout, which has no problems file
+        where = (
+            f"{cfg.data}/{sqa.problems}"
+            if official
+            else cfg.data + (f" ({test.data_config})" if test.data_config else "")
+        )
+        settings = {"questions": test.llava or f"{where}:{test.split}", "adapter": cfg.adapter}
         settings |= flat_dict(model_cfg)
         model = load_model(model_cfg, cfg.adapter)
         with own(out):

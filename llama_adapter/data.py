@@ -1,13 +1,20 @@
 """Alpaca-format instruction data: reading, the prompt template, tokenisation with response-only labels, batching."""
 
+import hashlib
 import json
+import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
-from . import files
+from . import files, sources
+from .sources import DataError
 
 IGNORE_INDEX = -100  # label of positions that carry no loss: the prompt and the padding
 
@@ -39,10 +46,6 @@ def format_conversation(earlier: list[tuple[str, str]], instruction: str) -> str
     return HEADER_NO_INPUT + exchanges + TURN.format(instruction=instruction)
 
 
-class DataError(ValueError):
-    """Bad training data; the message names the file and the row or line at fault."""
-
-
 # A row this long is a broken file (a whole document pasted into a field), not an instruction: refused before it
 # is tokenised, which would cost seconds and gigabytes for nothing, as at most max_len tokens of it are trained.
 MAX_ROW_CHARS = 1_000_000
@@ -60,42 +63,110 @@ def check_text(text: str, where: str) -> None:
 
 
 BadRows = list[tuple[str, str]]  # (where, why): the rows left out by `load_rows(..., skipped=...)`
+FIELDS = ("instruction", "input", "output")
+COLUMNS = FIELDS + ("image",)  # what --columns may rename
+# Checked rows, and for a bad row where it is and why it is bad instead (kept in the table, so that a cached table
+# still knows its bad rows).
+CHECKED = datasets.Features({name: datasets.Value("string") for name in COLUMNS + ("bad_at", "bad_why")})
 
 
-def load_rows(path: str | Path, skipped: BadRows | None = None) -> list[dict]:
-    """Read Alpaca rows {instruction, input, output} from a JSON list or a JSONL file, checking every row.
+def load_rows(
+    source: str | os.PathLike,
+    skipped: BadRows | None = None,
+    *,
+    split: str = "train",
+    config: str | None = None,
+    columns: dict[str, str] | None = None,
+) -> datasets.Dataset:
+    """Alpaca rows {instruction, input, output, image} from any source `sources.py` opens, every row checked.
 
-    A row may name an image file ("image": path, relative to the data file's folder) for a multimodal adapter.
+    `columns` maps our field names to the source's where they differ ({"instruction": "prompt"}). An image is a
+    file path relative to the data's folder, or an image stored in the dataset; a text-only row's image is None.
     A bad row -- a JSONL line that is not UTF-8 or not JSON, a missing, mistyped or empty field, more than
-    MAX_ROW_CHARS characters -- raises DataError naming the file and the row or line; given a `skipped` list, the
-    row is left out and (where, why) appended to it instead. A file that cannot be read as a whole always raises.
+    MAX_ROW_CHARS characters -- raises DataError naming the source and the row or line; given a `skipped` list, the
+    row is left out and (where, why) appended to it instead. A source that cannot be read as a whole always raises.
+    The rows are a memory-mapped Arrow table: a large file is never held in memory (a JSON list is parsed whole
+    once; JSONL, CSV and Parquet never are).
     """
-    path = Path(path)
-    raw = files.read_bytes(path, DataError).removeprefix(UTF8_BOM)  # editors on Windows start files with one
-    if path.suffix != ".jsonl" and raw.lstrip().startswith(b"["):
-        records = _json_list(raw, path)
+    columns = check_columns(columns or {})
+    if sources.kind(source) == "json":
+        checked = _checked_json(Path(source), columns)
     else:
-        _refuse_wrapped_rows(raw, path)
-        records = _jsonl_records(raw, path)
-    if not records:
-        raise DataError(f"{path}: no rows")
-    rows = []
-    for where, record in records:
-        try:
-            if isinstance(record, DataError):
-                raise record
-            rows.append(_check_row(record, where, path.parent))
-        except DataError as err:
-            if skipped is None:
-                raise
-            skipped.append((where, str(err).removeprefix(f"{where}: ")))
+        table = sources.undecoded_images(sources.open_table(source, split, config))
+        if not len(table):
+            raise DataError(f"{sources.describe(source, split, config)}: no rows")
+        checked = _checked_table(table, sources.describe(source, split, config), source, columns)
+    return _good_rows(checked, skipped, sources.describe(source, split, config))
+
+
+def as_rows(rows) -> datasets.Dataset:
+    """Rows given as a list of dicts (the Python API, ScienceQA's problems) as a checked table like `load_rows`'s."""
+    if isinstance(rows, datasets.Dataset):
+        return rows
     if not rows:
-        raise DataError(f"{path}: no usable rows: all {len(records)} are bad")
-    return rows
+        raise DataError("no rows")
+    checked = [_checked(record, f"row {i}", Path.cwd(), {}) for i, record in enumerate(rows)]
+    return _good_rows(datasets.Dataset.from_list(checked, features=CHECKED), None, "rows")
+
+
+def check_columns(columns: dict[str, str]) -> dict[str, str]:
+    unknown = set(columns) - set(COLUMNS)
+    if unknown:
+        raise DataError(f"columns: cannot rename {', '.join(sorted(unknown))}; the fields are {', '.join(COLUMNS)}")
+    taken = list(columns.values())
+    if len(set(taken)) < len(taken) or any(not name.strip() for name in taken):
+        raise DataError(f"columns: each field needs its own non-empty source column, got {columns}")
+    return columns
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """--columns "instruction=prompt,output=completion" as {"instruction": "prompt", "output": "completion"}."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if any(not sep for _, sep, _ in pairs):
+        raise DataError(f"columns: expected field=column pairs separated by commas, got {text!r}")
+    columns = {field.strip(): column.strip() for field, _, column in pairs}
+    if len(columns) < len(pairs):
+        raise DataError(f"columns: a field is renamed twice in {text!r}")
+    return check_columns(columns)
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
-FIELDS = ("instruction", "input", "output")
+
+
+def _checked_json(path: Path, columns: dict[str, str]) -> datasets.Dataset:
+    """A JSON list or JSONL file, checked row by row into an Arrow table (cached: keyed by the file's content)."""
+    layout = _json_layout(path)
+    kwargs = {"path": str(path), "layout": layout, "columns": columns, "sha256": files.sha256(path), "checks": CHECKS}
+    try:
+        return datasets.Dataset.from_generator(_json_records, gen_kwargs=kwargs, features=CHECKED)
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise err.__cause__ if isinstance(err.__cause__, DataError) else err from None
+
+
+def _json_layout(path: Path) -> str:
+    """ "list" or "lines", refusing a file without rows or one JSON object that wraps them ({"data": [...]})."""
+    with open(path, "rb") as handle:
+        first = next((line for line in handle if line.strip()), b"").removeprefix(UTF8_BOM).strip()
+    if not first:
+        raise DataError(f"{path}: no rows")
+    if path.suffix != ".jsonl" and first.startswith(b"["):
+        if not files.parse_json(files.read_bytes(path, DataError).removeprefix(UTF8_BOM), path, DataError, False):
+            raise DataError(f"{path}: no rows")
+        return "list"
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        record = None  # a bad first line, or an object spread over lines
+    if not isinstance(record, dict) or not record.keys() & set(FIELDS):
+        _refuse_wrapped_rows(files.read_bytes(path, DataError).removeprefix(UTF8_BOM), path)
+    return "lines"
+
+
+def _json_records(path: str, layout: str, columns: dict[str, str], sha256: str, checks: str) -> Iterator[dict]:
+    """Each record of the file, checked (`sha256` and `checks` only key the cache)."""
+    folder = Path(path).parent
+    for where, record in _json_list(Path(path)) if layout == "list" else _jsonl_records(Path(path)):
+        yield _checked(record, where, folder, columns)
 
 
 def _refuse_wrapped_rows(raw: bytes, path: Path) -> None:
@@ -113,36 +184,93 @@ def _refuse_wrapped_rows(raw: bytes, path: Path) -> None:
         )
 
 
-def _json_list(raw: bytes, path: Path) -> list[tuple[str, object]]:
+def _json_list(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for each element of a JSON list; a list that does not parse has no rows to keep."""
+    raw = files.read_bytes(path, DataError).removeprefix(UTF8_BOM)
     records = files.parse_json(raw, path, DataError, text_only=False)  # each row's fields are checked: skippable
-    return [(f"{path}: row {i}", record) for i, record in enumerate(records)]
+    for i, record in enumerate(records):
+        yield f"{path}: row {i}", record
 
 
-def _jsonl_records(raw: bytes, path: Path) -> list[tuple[str, object]]:
-    """(where, record) for each non-blank line; a line that is not UTF-8 JSON gets its DataError as the record."""
-    records = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {lineno}"
-        try:
-            records.append((where, json.loads(line.decode("utf-8"))))
-        except RecursionError:
-            records.append((where, DataError(f"{where}: JSON nested too deeply to read")))
-        except UnicodeDecodeError as err:
-            records.append((where, DataError(f"{where}: not UTF-8 text (byte {err.start} of the line)")))
-        except json.JSONDecodeError as err:
-            records.append((where, DataError(f"{where}: invalid JSON: {err.msg}")))
-    return records
+def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-blank line, read one at a time; a line that is not UTF-8 JSON gets its
+    DataError as the record."""
+    with open(path, "rb") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            line = line.removeprefix(UTF8_BOM) if lineno == 1 else line  # editors on Windows start files with one
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                yield where, json.loads(line.decode("utf-8"))
+            except RecursionError:
+                yield where, DataError(f"{where}: JSON nested too deeply to read")
+            except UnicodeDecodeError as err:
+                yield where, DataError(f"{where}: not UTF-8 text (byte {err.start} of the line)")
+            except json.JSONDecodeError as err:
+                yield where, DataError(f"{where}: invalid JSON: {err.msg}")
 
 
-def _check_row(record, where: str, folder: Path) -> dict:
+def _checked_table(
+    table: datasets.Dataset, name: str, source: str | os.PathLike, columns: dict[str, str]
+) -> datasets.Dataset:
+    """A table's rows, checked; the result is cached in the datasets cache, never written beside the data."""
+    folder = sources.relative_folder(source)
+    missing = {columns.get(field, field) for field in ("instruction", "output")} - set(table.column_names)
+    if missing:
+        raise DataError(
+            f"{name}: no column {' or '.join(sorted(missing))} (columns: {', '.join(table.column_names)}); "
+            "--columns maps the fields to yours, e.g. --columns instruction=prompt,output=completion"
+        )
+    settings = {"name": name, "folder": str(folder), "columns": columns}
+    fingerprint = files.digest(table._fingerprint, settings, CHECKS)
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "llama-adapter-rows" / f"{fingerprint}.arrow"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    return table.map(
+        _checked_batch, batched=True, with_indices=True, fn_kwargs=settings, remove_columns=table.column_names,
+        features=CHECKED, cache_file_name=str(cache), new_fingerprint=fingerprint, desc="checking rows",
+    )  # fmt: skip
+
+
+def _checked_batch(batch: dict, indices: list[int], name: str, folder: str, columns: dict[str, str]) -> dict:
+    records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    checked = [_checked(record, f"{name}: row {i}", Path(folder), columns) for record, i in zip(records, indices)]
+    return {key: [row[key] for row in checked] for key in CHECKED}
+
+
+def _checked(record, where: str, folder: Path, columns: dict[str, str]) -> dict:
+    """A row as the table holds it: checked fields, or where and why it is bad."""
+    try:
+        if isinstance(record, DataError):
+            raise record
+        return _check_row(record, where, folder, columns) | {"bad_at": None, "bad_why": None}
+    except DataError as err:
+        return dict.fromkeys(COLUMNS) | {"bad_at": where, "bad_why": str(err).removeprefix(f"{where}: ")}
+
+
+def _good_rows(checked: datasets.Dataset, skipped: BadRows | None, name: str) -> datasets.Dataset:
+    """The good rows of a checked table; a bad one raises, or with a `skipped` list goes there."""
+    bad = np.flatnonzero(checked.data.column("bad_at").is_valid().to_numpy(zero_copy_only=False))
+    if len(bad) and skipped is None:
+        first = checked[int(bad[0])]
+        raise DataError(f"{first['bad_at']}: {first['bad_why']}")
+    if len(bad):
+        for start in range(0, len(bad), 1000):
+            for row in checked.select(bad[start : start + 1000]):
+                skipped.append((row["bad_at"], row["bad_why"]))
+        if len(bad) == len(checked):
+            raise DataError(f"{name}: no usable rows: all {len(checked)} are bad")
+        checked = checked.select(np.setdiff1d(np.arange(len(checked)), bad))
+    return checked.remove_columns(["bad_at", "bad_why"])
+
+
+def _check_row(record, where: str, folder: Path, columns: dict[str, str]) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with instruction/input/output, got {type(record).__name__}")
     row = {}
-    for name in FIELDS:
-        required = name != "input"  # an absent or null input means none, as in Alpaca's own data
+    for field in FIELDS:
+        name = columns.get(field, field)
+        required = field != "input"  # an absent or null input means none, as in Alpaca's own data
         if required and name not in record:
             raise DataError(f"{where}: missing field '{name}'")
         value = record.get(name)
@@ -154,27 +282,38 @@ def _check_row(record, where: str, folder: Path) -> dict:
         if required and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         check_text(value, f"{where}: field '{name}'")
-        row[name] = value
+        row[field] = value
     size = sum(len(value) for value in row.values())
     if size > MAX_ROW_CHARS:
         raise DataError(f"{where}: {size:,} characters, more than the {MAX_ROW_CHARS:,} a row may hold")
-    image = record.get("image")
-    if image is not None and not isinstance(image, str):
-        raise DataError(f"{where}: field 'image' must be a file path, got {type(image).__name__}")
-    if image:
-        row["image"] = str(folder / image)
+    name = columns.get("image", "image")
+    row["image"] = _image(record.get(name), f"{where}: field '{name}'", folder)
     return row
 
 
-def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def _image(value, where: str, folder: Path) -> str | None:
+    """An image file's path: a path relative to the data's folder, or an image stored in the dataset as bytes."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return str(folder / value)
+    if isinstance(value, dict):
+        return str(sources.stored_image(sources.image_bytes(value, where)))
+    raise DataError(f"{where} must be a file path, got {type(value).__name__}")
+
+
+# The row checks' own code: a cached table checked by other checks is not reused.
+CHECKS = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def split_rows(rows: datasets.Dataset, val_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """A seeded shuffle, then the last `val_fraction` of rows held out (at least one when the fraction is > 0)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(rows) * val_fraction)) if val_fraction > 0 else 0
     if n_val >= len(rows):
         raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {len(rows)}")
-    shuffled = [rows[i] for i in order]
-    return shuffled[: len(rows) - n_val], shuffled[len(rows) - n_val :]
+    return rows.select(order[: len(rows) - n_val]), rows.select(order[len(rows) - n_val :])
 
 
 @dataclass
@@ -187,6 +326,24 @@ class Example:
     def response_tokens(self) -> int:
         """How many tokens the loss scores: each labelled token is predicted from the one before it."""
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+class Examples(Sequence[Example]):
+    """Tokenised rows in a memory-mapped Arrow table, each read back as an Example only when a batch needs it."""
+
+    def __init__(self, table: datasets.Dataset):
+        self.table = table
+        token_lists = table.with_format("arrow")["input_ids"]
+        self.lengths: list[int] = pc.list_value_length(token_lists).to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.table[int(index)]
+        return Example(row["input_ids"], row["labels"], row["image"])
 
 
 def encode(tokenizer, row: dict, max_len: int) -> Example | None:
@@ -208,26 +365,47 @@ def response_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def encode_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example], int]:
-    """Encode rows; returns the examples and how many rows were dropped because their prompt fills max_len."""
-    examples = [encode(tokenizer, row, max_len) for row in rows]
-    kept = [e for e in examples if e is not None]
-    return kept, len(examples) - len(kept)
+def encode_all(tokenizer, rows, max_len: int) -> tuple[Examples, int]:
+    """Encode rows (a table, or a list of row dicts); returns the examples and how many rows were dropped because
+    their prompt fills max_len. Rows from a file are tokenised into the datasets cache, once per tokenizer."""
+    rows = as_rows(rows)
+    if not len(rows):  # (a validation set of none) `map` would drop the columns of an empty table
+        return Examples(datasets.Dataset.from_dict({key: [] for key in ENCODED}, features=ENCODED)), 0
+    table = rows.map(
+        _encoded_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len},
+        remove_columns=rows.column_names, features=ENCODED, desc="tokenising",
+    )  # fmt: skip
+    return Examples(table), len(rows) - len(table)
 
 
-def length_grouped_batches(examples: list[Example], batch_size: int, seed: int, group: int = 64) -> list[list[int]]:
+ENCODED = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "image": datasets.Value("string"),
+    }
+)
+
+
+def _encoded_batch(batch: dict, tokenizer, max_len: int) -> dict:
+    examples = [encode(tokenizer, dict(zip(batch, values)), max_len) for values in zip(*batch.values())]
+    kept = [example for example in examples if example is not None]
+    return {name: [getattr(example, name) for example in kept] for name in ENCODED}
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, group: int = 64) -> list[list[int]]:
     """Shuffled batches of indices whose members have similar lengths, so little compute goes to padding.
 
     Indices are shuffled, cut into groups of `group` batches, sorted by length inside each group and split into
     batches; the batches are then shuffled so long and short ones alternate across the epoch.
     """
     rng = random.Random(seed)
-    order = list(range(len(examples)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     span = batch_size * group
     batches = []
     for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: len(examples[i].input_ids))
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches

@@ -29,7 +29,10 @@ from .scienceqa import Problem
 class EvalConfig(Checked):
     """Which benchmark data, who answers, where the predictions go, and how many questions at a time."""
 
-    data: str = option("the benchmark's folder: ScienceQA's (problems.json, ...) or LLM-Adapters' (<set>/test.json)")
+    data: str = option(
+        "the benchmark: ScienceQA's folder (problems.json, ...) or a dataset in its hub layout (a name, a Parquet "
+        "file, a save_to_disk folder); LLM-Adapters' folder (<set>/test.json)"
+    )
     out: str = option("predictions JSONL; an existing file is resumed; scores go beside it (.scores.json)")
     adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
     batch_size: int = option("questions per batch", 8, at_least=1)
@@ -41,7 +44,8 @@ class EvalConfig(Checked):
 class ScienceQATestConfig(Checked):
     """Which ScienceQA questions are asked, and how an answer is chosen."""
 
-    split: str = option("which split of the problems file", "test")
+    split: str = option("which split: of the problems file, or of a hub-layout dataset", "test")
+    data_config: str | None = option("the configuration (subset) of a hub dataset that has several", None)
     llava: str | None = option("LLaVA's llava_test_CQM-A.json: its 4241 test questions instead of the split", None)
     scoring: Literal["generate", "likelihood"] = option(
         "generate: parse the greedy answer (the paper's way); likelihood: the most likely option, no parsing",
@@ -199,7 +203,9 @@ def load_eval_problems(
                 "--missing-images text-only evaluates them without it"
             )
     else:
-        problems, missing = scienceqa.load_problems(cfg.data, test.split, problems_file, splits_file, missing_images)
+        problems, missing = scienceqa.load_problems(
+            cfg.data, test.split, problems_file, splits_file, missing_images, config=test.data_config
+        )
     problems = problems[: cfg.limit]  # None: all of them
     if missing:
         print(f"{missing} problems lack their image file and are evaluated without it", file=sys.stderr)

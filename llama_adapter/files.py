@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -91,6 +92,20 @@ def _same_file(path: Path, handle: int) -> bool:
         return os.stat(path).st_ino == os.fstat(handle).st_ino
     except FileNotFoundError:
         return False
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The content hash of a file, read a block at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest(*values: Any) -> str:
+    """A content hash of JSON values, the same in every process and run."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:

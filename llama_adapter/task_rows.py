@@ -8,7 +8,9 @@ left out with its row, before any work is done.
 import hashlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
+import datasets
 import torch
 
 from . import data, distributed, scienceqa
@@ -17,41 +19,60 @@ from .distributed import World
 from .run_log import report_left_out, say
 from .visual import FeatureCache
 
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
 
 def load_task_rows(
-    task: str, source: str, cot: bool, sqa: ScienceQAConfig, visual: VisualConfig, skipped: data.BadRows | None
-) -> list[dict]:
-    """Training rows of `task` from `source`: Alpaca rows as they are, or ScienceQA's train split as Alpaca rows.
+    cfg: "TrainConfig", sqa: ScienceQAConfig, visual: VisualConfig, skipped: data.BadRows | None
+) -> datasets.Dataset:
+    """Training rows of `cfg.task` from `cfg.data`: Alpaca rows as they are (from any source, its columns mapped by
+    `cfg.columns`), or ScienceQA's train split as Alpaca rows.
 
     Bad Alpaca rows go into `skipped` when it is given (see `data.load_rows`).
     """
-    if task == "alpaca":
-        return data.load_rows(source, skipped)
+    if cfg.task == "alpaca":
+        columns = data.parse_columns(cfg.columns)
+        return data.load_rows(cfg.data, skipped, split=cfg.data_split, config=cfg.data_config, columns=columns)
     # A text-only adapter never opens the image files, so it needs none of them.
     missing_images = sqa.missing_images if visual.clip_model else "text-only"
-    problems, missing = scienceqa.load_problems(source, "train", sqa.problems, sqa.splits, missing_images)
+    problems, missing = scienceqa.load_problems(
+        cfg.data, "train", sqa.problems, sqa.splits, missing_images, config=cfg.data_config
+    )
     if missing and visual.clip_model:
         print(
             f"{missing} of {len(problems)} training problems lack their image file: trained without it", file=sys.stderr
         )
-    return scienceqa.to_rows(problems, sqa.image_context, cot)
+    return data.as_rows(scienceqa.to_rows(problems, sqa.image_context, cfg.cot))
 
 
-def rows_hash(rows: list[dict]) -> str:
-    """The training data's content hash: a resumed run refuses data that changed since its checkpoint."""
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+def rows_hash(rows: datasets.Dataset) -> str:
+    """The training data's content hash: a resumed run refuses data that changed since its checkpoint.
+
+    Read a thousand rows at a time; the hash of a JSON list of the rows, as runs before tables were used kept it.
+    """
+    digest = hashlib.sha256(b"[")
+    for start in range(0, len(rows), 1000):
+        for i, row in enumerate(rows.select(range(start, min(start + 1000, len(rows))))):
+            row = row if row["image"] is not None else {k: v for k, v in row.items() if k != "image"}
+            digest.update(
+                (", " if start + i else "").encode() + json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
+            )
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 def training_examples(
-    rows: list[dict], tokenizer, val_fraction: float, seed: int, max_len: int, source: str, skipped, world: World,
+    rows: datasets.Dataset, tokenizer, val_fraction: float, seed: int, max_len: int, source: str, skipped, world: World,
     cache: FeatureCache | None,
-) -> tuple[list[data.Example], list[data.Example], int]:  # fmt: skip
+) -> tuple[data.Examples, data.Examples, int]:  # fmt: skip
     """The training and validation examples of `rows`, with the rows whose images cannot be used left out (or an
     error), and how many training rows were dropped because their prompt alone fills max_len; reports both."""
     rows = with_usable_images(rows, cache, skipped, world, source)
     train_rows, val_rows = data.split_rows(rows, val_fraction, seed)
-    train_set, dropped = data.encode_all(tokenizer, train_rows, max_len)
-    val_set, _ = data.encode_all(tokenizer, val_rows, max_len)
+    with distributed.main_first(world):  # one process tokenises into the datasets cache, the others read it
+        train_set, dropped = data.encode_all(tokenizer, train_rows, max_len)
+        val_set, _ = data.encode_all(tokenizer, val_rows, max_len)
     if not train_set:
         raise data.DataError(f"{source}: every training row's prompt is longer than max_len {max_len}")
     report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, max_len)
@@ -59,14 +80,15 @@ def training_examples(
 
 
 def with_usable_images(
-    rows: list[dict], cache: FeatureCache | None, skipped: data.BadRows | None, world: World, source: str
-) -> list[dict]:
+    rows: datasets.Dataset, cache: FeatureCache | None, skipped: data.BadRows | None, world: World, source: str
+) -> datasets.Dataset:
     """The rows whose images a multimodal adapter can use, every image encoded (and cached) before training.
 
     An image that is missing, unreadable, corrupt or a decompression bomb raises DataError, or with a `skipped`
     list leaves its row out. A text-only adapter reads no image, so its rows are kept as they are.
     """
-    named = [row["image"] for row in rows if row.get("image")]
+    images = rows["image"]
+    named = [image for image in images if image]
     if cache is None:
         if named:
             say(world, f"{len(named)} rows name an image; this text-only adapter ignores them (--clip-model uses them)")
@@ -80,7 +102,7 @@ def with_usable_images(
         )
     if failed:
         skipped += [(f"{source}: image {path}", why.removeprefix(f"{path}: ")) for path, why in failed.items()]
-    return [row for row in rows if row.get("image") not in failed]
+    return rows.select([i for i, image in enumerate(images) if image not in failed])
 
 
 def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:

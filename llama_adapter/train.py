@@ -14,10 +14,12 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 
@@ -43,7 +45,13 @@ class TrainConfig(Checked):
     """Fine-tuning: data, optimisation and output."""
 
     data: str = option(
-        "alpaca: JSON list or JSONL file of {instruction, input, output[, image]}; scienceqa: its folder"
+        "alpaca: rows {instruction, input, output[, image]} in a JSON, JSONL, CSV or Parquet file, a save_to_disk "
+        "folder or a hub dataset name; scienceqa: its folder, or its hub layout (docs/data.md)"
+    )
+    data_split: str = option("which split of a save_to_disk folder or hub dataset (a file is all one split)", "train")
+    data_config: str | None = option("the configuration (subset) of a hub dataset that has several", None)
+    columns: str = option(
+        "alpaca: the source's column names where they differ, e.g. instruction=prompt,output=completion", ""
     )
     out: str = option("output folder for the adapter, checkpoints, metrics.csv and loss.png")
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
@@ -83,6 +91,10 @@ class TrainConfig(Checked):
         "a bad data row (or image) stops the run naming it, or is left out and counted in the report", "error"
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        data.parse_columns(self.columns)  # a malformed mapping stops the run before anything loads
+
     def learning_rate(self, method: str) -> float:
         """--lr, or the default of `method` for this effective batch."""
         return self.lr if self.lr is not None else methods.get(method).learning_rate(self.batch_size * self.grad_accum)
@@ -111,7 +123,7 @@ def train(
     *,
     visual_cfg: VisualConfig | None = None,
     sqa_cfg: ScienceQAConfig | None = None,
-    rows: list[dict] | None = None,
+    rows: list[dict] | datasets.Dataset | None = None,
     fsdp: bool = False,
 ) -> dict:
     """Train, validating before the first step and after each epoch; returns a summary of the run.
@@ -148,7 +160,7 @@ def _train(
     model: LlamaAdapterModel | None,
     visual_cfg: VisualConfig,
     sqa_cfg: ScienceQAConfig | None,
-    rows: list[dict] | None,
+    rows: list[dict] | datasets.Dataset | None,
     fsdp: bool,
     world: World,
 ) -> dict:
@@ -160,8 +172,10 @@ def _train(
         distributed.finish(world)
         return before["summary"]
     skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None
-    if rows is None:
-        rows = load_task_rows(cfg.task, cfg.data, cfg.cot, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
+    with distributed.main_first(world):  # one process fills the datasets cache, the others read it
+        if rows is None:
+            rows = load_task_rows(cfg, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
+        rows = data.as_rows(rows)
     data_hash = rows_hash(rows)
     if before is not None:
         check_same_data(before, resume_from, data_hash, cfg.data)
@@ -223,7 +237,8 @@ def _train(
         model.train()
         for epoch in range(progress.epoch, cfg.epochs + 1):
             groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch)
-            for group in groups[progress.group :]:
+            for indices in groups[progress.group :]:
+                group = [[train_set[i] for i in batch] for batch in indices]
                 model.method.begin_step(progress.step + 1)
                 loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
@@ -298,9 +313,9 @@ def train_step(
     return loss_sum, int(tokens), int(padded)
 
 
-def step_groups(examples: list[data.Example], batch_size: int, grad_accum: int, seed: int) -> list[list[list]]:
-    """One epoch: for each optimizer step, its `grad_accum` batches of examples (length-grouped, seeded)."""
-    batches = [[examples[i] for i in batch] for batch in data.length_grouped_batches(examples, batch_size, seed)]
+def step_groups(examples: data.Examples, batch_size: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
+    """One epoch: for each optimizer step, its `grad_accum` batches of example indices (length-grouped, seeded)."""
+    batches = data.length_grouped_batches(examples.lengths, batch_size, seed)
     return [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
 
 
@@ -358,7 +373,7 @@ def run_settings(cfg: TrainConfig, adapter_cfg: AdapterConfig, visual_cfg: Visua
 @torch.no_grad()
 def evaluate(
     model: LlamaAdapterModel,
-    examples: list[data.Example],
+    examples: Sequence[data.Example],
     batch_size: int,
     pad_id: int,
     cache: FeatureCache | None = None,

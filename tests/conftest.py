@@ -1,11 +1,20 @@
 """Shared fixtures: a tiny random LLaMA with an offline character-level tokenizer, and the data folder."""
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import string
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+
+# Before anything imports `datasets`, which reads these once: the suite never asks the hub (a hub name fails at
+# once, as it does offline), and its Arrow caches live and die with the session, never reused from an earlier one.
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE = tempfile.mkdtemp(prefix="llama-adapter-datasets-")
+atexit.register(shutil.rmtree, DATASETS_CACHE, ignore_errors=True)
 
 import pytest
 import torch

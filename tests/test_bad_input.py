@@ -105,6 +105,13 @@ def train_on(ws: Workspace, data: str, *more: str) -> list[str]:
     return ["train", "--base", ws.base, "--data", data, "--out", ws.run, "--no-resume", "--max-steps", "1", *more]
 
 
+def parquet(here: Path, rows: list[dict]) -> str:
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(here / "rows.parquet")
+    return str(here / "rows.parquet")
+
+
 def image_rows(here: Path, image: str) -> str:
     return write(here, "rows.jsonl", jsonl(ROW, ROW | {"image": image}))
 
@@ -244,6 +251,16 @@ CASES = [
          r"rows.jsonl: no usable rows: all 2 are bad"),
     Case("train", "missing data file", lambda ws, h: train_on(ws, str(h / "nowhere.json")),
          r"nowhere.json: no such file"),
+    Case("train", "CSV row with an empty output", lambda ws, h: train_on(ws, write(h, "rows.csv", "instruction,input,output\nSay hi.,,hi\nSay bye.,,\n")),
+         r"rows.csv: row 1: field 'output' is empty"),
+    Case("train", "Parquet without the columns", lambda ws, h: train_on(ws, parquet(h, [{"prompt": "Say hi.", "completion": "hi"}])),
+         r"rows.parquet: no column instruction or output \(columns: prompt, completion\); --columns maps the fields"),
+    Case("train", "--columns naming an unknown field", lambda ws, h: train_on(ws, ws.rows, "--columns", "question=prompt"),
+         r"columns: cannot rename question; the fields are instruction, input, output, image"),
+    Case("train", "a hub dataset, offline", lambda ws, h: train_on(ws, "tatsu-lab/alpaca"),
+         r"tatsu-lab/alpaca: not a local file or folder, and the Hugging Face hub cannot be reached"),
+    Case("train", "data file of an unknown kind", lambda ws, h: train_on(ws, write(h, "rows.txt", "Say hi.")),
+         r"rows.txt: not a data file this reads: expected one of .json, .jsonl, .csv, .parquet"),
     Case("train", "missing image", lambda ws, h: train_with_image(ws, h, "gone.png"),
          r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*gone.png: no such image file; --on-bad-row skip leaves their rows"),
     Case("train", "unreadable image (a folder)", lambda ws, h: train_with_image(ws, h, (h / "folder.png").mkdir() or "folder.png"),

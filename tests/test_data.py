@@ -44,13 +44,13 @@ def test_conversation_prompt_repeats_the_turn_template():
 def test_reads_json_list_and_jsonl(tmp_path):
     as_json = write(tmp_path / "a.json", json.dumps(ROWS))
     as_jsonl = write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n")
-    assert data.load_rows(as_json) == ROWS
-    assert data.load_rows(as_jsonl) == ROWS
+    assert data.load_rows(as_json).to_list() == [row | {"image": None} for row in ROWS]
+    assert data.load_rows(as_jsonl).to_list() == [row | {"image": None} for row in ROWS]
 
 
 def test_missing_input_field_means_empty(tmp_path):
     path = write(tmp_path / "a.json", json.dumps([{"instruction": "Say hi.", "output": "hi"}]))
-    assert data.load_rows(path) == [{"instruction": "Say hi.", "input": "", "output": "hi"}]
+    assert data.load_rows(path).to_list() == [{"instruction": "Say hi.", "input": "", "output": "hi", "image": None}]
 
 
 @pytest.mark.parametrize(
@@ -100,21 +100,24 @@ def test_encode_truncates_and_drops_rows_without_room_for_a_response(tokenizer):
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    rows = [{"instruction": str(i), "input": "", "output": "x"} for i in range(100)]
-    train, val = data.split_rows(rows, 0.1, seed=3)
+    rows = data.as_rows([{"instruction": str(i), "input": "", "output": "x"} for i in range(100)])
+
+    def split(rows, fraction, seed):
+        return tuple(list(part["instruction"]) for part in data.split_rows(rows, fraction, seed))
+
+    train, val = split(rows, 0.1, seed=3)
     assert len(val) == 10 and len(train) == 90
-    assert sorted(r["instruction"] for r in train + val) == sorted(r["instruction"] for r in rows)
-    assert data.split_rows(rows, 0.1, seed=3) == (train, val)
-    assert data.split_rows(rows, 0.1, seed=4) != (train, val)
-    assert data.split_rows(rows[:3], 0.01, seed=0)[1] != []  # a positive fraction holds out at least one row
+    assert sorted(train + val) == sorted(rows["instruction"])
+    assert split(rows, 0.1, seed=3) == (train, val)
+    assert split(rows, 0.1, seed=4) != (train, val)
+    assert len(data.split_rows(rows.select(range(3)), 0.01, seed=0)[1]) == 1  # a positive fraction holds out one
     with pytest.raises(DataError, match="leaves no training rows"):
-        data.split_rows(rows[:1], 0.5, seed=0)
+        data.split_rows(rows.select(range(1)), 0.5, seed=0)
 
 
 def test_length_grouped_batches_cover_everything_once_and_cut_padding():
     lengths = [(i * 37) % 200 + 1 for i in range(512)]
-    examples = [data.Example([0] * n, [0] * n) for n in lengths]
-    batches = data.length_grouped_batches(examples, batch_size=8, seed=0)
+    batches = data.length_grouped_batches(lengths, batch_size=8, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(512))
 
     def padding(batches):
@@ -122,7 +125,7 @@ def test_length_grouped_batches_cover_everything_once_and_cut_padding():
 
     random_batches = [list(range(i, i + 8)) for i in range(0, 512, 8)]
     assert padding(batches) < 0.1 < padding(random_batches)
-    assert data.length_grouped_batches(examples, 8, seed=1) != batches
+    assert data.length_grouped_batches(lengths, 8, seed=1) != batches
 
 
 def test_collate_right_pads(tokenizer):
@@ -138,7 +141,7 @@ def test_image_field_is_resolved_against_the_data_file(tmp_path):
     path = write(tmp_path / "rows.json", json.dumps(rows))
     loaded = data.load_rows(path)
     assert loaded[0]["image"] == str(tmp_path / "pics" / "a.png")
-    assert "image" not in loaded[1]
+    assert loaded[1]["image"] is None
     bad = write(tmp_path / "bad.jsonl", '{"instruction": "a", "output": "b", "image": 3}\n')
     with pytest.raises(data.DataError, match=r"bad.jsonl: line 1: field 'image' must be a file path"):
         data.load_rows(bad)

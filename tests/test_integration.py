@@ -50,7 +50,7 @@ def untrained() -> LlamaAdapterModel:
 
 
 @pytest.fixture(scope="module")
-def alpaca_rows(data_dir) -> list[dict]:
+def alpaca_rows(data_dir):
     return data.load_rows(data_dir / "alpaca" / "alpaca_small.json")
 
 
@@ -76,7 +76,7 @@ def test_generation_answers_a_real_question(smollm2):
 
 
 def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_path):
-    examples, _ = data.encode_all(smollm2.tokenizer, alpaca_rows[:8], max_len=160)
+    examples, _ = data.encode_all(smollm2.tokenizer, alpaca_rows.select(range(8)), max_len=160)
     before = evaluate(smollm2, examples, batch_size=4, pad_id=smollm2.tokenizer.pad_token_id)
     after = loss_after_steps(smollm2, [examples[:4], examples[4:8]], lr=2e-2, steps=4)
     assert after < before - 0.05
@@ -106,7 +106,7 @@ def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_pat
 def test_each_method_learns_real_math_rationales(untrained, data_dir, method, lr):
     """Three steps on four real math_data.json rows lower their loss; all but the virtual-token methods start as the
     base model. AdaLoRA's B diag(E) A starts from E = 0 and small A and B, so it needs ten times LoRA's rate."""
-    rows = data.load_rows(data_dir / "llm-adapters" / "math_data.json", skipped=[])[:4]
+    rows = data.load_rows(data_dir / "llm-adapters" / "math_data.json", skipped=[]).select(range(4))
     examples, _ = data.encode_all(untrained.tokenizer, rows, max_len=256)
     pad = untrained.tokenizer.pad_token_id
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_quantised_smollm2_answers_and_its_adapter_learns(untrained, alpaca_rows
     assert ratio < {"int8": 0.45, "nf4": 0.35}[quantize], ratio  # the tied 49152-token embedding stays fp32
     assert "Paris" in model.generate(QUESTION, sampling=SamplingConfig(max_new_tokens=24))
 
-    examples, _ = data.encode_all(model.tokenizer, alpaca_rows[:8], max_len=128)
+    examples, _ = data.encode_all(model.tokenizer, alpaca_rows.select(range(8)), max_len=128)
     before = evaluate(model, examples, batch_size=4, pad_id=model.tokenizer.pad_token_id)
     assert loss_after_steps(model, [examples], lr=1e-2, steps=3) < before - 0.05
 

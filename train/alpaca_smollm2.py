@@ -42,9 +42,9 @@ def main() -> None:
     _, val_rows = split_rows(load_rows(cfg.data), cfg.val_fraction, cfg.seed)
     sampling = SamplingConfig(max_new_tokens=80)
     model = LlamaAdapterModel.from_base(config=AdapterConfig())
-    before = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows[:SAMPLES]]
+    before = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows.select(range(SAMPLES))]
     summary = train(cfg, model.config, model)
-    after = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows[:SAMPLES]]
+    after = [model.generate(r["instruction"], r["input"], sampling) for r in val_rows.select(range(SAMPLES))]
 
     summary["checkpoint_bytes"] = (Path(args.out) / WEIGHTS_NAME).stat().st_size
     summary["config"] = {

@@ -1,4 +1,5 @@
-"""ScienceQA (Lu et al. 2022): problems (load.py), prompts and answer parsing (prompts.py), scores (score.py).
+"""ScienceQA (Lu et al. 2022): problems (load.py; the hub's Parquet layout: hub.py), prompts and answer parsing
+(prompts.py), scores (score.py).
 
 Evaluation has two stages, as in LLaVA: generation appends one JSON line per problem to a predictions file
 (evaluation.py, predictions.py), so a crashed run resumes where it stopped; scoring is a pure function of those

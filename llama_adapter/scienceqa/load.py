@@ -1,7 +1,9 @@
-"""ScienceQA's problems from its two sources.
+"""ScienceQA's problems from its three sources.
 
 - the official layout (`problems.json`, `pid_splits.json`, `images/<split>/<pid>/...`, with optional
   `captions.json` and `ocrs.json`), read by `load_problems`;
+- the Hugging Face hub's layout (`derek-thomas/ScienceQA`: Parquet, images embedded), read by `load_problems` too,
+  through hub.py;
 - LLaVA's `llava_test_CQM-A.json`, which holds all 4241 test questions but no subject, grade or rationale, read by
   `load_llava_questions`.
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..data import DataError
+from ..sources import DataError
 
 LETTERS = string.ascii_uppercase
 MISSING_IMAGES = ("error", "text-only")
@@ -47,20 +49,41 @@ class Problem:
 
 
 def load_problems(
-    data_dir: str | Path,
+    source: str | Path,
     split: str,
     problems_file: str = "problems.json",
     splits_file: str = "pid_splits.json",
     missing_images: str = "error",
+    config: str | None = None,
 ) -> tuple[list[Problem], int]:
     """The problems of `split`, in split order, and how many of them name an image whose file is not here.
 
-    Pids listed for the split but absent from the problems file are skipped, so a partial problems file works.
-    Without a splits file, problems are chosen by their own "split" field. `missing_images="error"` stops at
-    problems whose image file is missing; "text-only" keeps them without an image and counts them.
+    `source` is a folder in the official layout (it holds `problems_file`, `splits_file` or `images/`), or else a
+    table in the hub's layout (hub.py): a hub dataset name (with its configuration `config`), a Parquet file, a
+    folder of data files or a `save_to_disk` folder. That layout embeds its images, so none is ever missing.
+
+    Official layout: pids listed for the split but absent from the problems file are skipped, so a partial
+    problems file works. Without a splits file, problems are chosen by their own "split" field.
+    `missing_images="error"` stops at problems whose image file is missing; "text-only" keeps them without an image
+    and counts them.
     """
     if missing_images not in MISSING_IMAGES:
         raise ValueError(f"missing_images must be one of {MISSING_IMAGES}, got {missing_images!r}")
+    if not _is_official_folder(Path(source), problems_file, splits_file):
+        from .hub import load_hub_problems  # hub.py builds on this module's checks
+
+        return load_hub_problems(source, split, config), 0
+    return _load_official(Path(source), split, problems_file, splits_file, missing_images)
+
+
+def _is_official_folder(path: Path, problems_file: str, splits_file: str) -> bool:
+    """A folder with the official layout's files: a misnamed problems file is then named as missing."""
+    return path.is_dir() and any((path / name).exists() for name in (problems_file, splits_file, "images"))
+
+
+def _load_official(
+    data_dir: Path, split: str, problems_file: str, splits_file: str, missing_images: str
+) -> tuple[list[Problem], int]:
     data_dir = Path(data_dir).resolve()
     problems_path = data_dir / problems_file
     records = files.read_json(problems_path, DataError)
