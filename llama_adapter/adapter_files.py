@@ -47,26 +47,34 @@ def read_config(adapter_dir: str | Path) -> dict:
 
 
 def read_tensors(path: str | Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, checked against the names and shapes in `expected` (from the file's header,
-    before any data is read) and then for values that are not finite, which would make every answer empty."""
+    """The tensors of a weights file, checked against the names, shapes and kinds in `expected` (from the file's
+    header, before any data is read) and then for values that are not finite, which would make every answer empty."""
     try:
         with safe_open(path, framework="pt") as handle:
-            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}  # noqa: SIM118
+            header = {name: handle.get_slice(name) for name in handle.keys()}  # noqa: SIM118
+            shapes = {name: list(tensor.get_shape()) for name, tensor in header.items()}
+            kinds = {name: tensor.get_dtype() for name, tensor in header.items()}
+        missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}"
+            )
+        for name, param in expected.items():
+            if shapes[name] != list(param.shape):
+                raise ValueError(f"{path}: tensor {name} has shape {shapes[name]}, expected {list(param.shape)}")
+            if kinds[name] not in FLOAT_KINDS:
+                raise ValueError(f"{path}: tensor {name} holds {kinds[name]} values, expected floating point")
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}")
-    for name, param in expected.items():
-        if list(shapes[name]) != list(param.shape):
-            raise ValueError(f"{path}: tensor {name} has shape {list(shapes[name])}, expected {list(param.shape)}")
-        if not tensors[name].is_floating_point():
-            raise ValueError(f"{path}: tensor {name} holds {tensors[name].dtype} values, expected floating point")
-        bad = int((~torch.isfinite(tensors[name])).sum())
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise ValueError(f"{path}: tensor {name} holds {bad:,} values that are not finite (NaN or infinity)")
     return tensors
+
+
+FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point kinds torch loads
 
 
 def check_same_base(saved: dict, actual: dict, where: Path) -> None:

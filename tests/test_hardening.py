@@ -377,7 +377,7 @@ def damaged_weights(draw, tensors: dict[str, torch.Tensor]) -> tuple[dict | byte
         return damaged, "unexpected tensors"
     if kind == "dtype":
         damaged[name] = damaged[name].to(torch.int32)
-        return damaged, f"tensor {name} holds torch.int32 values"
+        return damaged, f"tensor {name} holds I32 values"
     return draw(st.binary(max_size=64)), "not a readable safetensors file"
 
 
