@@ -54,12 +54,11 @@ MAX_ROW_CHARS = 1_000_000
 def check_text(text: str, where: str) -> None:
     """Refuse a string Python holds but no tokenizer can encode: one with a lone UTF-16 surrogate (from a JSON
     escape such as "\\ud800", or a command-line argument that was not UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
+    found = files.LONE_SURROGATE.search(text)
+    if found:
         raise DataError(
-            f"{where}: not valid Unicode text (a lone surrogate {text[err.start]!a} at character {err.start})"
-        ) from None
+            f"{where}: not valid Unicode text (a lone surrogate {found.group()!a} at character {found.start()})"
+        )
 
 
 BadRows = list[tuple[str, str]]  # (where, why): the rows left out by `load_rows(..., skipped=...)`
