@@ -20,7 +20,7 @@ import datasets
 
 from .. import sources
 from ..sources import DataError
-from .load import Problem, _answer, _choices, _grade, _read_captions, _read_ocr_texts, _subject, _text
+from .load import Problem, _read_captions, _read_ocr_texts, checked_fields
 
 REQUIRED = ("question", "choices", "answer", "subject", "grade")
 PID_COLUMNS = ("pid", "id")  # the first one the table has names its problems
@@ -99,21 +99,13 @@ def _pid(value, column: str, where: str) -> str:
 
 
 def _problem(record: dict, pid: str, split: str, where: str) -> Problem:
-    choices = _choices(record, where)
-    image = sources.image_bytes(record.get("image"), where)
+    image = sources.image_bytes(record.get("image"), f"{where}: field 'image'")
     return Problem(
         pid=pid,
-        question=_text(record, "question", where, required=True),
-        choices=choices,
-        answer=_answer(record, len(choices), where),
-        hint=_text(record, "hint", where),
+        **checked_fields(record, where),
         image=sources.stored_image(image) if image is not None else None,
         names_image=image is not None,
-        subject=_subject(record, where),
-        grade=_grade(record, where),
         split=split,
-        lecture=_text(record, "lecture", where),
-        solution=_text(record, "solution", where),
     )
 
 

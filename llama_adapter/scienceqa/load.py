@@ -169,7 +169,6 @@ def _image_path(data_dir: Path, record: dict, pid: str) -> Path:
 def _problem_from_record(record: Any, pid: str, where: str, data_dir: Path, caption: str, ocr: str) -> Problem:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-    choices = _choices(record, where)
     image_name = record.get("image")
     if image_name is not None and not (isinstance(image_name, str) and image_name.strip()):
         raise DataError(f"{where}: field 'image' must be a file name or null, got {image_name!r}")
@@ -177,20 +176,29 @@ def _problem_from_record(record: Any, pid: str, where: str, data_dir: Path, capt
     image = _image_path(data_dir, record, pid) if image_name else None
     return Problem(
         pid=pid,
-        question=_text(record, "question", where, required=True),
-        choices=choices,
-        answer=_answer(record, len(choices), where),
-        hint=_text(record, "hint", where),
+        **checked_fields(record, where),
         image=image if image is not None and image.is_file() else None,
         names_image=image is not None,
-        subject=_subject(record, where),
-        grade=_grade(record, where),
         split=split,
-        lecture=_text(record, "lecture", where),
-        solution=_text(record, "solution", where),
         caption=caption,
         ocr=ocr,
     )
+
+
+def checked_fields(record: dict, where: str) -> dict:
+    """The fields every layout holds alike, checked: question, choices, answer, hint, subject, grade, lecture and
+    solution, as keyword arguments of Problem."""
+    choices = _choices(record, where)
+    return {
+        "question": _text(record, "question", where, required=True),
+        "choices": choices,
+        "answer": _answer(record, len(choices), where),
+        "hint": _text(record, "hint", where),
+        "subject": _subject(record, where),
+        "grade": _grade(record, where),
+        "lecture": _text(record, "lecture", where),
+        "solution": _text(record, "solution", where),
+    }
 
 
 def _text(record: dict, name: str, where: str, required: bool = False) -> str:
