@@ -149,9 +149,7 @@ def _json_layout(path: Path) -> str:
     if not first:
         raise DataError(f"{path}: no rows")
     if path.suffix != ".jsonl" and first.startswith(b"["):
-        if not files.parse_json(files.read_bytes(path, DataError).removeprefix(UTF8_BOM), path, DataError, False):
-            raise DataError(f"{path}: no rows")
-        return "list"
+        return "list"  # parsed once, by `_json_list`, which also refuses an empty one
     try:
         record = json.loads(first)
     except (ValueError, RecursionError):
@@ -184,9 +182,12 @@ def _refuse_wrapped_rows(raw: bytes, path: Path) -> None:
 
 
 def _json_list(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) for each element of a JSON list; a list that does not parse has no rows to keep."""
+    """(where, record) for each element of a JSON list; a list that does not parse, or is empty, has no rows to keep
+    (a DataError, which `_checked_json` raises as it is)."""
     raw = files.read_bytes(path, DataError).removeprefix(UTF8_BOM)
     records = files.parse_json(raw, path, DataError, text_only=False)  # each row's fields are checked: skippable
+    if not records:
+        raise DataError(f"{path}: no rows")
     for i, record in enumerate(records):
         yield f"{path}: row {i}", record
 
