@@ -1,20 +1,27 @@
-"""Fine-tuning wall time: one epoch over real Alpaca rows with the default recipe, projected to Alpaca-52K x 5.
+"""Fine-tuning throughput on real Alpaca rows, length-grouped batches against packed ones, projected to Alpaca-52K x 5.
 
     python bench/finetune.py                   # writes bench/results/finetune.json
 
-Runs `llama_adapter.train` exactly as `llama-adapter train` does with its defaults (batch 4, max_len 512,
-length-grouped batches, 5% held out) for one epoch over ../shared/data/alpaca/alpaca_small.json (2,000 rows
-drawn from the Stanford Alpaca 52K; LLAMA_ADAPTER_DATA moves the data folder), and reports tokens/s, the share
-of padding positions (and what random batches would have padded, for comparison), peak memory, and the time
-52,002 rows x 5 epochs (the paper's run) would take at the measured rows/s. On a GPU (bf16, the LLaMA-7B-shaped
-random model by default) it adds MFU; on a CPU the peak memory is the process's peak resident memory.
+Runs `llama_adapter.train` as `llama-adapter train` does with its defaults (batch 4, max_len 512, 5% held out) over
+../shared/data/alpaca/alpaca_small.json (2,000 rows drawn from the Stanford Alpaca 52K; LLAMA_ADAPTER_DATA moves the
+data folder), once per batching, each with a fresh adapter on the same base:
+  grouped   rows of similar length batched together and padded to the longest (the default)
+  packed    --packing: whole rows laid end to end in sequences of up to max_len tokens, nothing padded but the end
+            of each sequence; --batch-size counts sequences, so a step carries several times more rows
+Reported per batching: tokens/s (non-padding tokens over the training steps' time, validation excluded), tokens per
+step, the share of padding positions, peak memory, and the time Alpaca-52K x 5 epochs (the paper's run) would take at
+that speed: 52,002 rows x 5 x this data's mean tokens per row / tokens/s. Also what plain random batches would pad.
+On a GPU (bf16, the LLaMA-7B-shaped random model by default) it adds MFU; on a CPU the peak memory is the process's
+peak resident memory so far.
 """
 
 import argparse
+import csv
 import os
 import random
 import resource
 import tempfile
+from pathlib import Path
 
 import torch
 from common import (
@@ -33,67 +40,108 @@ from llama_adapter import AdapterConfig, LlamaAdapterModel, data
 from llama_adapter.train import TrainConfig, train
 
 ALPACA_ROWS, PAPER_EPOCHS = 52002, 5
+BATCHINGS = ("grouped", "packed")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default=default_model())
     parser.add_argument("--data", default=str(ALPACA), help="Alpaca-format rows (default: the 2,000-row Alpaca sample)")
+    parser.add_argument("--rows", type=int, help="only the first this many rows of --data (default: all)")
+    parser.add_argument("--batching", nargs="+", choices=BATCHINGS, default=list(BATCHINGS))
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--max-steps", type=int, help="optimizer steps per batching (default: one epoch)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "finetune.json"))
     args = parser.parse_args()
 
     base, tokenizer = load_base(args.model)
-    model = LlamaAdapterModel(base, tokenizer, AdapterConfig()).to(base.device)
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = TrainConfig(
-            data=args.data,
-            out=run_dir,
-            epochs=1,
-            batch_size=args.batch_size,
-            gradient_checkpointing=args.gradient_checkpointing,
-        )
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        summary = train(cfg, model.config, model)
-    examples, _ = data.encode_all(
-        tokenizer, data.split_rows(data.load_rows(cfg.data), cfg.val_fraction, cfg.seed)[0], cfg.max_len
-    )
+    rows = data.load_rows(args.data)
+    rows = rows.select(range(min(args.rows, len(rows)))) if args.rows else rows
+    measured = {}
+    for batching in args.batching:
+        measured[batching] = measure(args, batching == "packed", base, tokenizer, rows)
+        print(f"{batching}: {measured[batching]}", flush=True)
+    cfg = recipe(args, packing=False, out=".")
 
-    rows_per_s = len(examples) / summary["wall_time_s"]
+    examples, _ = data.encode_all(tokenizer, data.split_rows(rows, cfg.val_fraction, cfg.seed)[0], cfg.max_len)
+    mean_tokens = sum(examples.lengths) / len(examples)
+    scored_share = sum(example.response_tokens for example in examples) / sum(examples.lengths)
+    for numbers in measured.values():
+        minutes = ALPACA_ROWS * PAPER_EPOCHS * mean_tokens / numbers["tokens_per_s"] / 60
+        numbers["alpaca52k_x5_projected_minutes"] = minutes
+        if peak_flops():  # each row attends over itself alone, packed or not: the attention FLOPs of its own length
+            tokens = numbers["train_tokens"]
+            flops = frozen_training_flops(base, tokens, mean_tokens, round(tokens * scored_share))
+            numbers["mfu"] = flops / numbers["train_time_s"] / peak_flops()
     results = {
         "model": args.model,
         "data": os.path.relpath(args.data, REPO),
-        "recipe": {
-            key: getattr(cfg, key)
-            for key in ("epochs", "batch_size", "grad_accum", "max_len", "gradient_checkpointing")
-        }
-        | {"lr": cfg.learning_rate(model.config.method)},
+        "rows": len(rows),
         "train_rows": len(examples),
-        "steps": summary["steps"],
-        "train_tokens": summary["train_tokens"],
-        "wall_time_s": summary["wall_time_s"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "padding_share": summary["padding_share"],
+        "mean_tokens_per_row": mean_tokens,
+        "recipe": {key: getattr(cfg, key) for key in ("batch_size", "grad_accum", "max_len", "gradient_checkpointing")}
+        | {"max_steps": args.max_steps, "lr": cfg.learning_rate("llama-adapter")},
+        "batchings": measured,
         "padding_share_random_batches": random_batch_padding(examples, cfg.batch_size, cfg.seed),
+        "alpaca52k_x5_projected_minutes": min(m["alpaca52k_x5_projected_minutes"] for m in measured.values()),
+    }
+    if len(measured) == 2:
+        results["packed_over_grouped"] = measured["packed"]["tokens_per_s"] / measured["grouped"]["tokens_per_s"]
+    results["targets"] = {}
+    if "grouped" in measured:
+        results["targets"]["grouped padding_share < 0.10"] = measured["grouped"]["padding_share"] < 0.10
+    if args.model == "llama-7b":
+        results["targets"] |= {
+            "alpaca52k_x5 under 30 minutes": results["alpaca52k_x5_projected_minutes"] < 30,
+            "peak memory under 40 GB": max(m["peak_memory_mib"] for m in measured.values()) < 40e9 / 2**20,
+        }
+    write_results(results, args.out)
+
+
+def recipe(args, packing: bool, out: str) -> TrainConfig:
+    """The default recipe, for one epoch (or --max-steps), with or without packing."""
+    return TrainConfig(
+        data=args.data,
+        out=out,
+        epochs=1,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        packing=packing,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def measure(args, packing: bool, base, tokenizer, rows) -> dict:
+    """Train a fresh adapter on `rows`; the numbers of its training steps."""
+    model = LlamaAdapterModel(base, tokenizer, AdapterConfig()).to(base.device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            cfg = recipe(args, packing, run_dir)
+            summary = train(cfg, model.config, model, rows=rows)
+            last = training_rows(Path(run_dir) / "metrics.csv")[-1]
+    finally:
+        model.unload()
+    tokens, seconds = int(last["tokens"]), float(last["elapsed_s"])  # up to the last step: validation excluded
+    return {
+        "steps": summary["steps"],
+        "train_tokens": tokens,
+        "train_time_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_step": tokens / summary["steps"],
+        "padding_share": summary["padding_share"],
         "val_loss_before": summary["val_loss_before"],
         "val_loss_after": summary["val_loss_after"],
         "peak_memory_mib": peak_memory_mib(),
-        "alpaca52k_x5_projected_hours": ALPACA_ROWS * PAPER_EPOCHS / rows_per_s / 3600,
     }
-    if peak_flops():
-        lengths = [len(e.input_ids) for e in examples]
-        scored = sum(sum(label != data.IGNORE_INDEX for label in e.labels) for e in examples)
-        flops = frozen_training_flops(base, sum(lengths), sum(lengths) / len(lengths), scored)
-        results["mfu"] = flops / summary["wall_time_s"] / peak_flops()
-    results["targets"] = {"padding_share < 0.10": results["padding_share"] < 0.10}
-    if args.model == "llama-7b":
-        results["targets"] |= {
-            "alpaca52k_x5 under 60 minutes": results["alpaca52k_x5_projected_hours"] < 1,
-            "peak memory under 40 GB": results["peak_memory_mib"] < 40e9 / 2**20,
-        }
-    write_results(results, args.out)
+
+
+def training_rows(metrics: Path) -> list[dict]:
+    """The rows of a run's metrics.csv that log a training step."""
+    with metrics.open() as file:
+        return [row for row in csv.DictReader(file) if row["train_loss"]]
 
 
 def random_batch_padding(examples: data.Examples, batch_size: int, seed: int) -> float:

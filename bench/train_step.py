@@ -7,6 +7,9 @@ One batch of 8 x 256 tokens whose second half is the response, measured in one r
   floor   the frozen base: forward, then backward to its input embeddings (what any adapter in every layer pays)
   ours    LlamaAdapterModel (L=30, K=10): forward, backward, AdamW step on the adapter
   peft    Hugging Face PEFT's AdaptionPrompt with the same L and K: forward, backward, AdamW step
+  compiled  (with --compile) ours with every decoder layer compiled by torch.compile; the first steps, which
+          compile, are the warm-up. Its loss is compared with ours on the same batch and weights; on a CPU its peak
+          memory is not measured (each fresh process would compile again).
 All three compute the loss the same way (logits only at the response positions), so the ratios compare the
 adapters, not loss heads. Repetitions interleave the three after warm-up; the median and the spread are
 reported. Memory: the activations each method saves for its backward pass (exact, counted through autograd's
@@ -36,7 +39,8 @@ from common import (
     write_results,
 )
 
-from llama_adapter import LlamaAdapterModel
+from llama_adapter import LlamaAdapterModel, hf
+from llama_adapter.train import adamw
 
 METHODS = ("floor", "ours", "peft")
 
@@ -49,29 +53,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-runs", type=int, default=3, help="CPU: fresh processes per method for peak memory")
     parser.add_argument("--profile", action="store_true", help="also record the top operators of one step each")
+    parser.add_argument("--compile", action="store_true", help="also ours with torch.compile'd decoder layers")
     parser.add_argument("--out", default=str(RESULTS / "train_step.json"))
     args = parser.parse_args()
 
     base, _ = load_base(args.model)
-    steps = build_steps(base, args.batch_size, args.seq_len)
-    for method in METHODS:  # warm-up
-        steps[method]()
-    times = {method: [] for method in METHODS}
+    methods = (*METHODS, "compiled") if args.compile else METHODS
+    steps = build_steps(base, args.batch_size, args.seq_len, methods)
+    warm_up = 3 if args.compile else 1  # torch.compile compiles on the first calls, forward and backward
+    first_losses = {}
+    for method in methods:
+        for _ in range(warm_up):
+            first_losses.setdefault(method, steps[method]())
+    times = {method: [] for method in methods}
     for _ in range(args.repeats):
-        for method in METHODS:
+        for method in methods:
             synchronize()
             begin = time.perf_counter()
             steps[method]()
             synchronize()
             times[method].append(time.perf_counter() - begin)
-    saved = {method: saved_activation_mib(steps[method], base) for method in METHODS}
-    profiles = {method: profile(steps[method]) for method in METHODS} if args.profile else None
+    saved = {method: saved_activation_mib(steps[method], base) for method in methods}
+    profiles = {method: profile(steps[method]) for method in methods} if args.profile else None
     del steps
-    peaks = peak_memory_mib(args.model, base, args.batch_size, args.seq_len, args.memory_runs)
+    peaks = peak_memory_mib(args.model, base, args.batch_size, args.seq_len, args.memory_runs, methods)
 
     tokens = args.batch_size * args.seq_len
     flops = frozen_training_flops(base, tokens, args.seq_len, args.batch_size * (args.seq_len - args.seq_len // 2))
-    median = {method: statistics.median(times[method]) for method in METHODS}
+    median = {method: statistics.median(times[method]) for method in methods}
     results = {
         "model": args.model,
         "batch": [args.batch_size, args.seq_len],
@@ -86,12 +95,15 @@ def main() -> None:
                 "peak_memory_mib": peaks[method],
                 **({"mfu": flops / median[method] / peak_flops()} if peak_flops() else {}),
             }
-            for method in METHODS
+            for method in methods
         },
         "ours_over_floor": median["ours"] / median["floor"],
         "peft_over_ours": median["peft"] / median["ours"],
         "peft_over_floor": median["peft"] / median["floor"],
     }
+    if args.compile:  # the same weights and batch: the first step of each computes the same loss
+        results["compiled_over_ours"] = median["compiled"] / median["ours"]
+        results["compiled_first_loss_difference"] = abs(first_losses["compiled"] - first_losses["ours"])
     results["targets"] = {
         "ours_over_floor <= 1.10": results["ours_over_floor"] <= 1.10,
         "peft_over_ours >= 1.4": results["peft_over_ours"] >= 1.4,
@@ -130,7 +142,8 @@ def _matmuls(ops: dict) -> tuple[int, float]:
 
 
 def build_steps(base, batch_size: int, seq_len: int, methods=METHODS) -> dict:
-    """One closure per method that runs one full training step on the same batch."""
+    """One closure per method that runs one full training step on the same batch and returns its loss (None for the
+    floor, which has no adapter to step)."""
     torch.manual_seed(0)
     ids = torch.randint(10, base.config.vocab_size, (batch_size, seq_len), device=base.device)
     mask = torch.ones_like(ids)
@@ -147,6 +160,9 @@ def build_steps(base, batch_size: int, seq_len: int, methods=METHODS) -> dict:
             steps[method] = _adapter_step(theirs.base_model.model, params, ids, mask, labels)
         else:
             ours = our_adapter(base)
+            if method == "compiled":
+                for layer in hf.decoder_layers(ours.base):
+                    layer.compile()
             steps[method] = _adapter_step(ours.base, list(ours.adapter_state().values()), ids, mask, labels, ours)
     return steps
 
@@ -164,7 +180,7 @@ def _floor_step(base, ids, mask, labels):
 
 def _adapter_step(model, params, ids, mask, labels, ours: LlamaAdapterModel | None = None):
     """Forward, backward and an AdamW step; `ours` computes its loss through its own API."""
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = adamw(params, lr=1e-3, weight_decay=0.0)  # the training loop's, for both adapters
 
     def step():
         if ours is not None:
@@ -175,6 +191,7 @@ def _adapter_step(model, params, ids, mask, labels, ours: LlamaAdapterModel | No
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
     return step
 
@@ -219,12 +236,12 @@ def _profiler_activities():
     return activities + [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else activities
 
 
-def peak_memory_mib(model: str, base, batch_size: int, seq_len: int, runs: int) -> dict:
+def peak_memory_mib(model: str, base, batch_size: int, seq_len: int, runs: int, methods=METHODS) -> dict:
     """Per method: the CUDA peak allocation during a step, or on CPU the median and spread of fresh processes'
-    peak resident memory during their first step."""
+    peak resident memory during their first step (None for a compiled one, whose first step compiles)."""
     if torch.cuda.is_available():
         out = {}
-        for method in METHODS:
+        for method in methods:
             step = build_steps(base, batch_size, seq_len, (method,))[method]
             synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -242,7 +259,7 @@ def peak_memory_mib(model: str, base, batch_size: int, seq_len: int, runs: int) 
     return {
         method: {"median": statistics.median(values), "min": min(values), "max": max(values)}
         for method, values in peaks.items()
-    }
+    } | {method: None for method in methods if method not in METHODS}
 
 
 def _rss_of_one_step(model: str, method: str, batch_size: int, seq_len: int) -> float:

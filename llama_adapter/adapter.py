@@ -16,6 +16,14 @@ Multimodal (section 3.3): a frozen CLIP encoder's global image feature goes thro
 (`VisualProjection`) to the LLM width and is added to every adapted layer's K prompts, P_l + repeat_K(I_p), so
 each sample attends to prompts shifted by its own image. Rows without an image add nothing. The projected features
 come with each call, never stored on the module.
+Because the same I_p shifts all K prompts, and the projections are linear, the shift adds the same q . (I_p W_k) to
+every prompt's score -- which the softmax over the K prompts cancels -- and the same I_p W_v to every value, whose
+attention weights sum to one. So the image's whole effect is tanh(g_l) * I_p W_v, added at every position:
+
+    out = (text-only prompt term above)  +  tanh(g_l) * (I_p W_v)
+
+which is how it is computed: the prompts' keys and values stay the same for every image (and are cached), and each
+position may carry its own image, as the rows packed into one sequence do.
 
 The bottleneck adapters of LLM-Adapters (Hu et al. 2023, https://arxiv.org/abs/2304.01933), which PEFT lacks,
 live here too: each decoder layer's MLP gets a small residual branch f(z W_down) W_up, with W_up zero-initialised
@@ -47,7 +55,7 @@ class AdaptionPrompt(nn.Module):
         # N(0, 1) like the reference implementation's nn.Embedding; harmless because the gate starts at zero.
         self.adapter_prompt = nn.Parameter(torch.randn(adapter_len, hidden_size))
         self.adapter_gate = nn.Parameter(torch.zeros(num_heads))
-        self._cached_kv: tuple | None = None  # (key, image, keys, values): see _keys_values
+        self._cached_kv: tuple | None = None  # (key, keys, values): see _keys_values
 
     def forward(
         self,
@@ -59,43 +67,55 @@ class AdaptionPrompt(nn.Module):
     ) -> torch.Tensor:
         """Gated attention of `query` (B, H, T, hd), rotary already applied, over the prompt.
 
-        `visual`: (B, dim) projected image features added to the prompt of each row, or None (text only).
-        Returns (B, T, H, hd), the layout in which attention functions return their output, ready to be added.
+        `visual`: projected image features added to the prompt, (B, dim) one per row or (B, T, dim) one per position,
+        or None (text only). Returns (B, T, H, hd), the layout in which attention functions return their output.
         """
-        keys, values = self._keys_values(k_proj, v_proj, visual, query.dtype, query.shape[1], query.shape[3])
+        num_heads, head_dim = query.shape[1], query.shape[3]
+        keys, values = self._keys_values(k_proj, v_proj, query.dtype, num_heads, head_dim)
         batch = (query.shape[0], -1, -1, -1)
         # No mask: every position sees the whole prompt. One fused kernel (fp32 softmax inside) instead of
         # matmul, softmax, matmul: it halves the prompt term's cost per decoded token.
         out = F.scaled_dot_product_attention(query, keys.expand(batch), values.expand(batch), scale=scaling)
-        return out.transpose(1, 2)
+        out = out.transpose(1, 2)
+        if visual is None:
+            return out
+        shift = self._image_values(v_proj, visual.to(query.dtype), num_heads, head_dim)  # (B, [T,] H, hd)
+        return out + (shift[:, None] if visual.dim() == 2 else shift)
 
-    def _keys_values(self, k_proj, v_proj, visual, dtype: torch.dtype, num_heads: int, head_dim: int):
-        """The prompt projected by the layer's k/v for every query head, ([B,] H, K, hd) each.
+    def _keys_values(self, k_proj, v_proj, dtype: torch.dtype, num_heads: int, head_dim: int):
+        """The prompt projected by the layer's k/v for every query head, (H, K, hd) each.
 
         The gate is folded into the values -- tanh(g) softmax(.) V equals softmax(.) (tanh(g) V) since the gate is
         per head -- so the gated prompt term is plain attention over these keys and values.
-        Without gradients (generation, evaluation) they are computed once and reused while the prompt, the gate,
-        the image and the projections stay the same: decoding a token would otherwise cost K extra rows of k/v
-        projection in every adapted layer. Version counters see in-place updates (an optimizer step, loading
-        weights), data pointers see moved or cast weights; the image is compared by identity, and the cache holds
-        it so that its memory (and so a look-alike new tensor) cannot come back at the same address.
+        Without gradients (generation, evaluation) they are computed once and reused while the prompt, the gate and
+        the projections stay the same: decoding a token would otherwise cost K extra rows of k/v projection in every
+        adapted layer. Version counters see in-place updates (an optimizer step, loading weights), data pointers see
+        moved or cast weights.
         """
         caching = not torch.is_grad_enabled()  # training recomputes every step: no key to build, nothing to keep
         if caching:
             weights = [self.adapter_prompt, self.adapter_gate, *k_proj.parameters(), *v_proj.parameters()]
             key = (dtype, num_heads, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
-            cached = self._cached_kv
-            if cached is not None and cached[0] == key and cached[1] is visual:
-                return cached[2:]
+            if self._cached_kv is not None and self._cached_kv[0] == key:
+                return self._cached_kv[1:]
         prompt = self.adapter_prompt.to(dtype)  # params stay fp32; compute runs in the base's dtype
-        if visual is not None:
-            prompt = prompt + visual[:, None].to(dtype)  # (K, dim) + (B, 1, dim) -> (B, K, dim)
         # Grouped-query attention: each key/value head serves num_heads // H_kv consecutive query heads.
         keys = _query_heads(k_proj(prompt), head_dim, num_heads)
-        gate = torch.tanh(self.adapter_gate).to(dtype)[:, None, None]  # (H, 1, 1)
-        values = gate * _query_heads(v_proj(prompt), head_dim, num_heads)
-        self._cached_kv = (key, visual, keys, values) if caching else None
+        values = self._gate(dtype)[:, None, None] * _query_heads(v_proj(prompt), head_dim, num_heads)
+        self._cached_kv = (key, keys, values) if caching else None
         return keys, values
+
+    def _image_values(self, v_proj, visual: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+        """tanh(g) * (I_p W_v) per query head: (..., dim) image features -> (..., H, hd)."""
+        projected = v_proj(visual)
+        if getattr(v_proj, "bias", None) is not None:  # (P + I) W + b - (P W + b): the bias is the prompt's own
+            projected = projected - v_proj.bias.to(projected.dtype)
+        kv_heads = projected.unflatten(-1, (-1, head_dim))  # (..., H_kv, hd)
+        heads = kv_heads.repeat_interleave(num_heads // kv_heads.shape[-2], dim=-2)
+        return self._gate(visual.dtype)[:, None] * heads
+
+    def _gate(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tanh(self.adapter_gate).to(dtype)
 
 
 class Bottleneck(nn.Module):

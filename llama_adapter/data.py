@@ -1,5 +1,6 @@
 """Alpaca-format instruction data: reading, the prompt template, tokenisation with response-only labels, batching."""
 
+import bisect
 import hashlib
 import json
 import os
@@ -328,6 +329,17 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
+@dataclass
+class Pack:
+    """Whole examples laid end to end in one sequence (--packing): each still sees only itself."""
+
+    examples: list[Example]
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(example.response_tokens for example in self.examples)
+
+
 class Examples(Sequence[Example]):
     """Tokenised rows in a memory-mapped Arrow table, each read back as an Example only when a batch needs it."""
 
@@ -411,6 +423,31 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, g
     return batches
 
 
+def packs(lengths: Sequence[int], max_len: int, seed: int) -> list[list[int]]:
+    """Example indices grouped into packs of at most `max_len` tokens, no example split between two.
+
+    Best-fit decreasing: longest first, each into the fullest pack it still fits, which leaves little room unused.
+    Equal lengths are taken in a seeded random order, so which short rows share a pack is not the file's order.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the shuffled order
+    packed: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens still free, pack number) of the packs not yet full, ascending
+    for i in order:
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            packed.append([i])
+            free, number = max_len - lengths[i], len(packed) - 1
+        else:
+            free, number = room.pop(at)
+            packed[number].append(i)
+            free -= lengths[i]
+        if free > 0:
+            bisect.insort(room, (free, number))
+    return packed
+
+
 def pad_id(tokenizer) -> int:
     """The token that fills padding: the tokenizer's own, else EOS (LLaMA ships none; padding is masked anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -442,3 +479,25 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(packs: list[Pack], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pack's examples end to end in one row, right-filled to the longest pack: input_ids, attention_mask (0 on
+    the fill), labels and position_ids (B, T), the positions restarting at 0 where each example (and the fill)
+    starts, which is how the model tells the examples apart (see `LlamaAdapterModel.loss`)."""
+    width = max(sum(len(e.input_ids) for e in pack.examples) for pack in packs)
+    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(packs), width), dtype=torch.long)
+    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    for row, pack in enumerate(packs):
+        start = 0
+        for e in pack.examples:
+            n = len(e.input_ids)
+            input_ids[row, start : start + n] = torch.tensor(e.input_ids)
+            labels[row, start : start + n] = torch.tensor(e.labels)
+            position_ids[row, start : start + n] = torch.arange(n)
+            start += n
+        attention_mask[row, :start] = 1
+        position_ids[row, start:] = torch.arange(width - start)  # the fill: a sequence of its own, never attended
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}

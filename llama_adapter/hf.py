@@ -258,6 +258,17 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.disable_input_require_grads()
 
 
+def packed_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Keyword arguments for a call of the decoder on packed rows: several whole rows laid end to end in each of the
+    (B, T) sequences, `position_ids` restarting at 0 where each row starts.
+
+    Given positions and no attention mask, transformers finds the rows from where the positions restart: eager and
+    SDPA attention get a block-diagonal causal mask, flash attention its variable-length kernel (one sequence per
+    row, no padding). It does so only without a KV cache, which training does not need anyway.
+    """
+    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Scoring continuations of one prompt
 

@@ -197,16 +197,22 @@ class LlamaAdapterModel(nn.Module):
 
     @contextmanager
     def running(
-        self, image_features: torch.Tensor | None = None, has_image: torch.Tensor | None = None
+        self,
+        image_features: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> Iterator[dict]:
         """Within this block the base runs with this adapter, and no other call runs on the base.
 
         Yields the keyword arguments that carry the images to the prompts: a call of the base passes them on;
-        `generate`, which takes none, gets them all the same. `image_features` (B, clip_dim), and `has_image` (B,)
-        False for rows without an image.
+        `generate`, which takes none, gets them all the same. `image_features` (N, clip_dim), and `has_image` (N,)
+        False for rows without an image; image n belongs to row n, or with `image_index` (B, T) to the positions
+        that hold n (packed rows).
         """
         with self.shared.use(self.method):
             visual = self._projected(image_features, has_image)
+            if visual is not None and image_index is not None:
+                visual = visual[image_index]  # (B, T, dim): each position its own row's image
             with hf.images_for_generate(visual):
                 yield hf.image_kwargs(visual)
 
@@ -231,12 +237,19 @@ class LlamaAdapterModel(nn.Module):
         labels: torch.Tensor,
         image_features: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the positions whose label is not -100 (the responses).
 
         In training mode, plus the method's penalty if it has one (AdaLoRA's orthogonality term).
+        Packed rows (`data.collate_packed`): `position_ids` (B, T) restart at each row, and a position attends only
+        to earlier ones of its own row (and to the prompts); `image_index` (B, T) says whose image each one sees.
         """
-        logits, targets, _ = self._response_logits(input_ids, attention_mask, labels, image_features, has_image)
+        logits, targets, _ = self._response_logits(
+            input_ids, attention_mask, labels, image_features, has_image, position_ids, image_index
+        )
         loss = F.cross_entropy(logits, targets)
         penalty = self.method.penalty() if self.training else None
         return loss if penalty is None else loss + penalty
@@ -264,15 +277,29 @@ class LlamaAdapterModel(nn.Module):
             inputs = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids)) | images
             return hf.continuation_logprobs(self.base, inputs, tokens).cpu()
 
-    def _response_logits(self, input_ids, attention_mask, labels, image_features=None, has_image=None):
+    def _response_logits(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        image_features=None,
+        has_image=None,
+        position_ids=None,
+        image_index=None,
+    ):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,).
 
         Only the scored positions are projected onto the vocabulary: prompts and padding need no logits. That is
         the model's own head only where the head is a plain projection, which hf.MODEL_TYPES guarantees.
         """
-        with self.running(image_features, has_image) as images:
-            inputs = self.method.inputs(input_ids, attention_mask) | images
-            hidden = hf.decoder(self.base)(**inputs).last_hidden_state
+        if position_ids is None:
+            inputs = self.method.inputs(input_ids, attention_mask)
+        elif self.method.supports_packing:
+            inputs = hf.packed_inputs(input_ids, position_ids)
+        else:
+            raise ValueError(f"--method {self.config.method} cannot train on packed rows (--packing)")
+        with self.running(image_features, has_image, image_index) as images:
+            hidden = hf.decoder(self.base)(**inputs, **images).last_hidden_state
         hidden = hidden[:, self.method.virtual_tokens :]
         targets = labels[:, 1:]
         scored = targets != -100

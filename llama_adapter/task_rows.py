@@ -105,7 +105,27 @@ def with_usable_images(
     return rows.select([i for i, image in enumerate(images) if image not in failed])
 
 
-def make_batch(examples: list[data.Example], pad_id: int, cache: FeatureCache | None) -> dict[str, torch.Tensor]:
-    """Padded token tensors, plus image features and a has_image mask when a multimodal adapter's rows have images."""
-    batch = data.collate(examples, pad_id)
-    return batch | cache.model_inputs([example.image for example in examples]) if cache else batch
+def make_batch(
+    items: list[data.Example] | list[data.Pack], pad_id: int, cache: FeatureCache | None
+) -> dict[str, torch.Tensor]:
+    """Padded token tensors (packed ones for packs), plus image features and a has_image mask when a multimodal
+    adapter's rows have images, and for packs which of those images each position sees."""
+    if not isinstance(items[0], data.Pack):
+        batch = data.collate(items, pad_id)
+        return batch | cache.model_inputs([example.image for example in items]) if cache else batch
+    batch = data.collate_packed(items, pad_id)
+    examples = [example for pack in items for example in pack.examples]
+    images = cache.model_inputs([example.image for example in examples]) if cache else {}
+    return batch | images | ({"image_index": packed_image_index(items, batch["input_ids"].shape[1])} if images else {})
+
+
+def packed_image_index(packs: list[data.Pack], width: int) -> torch.Tensor:
+    """(B, T) the number of the example (counted across all packs) at each position; the fill sees the first."""
+    index = torch.zeros(len(packs), width, dtype=torch.long)
+    number = 0
+    for row, pack in enumerate(packs):
+        start = 0
+        for example in pack.examples:
+            index[row, start : start + len(example.input_ids)] = number
+            start, number = start + len(example.input_ids), number + 1
+    return index

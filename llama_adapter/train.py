@@ -11,6 +11,7 @@ run_log.py; how a task becomes rows and batches, in task_rows.py.
 import dataclasses
 import json
 import math
+import random
 import shutil
 import sys
 import time
@@ -69,6 +70,11 @@ class TrainConfig(Checked):
     max_steps: int | None = option("stop after this many optimizer steps (default: epochs' worth)", None, at_least=1)
     max_len: int = option(
         "truncate prompt + response to this many tokens (at most the base's context)", 512, at_least=1
+    )
+    packing: bool = option(
+        "lay whole rows end to end in sequences of up to --max-len tokens, each row seeing only itself: no compute "
+        "goes to padding; --batch-size then counts such sequences",
+        False,
     )
     gradient_checkpointing: bool = option(
         "recompute each layer's activations in the backward pass: far less memory for long sequences, about a "
@@ -134,6 +140,8 @@ def train(
     """
     if not methods.get(adapter_cfg.method).supports_gradient_checkpointing and cfg.gradient_checkpointing:
         raise ValueError(f"--gradient-checkpointing does not work with --method {adapter_cfg.method}")
+    if not methods.get(adapter_cfg.method).supports_packing and cfg.packing:
+        raise ValueError(f"--packing does not work with --method {adapter_cfg.method}: its virtual tokens come first")
     if cfg.model.quantize != "none" and fsdp:
         raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")
     world = distributed.setup()
@@ -198,10 +206,11 @@ def _train(
         hf.enable_gradient_checkpointing(model.base)
     loss_fn = distributed.prepare(model, world, fsdp)
     weights_mib = round(distributed.weights_mib(model), 1)  # at rest: FSDP gathers layers only while they run
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    packs = data.packs(train_set.lengths, cfg.max_len, cfg.seed) if cfg.packing else None  # the same every epoch
+    steps_per_epoch = math.ceil(len(packs or train_set) / (cfg.batch_size * cfg.grad_accum))
     total_steps = min(math.inf if cfg.max_steps is None else cfg.max_steps, cfg.epochs * steps_per_epoch)
     params = list(model.adapter_state().values())
-    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = adamw(params, settings["lr"], cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     model.method.begin_training(total_steps)
     progress, resumed_at = Progress(), None
@@ -236,9 +245,9 @@ def _train(
     with tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not world.main) as bar:
         model.train()
         for epoch in range(progress.epoch, cfg.epochs + 1):
-            groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch)
+            groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch, packs=packs)
             for indices in groups[progress.group :]:
-                group = [[train_set[i] for i in batch] for batch in indices]
+                group = [[fetch(train_set, member) for member in batch] for batch in indices]
                 model.method.begin_step(progress.step + 1)
                 loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
@@ -288,8 +297,9 @@ def _train(
 
 
 def train_step(
-    loss_fn, group: list[list[data.Example]], pad_id: int, cache: FeatureCache | None, world: World, device
-) -> tuple[float, int, int]:
+    loss_fn, group: list[list[data.Example]] | list[list[data.Pack]], pad_id: int, cache: FeatureCache | None,
+    world: World, device,
+) -> tuple[float, int, int]:  # fmt: skip
     """Forward and backward over one optimizer step's batches, this process's share of each.
 
     Every response token of the step weighs the same, whichever batch and process it is in: a share's mean loss is
@@ -313,10 +323,23 @@ def train_step(
     return loss_sum, int(tokens), int(padded)
 
 
-def step_groups(examples: data.Examples, batch_size: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
-    """One epoch: for each optimizer step, its `grad_accum` batches of example indices (length-grouped, seeded)."""
-    batches = data.length_grouped_batches(examples.lengths, batch_size, seed)
+def step_groups(
+    examples: data.Examples, batch_size: int, grad_accum: int, seed: int, packs: list[list[int]] | None = None
+) -> list[list[list]]:
+    """One epoch: for each optimizer step, its `grad_accum` batches, of example indices (length-grouped) or, given
+    `packs`, of packs (lists of example indices); seeded."""
+    if packs is None:
+        batches = data.length_grouped_batches(examples.lengths, batch_size, seed)
+    else:
+        order = list(range(len(packs)))
+        random.Random(seed).shuffle(order)
+        batches = [[packs[j] for j in order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
     return [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
+
+
+def fetch(examples: data.Examples, member: int | list[int]) -> data.Example | data.Pack:
+    """A batch member as step_groups names it: one example, or the pack of the examples listed."""
+    return data.Pack([examples[i] for i in member]) if isinstance(member, list) else examples[member]
 
 
 def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> None:
@@ -394,6 +417,12 @@ def evaluate(
     model.train(was_training)
     total, count = distributed.all_sum([total, count], world)
     return total / count if count else math.nan
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The paper's AdamW (betas 0.9, 0.95), fused: one kernel updates every adapter tensor, instead of a few per
+    tensor, which on a GPU costs launches for each of the hundred-odd small tensors of an adapter."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
 
 
 def warmup_cosine(total_steps: int, warmup: float):

@@ -18,6 +18,7 @@ atexit.register(shutil.rmtree, DATASETS_CACHE, ignore_errors=True)
 
 import pytest
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -173,6 +174,28 @@ def register_tiny_clip(folder: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
     return register_tiny_clip(tmp_path_factory.mktemp("clip-configs"))
+
+
+def write_image(path, colour, size=40):
+    image = Image.new("RGB", (size, size), "white")
+    image.paste(colour, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    return [write_image(tmp_path / f"{name}.png", name) for name in ("red", "blue")]
+
+
+@pytest.fixture
+def multimodal(make_model, tiny_clip):
+    """A LLaMA-Adapter with the tiny random CLIP: K=4 prompts in the top 3 layers."""
+
+    def make(**kwargs) -> LlamaAdapterModel:
+        return make_model(adapter_len=4, adapter_layers=3, visual=VisualConfig(clip_model=tiny_clip), **kwargs)
+
+    return make
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import write_image
 from PIL import Image
 from test_scienceqa import sqa_dir  # noqa: F401 - the ScienceQA fixture folder
-from test_visual import write_image
 
 from llama_adapter import cli, data, scienceqa
 from llama_adapter.config import SamplingConfig, VisualConfig

@@ -20,8 +20,14 @@ ADAPTER_LEN, ADAPTER_LAYERS = 5, 3
 
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_logits_match_peft_adaption_prompt(make_base, tokenizer, kv_heads):
-    base = make_base("eager", num_key_value_heads=kv_heads)
+    check_matches_peft(make_base("eager", num_key_value_heads=kv_heads), tokenizer)
+
+
+def check_matches_peft(base, tokenizer, device: str | torch.device = "cpu") -> None:
+    """Our adapter and PEFT's, each on a copy of `base` with the same prompts and matching gates, give the same
+    logits on `device` (tests/test_cuda.py runs this on the GPU)."""
     attn = base.model.layers[0].self_attn
+    kv_heads = base.config.num_key_value_heads
     # PEFT infers the kv head count as heads // (hidden // kv_out); this config must satisfy its assumption.
     assert base.config.num_attention_heads // (attn.k_proj.in_features // attn.k_proj.out_features) == kv_heads
 
@@ -50,6 +56,8 @@ def test_logits_match_peft_adaption_prompt(make_base, tokenizer, kv_heads):
     ids = torch.randint(4, len(tokenizer), (2, 12), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
+    theirs, ours, base = theirs.to(device), ours.to(device), copy.deepcopy(base).to(device)
+    ids, mask = ids.to(device), mask.to(device)
     real = mask.bool()  # what either side computes at padded positions is unused
     with torch.no_grad():
         expected = theirs(input_ids=ids, attention_mask=mask).logits[real]

@@ -26,9 +26,11 @@ def tokens(tokenizer):
     return ids, mask
 
 
-def quantized(folder, quantize: str, method: str = "llama-adapter") -> LlamaAdapterModel:
+def quantized(
+    folder, quantize: str, method: str = "llama-adapter", device: str | torch.device = "cpu"
+) -> LlamaAdapterModel:
     config = AdapterConfig(method=method, **SMALL)
-    return LlamaAdapterModel.from_base(str(folder), config, device="cpu", quantize=quantize)
+    return LlamaAdapterModel.from_base(str(folder), config, device=device, quantize=quantize)
 
 
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])

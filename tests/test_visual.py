@@ -21,13 +21,6 @@ from llama_adapter.model import LlamaAdapterModel
 from llama_adapter.visual import FeatureCache, load_image
 
 
-def write_image(path, colour, size=40):
-    image = Image.new("RGB", (size, size), "white")
-    image.paste(colour, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    image.save(path)
-    return path
-
-
 def save_and_reload(model, tokenizer, folder) -> LlamaAdapterModel:
     """Save the tiny base where the adapter can name it, save the adapter, and load it back."""
     model.base.save_pretrained(folder / "base")
@@ -35,19 +28,6 @@ def save_and_reload(model, tokenizer, folder) -> LlamaAdapterModel:
     model.base.name_or_path = str(folder / "base")
     model.save(folder / "adapter")
     return LlamaAdapterModel.load(folder / "adapter", device="cpu")
-
-
-@pytest.fixture
-def images(tmp_path):
-    return [write_image(tmp_path / f"{name}.png", name) for name in ("red", "blue")]
-
-
-@pytest.fixture
-def multimodal(make_model, tiny_clip):
-    def make(**kwargs) -> LlamaAdapterModel:
-        return make_model(adapter_len=4, adapter_layers=3, visual=VisualConfig(clip_model=tiny_clip), **kwargs)
-
-    return make
 
 
 def test_zero_gates_reproduce_the_base_exactly_with_images(multimodal, make_base, tokenizer, images):

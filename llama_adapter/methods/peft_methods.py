@@ -127,6 +127,8 @@ class AdaLora(_InjectedPeftMethod):
 class _VirtualTokenMethod(PeftMethod):
     """Prefix, P-tuning v2 and prompt tuning: PEFT keeps their prompts in its wrapper, outside the base."""
 
+    supports_packing = False  # their virtual tokens come before the whole sequence, not before each packed row
+
     def attach(self):
         super().attach()
         self.prompt_encoder = self.peft_model.prompt_encoder  # registered here: the base does not hold it
