@@ -1,4 +1,5 @@
-"""The `llama-adapter` command: train, eval, chat, demo, convert and merge. Each maps its flags onto config dataclasses."""
+"""The `llama-adapter` command: train, eval, chat, demo, convert, merge and adapters. Each maps its flags onto config
+dataclasses."""
 
 import argparse
 import json
@@ -6,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapter_files, distributed, files, llm_adapters, methods, scienceqa
+from . import adapter_files, distributed, files, llm_adapters, methods, scienceqa, shelf
 from .config import (
     PRECISIONS,
     Checked,
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base: a plain Hugging Face model folder")
     add_arguments(merge, MergeConfig)
     add_arguments(merge, ModelConfig)
+
+    commands.add_parser("adapters", help="list the trained adapters that ship with llama-adapter (the shelf)")
     return parser
 
 
@@ -261,8 +264,9 @@ class MergeConfig(Checked):
 def run_merge(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
     files.check_can_write(cfg.out, "--out", folder=True)
-    saved = adapter_files.read_config(Path(cfg.adapter))["adapter"]
-    method = methods.get(AdapterConfig.from_saved(saved, Path(cfg.adapter) / adapter_files.CONFIG_NAME).method)
+    folder = shelf.resolve(cfg.adapter)
+    saved = adapter_files.read_config(folder)["adapter"]
+    method = methods.get(AdapterConfig.from_saved(saved, folder / adapter_files.CONFIG_NAME).method)
     if not method.can_merge:  # refused before the base is loaded
         raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only LoRA folds into the base weights")
     if model_cfg.quantize != "none":
@@ -274,6 +278,15 @@ def run_merge(args: argparse.Namespace) -> None:
     print(f"{cfg.adapter} + {merged.name_or_path} -> {cfg.out}: the base with LoRA folded into its weights")
 
 
+def run_adapters(args: argparse.Namespace) -> None:
+    """One line per shelf adapter: its name (what --adapter takes), method, base, parameters and what it is for."""
+    rows = [shelf.describe(name) for name in shelf.names()]
+    if not rows:
+        print("The shelf is empty: no trained adapter ships with this installation.")
+    for row in rows:
+        print(f"{row['name']:<10} {row['method']:<24} {row['base']:<22} {row['parameters']:>9,}  {row['for']}")
+
+
 HANDLERS = {
     "train": run_train,
     "eval": run_eval,
@@ -281,6 +294,7 @@ HANDLERS = {
     "demo": run_demo,
     "convert": run_convert,
     "merge": run_merge,
+    "adapters": run_adapters,
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 from matplotlib.figure import Figure
 
-from . import synthetic
+from . import shelf, synthetic
 from .adapter_files import read_config
 from .config import DemoConfig, ModelConfig, SamplingConfig
 from .data import DataError, check_text
@@ -177,7 +177,7 @@ class _Chat:
         model = self._model(choice)
         if choice == BASE_CHOICE:
             return f"**{BASE_CHOICE}**: {model.base.name_or_path}, no prompts take part (every gate is 0).", None, {}
-        saved = read_config(Path(choice))
+        saved = read_config(shelf.resolve(choice))
         summary = f"**{choice}**: {model.config.method}, {model.num_trainable_parameters():,} trainable parameters"
         if not model.prompts:  # gates, prompts and images are LLaMA-Adapter's alone
             return summary + ".", None, saved

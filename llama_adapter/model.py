@@ -4,13 +4,12 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapter_files, data, hf, methods
+from . import adapter_files, data, hf, methods, shelf
 from .adapter import VisualProjection
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from .config import PRECISIONS, ModelConfig, SamplingConfig, VisualConfig, default_device, from_dict
@@ -117,12 +116,14 @@ class LlamaAdapterModel(nn.Module):
     ) -> "LlamaAdapterModel":
         """Load a saved adapter onto `base` (default: the base named in its config); refuses a different base.
 
+        `adapter_dir`: an adapter folder, or the name of an adapter on the shelf (`llama_adapter.shelf`), e.g. "alpaca".
+
         `clip_weights` points a multimodal adapter at this machine's copy of the CLIP weights it was trained with.
         `alongside`: a loaded model whose base (and so dtype and device) this adapter shares instead of loading
         its own copy, if both methods can share one; switching between such models costs nothing.
         `quantize`: see `from_base`; an adapter trained on a quantised base loads onto a full-precision one too.
         """
-        adapter_dir = Path(adapter_dir)
+        adapter_dir = shelf.resolve(adapter_dir)
         saved = adapter_files.read_config(adapter_dir)
         where = adapter_dir / CONFIG_NAME
         config = AdapterConfig.from_saved(saved["adapter"], where)

@@ -1,0 +1,56 @@
+"""The shelf: trained adapters for the embedded SmolLM2 that ship inside the package, each in a folder of its own
+(adapter.safetensors, adapter_config.json and a model card, README.md), each made by one script under train/.
+
+Every command and `LlamaAdapterModel.load` take a shelf name wherever they take an adapter folder: a folder of that
+name in the working directory wins, and says so.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from ..adapter_files import CONFIG_NAME
+
+FOLDER = Path(__file__).parent
+
+
+def names() -> list[str]:
+    """The adapters on the shelf."""
+    return sorted(path.parent.name for path in FOLDER.glob(f"*/{CONFIG_NAME}"))
+
+
+def resolve(adapter: str | Path) -> Path:
+    """The folder `adapter` names: a folder that exists, else the shelf's adapter of that name.
+
+    A bare name (no folder part) that is neither is refused, listing the shelf; a path is returned as it is, for the
+    adapter folder's own checks to name what is missing.
+    """
+    name, path = str(adapter), Path(adapter)
+    if path.name != name or name.startswith((".", "~")):  # a path, not a name
+        return path
+    shelved = name in names()
+    if path.is_dir():
+        if shelved:
+            print(f"--adapter {name}: using the folder ./{name}, not the shelf's adapter of that name", file=sys.stderr)
+        return path
+    if shelved:
+        return FOLDER / name
+    raise FileNotFoundError(
+        f"--adapter {name!r}: no such folder, and no adapter of that name on the shelf "
+        f"({', '.join(names()) or 'none yet'}; `llama-adapter adapters` lists them)"
+    )
+
+
+def describe(name: str) -> dict:
+    """What `llama-adapter adapters` shows of a shelf adapter: method, base, parameters and what it is for."""
+    folder = FOLDER / name
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    card = (folder / "README.md").read_text().splitlines() if (folder / "README.md").is_file() else []
+    purpose = next((line for line in card[1:] if line.strip()), "")  # the card's first paragraph after its title
+    return {
+        "name": name,
+        "method": config["adapter"]["method"] + (" + images" if config.get("visual", {}).get("clip_model") else ""),
+        "base": config["base"]["name"],
+        "parameters": config["trainable_parameters"],
+        "for": purpose,
+    }
