@@ -13,7 +13,6 @@ one thread each on two cores). On a machine with GPUs the same command runs one 
 """
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from common import ALPACA, MODELS, REPO, RESULTS, default_model, load_base, writ
 from safetensors.torch import load_file
 
 from llama_adapter import DEFAULT_BASE
+from llama_adapter.run_log import read_metrics
 
 RUNS = {"one process": [], "two processes, DDP": ["--nproc", "2"], "two processes, FSDP": ["--nproc", "2", "--fsdp"]}
 # Runs the command and prints the peak resident memory (KiB) of the largest process it started.
@@ -90,8 +90,7 @@ def run(flags: list[str], out: Path) -> dict:
     if done.returncode:
         sys.exit(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout[done.stdout.index("{") :])
-    with open(out / "metrics.csv", newline="") as f:
-        losses = [float(row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+    losses = [float(row["train_loss"]) for row in read_metrics(out / "metrics.csv") if row["train_loss"]]
     return summary | {
         "losses": losses,
         "adapter": {key: value.to(torch.float64) for key, value in load_file(out / "adapter.safetensors").items()},

@@ -16,7 +16,6 @@ peak resident memory so far.
 """
 
 import argparse
-import csv
 import os
 import random
 import resource
@@ -37,6 +36,7 @@ from common import (
 )
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, data
+from llama_adapter.run_log import read_metrics
 from llama_adapter.train import TrainConfig, train
 
 ALPACA_ROWS, PAPER_EPOCHS = 52002, 5
@@ -121,7 +121,7 @@ def measure(args, packing: bool, base, tokenizer, rows) -> dict:
         with tempfile.TemporaryDirectory() as run_dir:
             cfg = recipe(args, packing, run_dir)
             summary = train(cfg, model.config, model, rows=rows)
-            last = training_rows(Path(run_dir) / "metrics.csv")[-1]
+            last = [row for row in read_metrics(Path(run_dir) / "metrics.csv") if row["train_loss"]][-1]
     finally:
         model.unload()
     tokens, seconds = int(last["tokens"]), float(last["elapsed_s"])  # up to the last step: validation excluded
@@ -136,12 +136,6 @@ def measure(args, packing: bool, base, tokenizer, rows) -> dict:
         "val_loss_after": summary["val_loss_after"],
         "peak_memory_mib": peak_memory_mib(),
     }
-
-
-def training_rows(metrics: Path) -> list[dict]:
-    """The rows of a run's metrics.csv that log a training step."""
-    with metrics.open() as file:
-        return [row for row in csv.DictReader(file) if row["train_loss"]]
 
 
 def random_batch_padding(examples: data.Examples, batch_size: int, seed: int) -> float:

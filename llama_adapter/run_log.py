@@ -24,10 +24,7 @@ class MetricsLog:
         self.path, self.rows, self.enabled = path, keep_rows, enabled
         if not enabled:
             return
-        kept = []
-        if keep_rows and path.exists():
-            with open(path, newline="") as f:
-                kept = list(csv.DictReader(f))[:keep_rows]
+        kept = read_metrics(path)[:keep_rows] if keep_rows and path.exists() else []
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:
@@ -44,14 +41,19 @@ class MetricsLog:
                 csv.DictWriter(f, self.FIELDS).writerow(values)
 
 
+def read_metrics(metrics_csv: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, each a dict of MetricsLog.FIELDS; a field a row does not log is ''."""
+    with open(metrics_csv, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_losses(metrics_csv: Path, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(metrics_csv)
     train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     fig, ax = plt.subplots(figsize=(7, 4))

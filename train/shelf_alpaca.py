@@ -22,6 +22,7 @@ import torch
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, data, generation
 from llama_adapter.config import SamplingConfig
+from llama_adapter.run_log import read_metrics
 from llama_adapter.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def main() -> None:
             key: getattr(cfg, key) for key in ("epochs", "batch_size", "max_len", "lr", "warmup", "val_fraction")
         },
         "summary": summary,
-        "val_loss_by_epoch": val_losses(out / "metrics.csv"),
+        "val_loss_by_epoch": [float(row["val_loss"]) for row in read_metrics(out / "metrics.csv") if row["val_loss"]],
         "stop_rate": {name: sum(a["stopped"] for a in rows) / len(rows) for name, rows in answers.items()},
         "max_new_tokens": MAX_NEW_TOKENS,
         "answers": [
@@ -120,14 +121,6 @@ def answer(model: LlamaAdapterModel, rows) -> list[dict]:
             answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True), "stopped": stopped})
         print(f"{start + len(batch)}/{len(rows)} answered", flush=True)
     return answers
-
-
-def val_losses(metrics: Path) -> list[float]:
-    """The validation loss before training and after each epoch, from the run's metrics.csv."""
-    lines = metrics.read_text().splitlines()
-    header = lines[0].split(",")
-    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
-    return [float(row["val_loss"]) for row in rows if row.get("val_loss")]
 
 
 def card(results: dict) -> str:
