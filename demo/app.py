@@ -1,7 +1,7 @@
 """The chat demo: `python demo/app.py [flags]` is `llama-adapter demo [flags]` (see --help).
 
-python demo/app.py                                               # the embedded SmolLM2, no adapter
-python demo/app.py --adapter runs/alpaca runs/colours/multimodal  # offer two adapters on that base
+python demo/app.py                         # the embedded SmolLM2 with the shelf's adapters (alpaca, shapes)
+python demo/app.py --adapter runs/my-adapter  # your adapter first, then the shelf's
 """
 
 import sys

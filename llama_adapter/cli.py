@@ -43,7 +43,9 @@ from .train import TrainConfig, TrainingStopped, train
 class ChatConfig(Checked):
     """Who answers, and what to ask about besides the instruction."""
 
-    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
+    adapter: str | None = option(
+        "adapter folder or shelf name, e.g. alpaca (`llama-adapter adapters`; default: the base model alone)", None
+    )
     input: str = option("optional context for the instruction (the Alpaca 'input' field)", "")
     image: str | None = option("an image file the instruction is about (multimodal adapters)", None)
 

@@ -199,7 +199,11 @@ class ScienceQAConfig(Checked):
 class DemoConfig(Checked):
     """Which adapters the browser demo offers and where it listens."""
 
-    adapter: tuple[str, ...] = option("adapter folders the chooser offers, beside the base model alone", ())
+    adapter: tuple[str, ...] = option(
+        "adapter folders (or shelf names) the chooser offers first, besides the base model alone and the shelf's "
+        "adapters for that base",
+        (),
+    )
     host: str = option("address to listen on; 0.0.0.0 opens the demo to your whole network", "127.0.0.1")
     port: int = option("port to listen on", 7860, at_least=1, at_most=65535)
 

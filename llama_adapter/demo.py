@@ -8,6 +8,7 @@ What the page shows loads nothing from elsewhere: messages and answers go throug
 carries a content security policy that lets the browser fetch from the demo alone.
 """
 
+import dataclasses
 import html
 import inspect
 import logging
@@ -19,20 +20,17 @@ from matplotlib.figure import Figure
 
 from . import shelf, synthetic
 from .adapter_files import read_config
-from .config import DemoConfig, ModelConfig, SamplingConfig
+from .config import DEFAULT_BASE, DemoConfig, ModelConfig, SamplingConfig
 from .data import DataError, check_text
 from .generation import stream_conversation
 from .model import LlamaAdapterModel, load_model
-from .scienceqa import format_options
+from .scienceqa import question_instruction
 from .visual import load_image
 
 BASE_CHOICE = "base model (no adapter)"
-# ScienceQA's prompt shape (scienceqa.question_prompt), which the synthetic colour task trains on too.
-COLOUR_QUESTION = (
-    f"Question: {synthetic.QUESTION}\nOptions: {format_options(synthetic.COLOURS)}\n"
-    "Answer with the letter of the correct option."
-)
 EXAMPLES = Path(__file__).parent / "examples"
+# The options in another order for each image: the shapes adapter was trained with them shuffled.
+IMAGE_EXAMPLES = {"red-circle.png": ("blue", "red", "green"), "blue-triangle.png": ("green", "red", "blue")}
 MAX_UPLOAD = "10mb"
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away with "queue full" rather than waiting for ever
 # The browser may fetch from the demo itself and nothing else: a guard behind safe_markdown, for whatever reaches
@@ -42,10 +40,16 @@ log = logging.getLogger(__name__)
 
 
 def load_choices(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> dict[str, LlamaAdapterModel]:
-    """The chooser's models by label: the base alone first, then each adapter, on one base object where they can."""
+    """The chooser's models by label: the base alone, each adapter given, then the shelf's adapters for this base.
+
+    Adapters share one base object where their methods can.
+    """
+    shelved = [name for name in shelf.for_base(model_cfg.base or DEFAULT_BASE) if name not in adapters]
+    # --dylora-rank and --clip-weights are about the adapters given: the shelf's load as they were trained.
+    as_trained = dataclasses.replace(model_cfg, dylora_rank=None, clip_weights=None)
     choices, first = {}, None
-    for folder in adapters:
-        choices[folder] = load_model(model_cfg, folder, alongside=first)
+    for folder in (*adapters, *shelved):
+        choices[folder] = load_model(model_cfg if folder in adapters else as_trained, folder, alongside=first)
         if first is None and choices[folder].method.shares_base:
             first = choices[folder]
     return {BASE_CHOICE: load_model(model_cfg, None, alongside=first)} | choices
@@ -53,7 +57,7 @@ def load_choices(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> dict[str,
 
 def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
     chat = _Chat(choices)
-    default = list(choices)[min(1, len(choices) - 1)]  # the first adapter given, else the base
+    default = list(choices)[min(1, len(choices) - 1)]  # the first adapter given, else the shelf's first, else the base
     context = next(iter(choices.values())).context_length  # one base serves every choice
     with gr.Blocks(title="LLaMA-Adapter") as app:
         gr.Markdown(
@@ -78,9 +82,13 @@ def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
                     retry = gr.Button("Retry", elem_id="retry")
                     clear = gr.Button("Clear", elem_id="clear")
                 notes = gr.Markdown(elem_id="notes")
-                gr.Examples(examples=_examples(), inputs=box, label="Examples")
+                # Each example comes with the adapter that answers it: choosing one sets both.
+                chooser = gr.Dropdown(list(choices), value=default, label="Adapter", elem_id="adapter", render=False)
+                gr.Examples(
+                    examples=_examples(choices, default), inputs=[box, chooser], label="Examples", elem_id="examples"
+                )
             with gr.Column(scale=2):
-                chooser = gr.Dropdown(list(choices), value=default, label="Adapter", elem_id="adapter")
+                chooser.render()
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 longest = min(1024, context // 2)  # leaves the conversation at least half of the context
@@ -328,12 +336,18 @@ def _line_end(line: str) -> str:
     return line[len(line.rstrip("\r\n")) :]
 
 
-def _examples() -> list[dict]:
+def _examples(choices: dict[str, LlamaAdapterModel], default: str) -> list[list]:
+    """[message, adapter] rows: the text examples for `default`, the image ones for the first adapter that sees."""
     text = [
         "Give three tips for staying healthy.",
         "Write a haiku about the sea.",
         "Explain in two sentences what a neural network is.",
     ]
-    return [{"text": t, "files": []} for t in text] + [
-        {"text": COLOUR_QUESTION, "files": [str(EXAMPLES / name)]} for name in ("red-circle.png", "blue-triangle.png")
-    ]
+    examples = [[{"text": t, "files": []}, default] for t in text]
+    seeing = next((label for label, model in choices.items() if model.multimodal), None)
+    if seeing is not None:  # a page with no adapter that sees shows no image examples
+        examples += [
+            [{"text": question_instruction(synthetic.QUESTION, options), "files": [str(EXAMPLES / name)]}, seeing]
+            for name, options in IMAGE_EXAMPLES.items()
+        ]
+    return examples

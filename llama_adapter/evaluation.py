@@ -34,7 +34,9 @@ class EvalConfig(Checked):
         "file, a save_to_disk folder); LLM-Adapters' folder (<set>/test.json)"
     )
     out: str = option("predictions JSONL; an existing file is resumed; scores go beside it (.scores.json)")
-    adapter: str | None = option("adapter folder (default: the base model with no adapter)", None)
+    adapter: str | None = option(
+        "adapter folder or shelf name, e.g. alpaca (`llama-adapter adapters`; default: the base model alone)", None
+    )
     batch_size: int = option("questions per batch", 8, at_least=1)
     max_new_tokens: int = option("answer length limit, in tokens", 16, at_least=1)
     limit: int | None = option("evaluate only the first N questions of each test set (a quick look)", None, at_least=1)

@@ -2,6 +2,7 @@
 
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -88,12 +89,35 @@ def generate_batch(
     has_image: torch.Tensor | None = None,
 ) -> list[str]:
     """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column."""
+    return [answer.text for answer in answer_batch(model, prompts, sampling, image_features, has_image)]
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int  # how many the model generated, the end-of-sequence token included
+    stopped: bool  # ended with the end-of-sequence token, not at the token limit or a full context
+
+
+def answer_batch(
+    model,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    image_features: torch.Tensor | None = None,
+    has_image: torch.Tensor | None = None,
+) -> list[Answer]:
+    """generate_batch's answers, each with its length and whether the model ended it."""
     tokenizer = model.tokenizer
     ids, mask = data.left_padded(prompt_tokens(model, prompts), data.pad_id(tokenizer))
     inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
     with model.running(image_features, has_image):
         out = model.base.generate(**inputs, **generation_kwargs(sampling, tokenizer, room(model, ids)))
-    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    answers = []
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+        stopped = tokenizer.eos_token_id in row
+        row = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row  # a finished row is padded after
+        answers.append(Answer(tokenizer.decode(row, skip_special_tokens=True), len(row), stopped))
+    return answers
 
 
 def prompt_tokens(model, prompts: list[str]) -> list[list[int]]:

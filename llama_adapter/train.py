@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, distributed, files, hf, methods
+from .adapter_files import WEIGHTS_NAME
 from .config import PRECISIONS, SEED_MAX, BaseModelConfig, Checked, ScienceQAConfig, VisualConfig, flat_dict, option
 from .distributed import World
 from .methods import AdapterConfig
@@ -177,6 +178,8 @@ def _train(
     before = checkpoint.read_state(resume_from) if resume_from is not None else None
     if before is not None and before["progress"]["done"]:
         say(world, f"{cfg.out}: this run has finished already ({resume_from}); --no-resume trains it again")
+        if model is not None:  # the caller's model leaves as trained, as it would after the run itself
+            model.load_adapter_weights(resume_from / WEIGHTS_NAME)
         distributed.finish(world)
         return before["summary"]
     skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None

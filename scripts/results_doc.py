@@ -17,6 +17,12 @@ WIDTH = 118  # prose is wrapped here; table rows are not
 # Notes that hold only for the committed run of a file (the commit it ran at, how it was pinned to a core): keyed by
 # the first 12 hex digits of the file's SHA-256, so that a re-run, which writes a new file, drops its stale note.
 RUN_NOTES = {
+    "train/results/shelf_alpaca.json": {
+        "24750a676a8c": "The two shelf scripts ran partly at the same time, each on one thread for a while, and tests ran "
+        "beside them at times: their wall times are longer than either would take alone on the 2 cores. The "
+        "alpaca run was stopped and resumed from its checkpoints at steps 300, 325, 350 and 600, on 1 or 2 threads, so "
+        "its last digits may differ from an unbroken run on 2.",
+    },
     "bench/results/methods.json": {
         "568c5bb278fe": "Run at commit `dadcadd` as `OMP_NUM_THREADS=1 taskset -c 0 <command>`, on one core of the "
         "2-core dev CPU with nothing else on it. Two flags were renamed since: `--math-limit` is `--limit`, "
@@ -302,6 +308,73 @@ def alpaca() -> list[str]:
     ]
 
 
+def shelf() -> list[str]:
+    paths = {"alpaca": "train/results/shelf_alpaca.json", "shapes": "train/results/shelf_shapes.json"}
+    a, s = load(paths["alpaca"]), load(paths["shapes"])
+    losses, stop = a["val_loss_by_epoch"], a["stop_rate"]
+    before, after = s["accuracy"]["untrained"], s["accuracy"]["shapes"]
+    rows_trained = sum(count["kept"] for count in a["data"].values())
+
+    def right(scored: dict) -> str:
+        return f"{scored['accuracy']:.1f}% ({scored['right']}/{scored['of']})"
+
+    samples = [
+        [cell(row["instruction"] + (f" Input: {row['input']}" if row["input"] else "")), cell(row["base"]["text"]),
+         cell(row["alpaca"]["text"])]
+        for row in a["answers"][:3]
+    ]  # fmt: skip
+    return [
+        "## The shelf: the adapters the package ships",
+        "",
+        *para(
+            "`llama-adapter demo` opens with these, `llama-adapter adapters` lists them, and every command takes",
+            "their names wherever it takes an adapter folder. Each is made by one script that writes its folder",
+            "under `llama_adapter/shelf/` and its results file (ran on the 2-core CPU of the dev machine, fp32; the",
+            "files record no device):",
+        ),
+        *command_block(a["command"]),
+        *command_block(s["command"]),
+        *table(
+            ["", "before (the base: zero gates)", "after"],
+            [
+                [
+                    f"`alpaca`: held-out loss ({percent(a['recipe']['val_fraction'], 0)} of {rows_trained:,} rows)",
+                    loss(losses[0]),
+                    f"**{loss(losses[-1])}**",
+                ],
+                [
+                    f"`alpaca`: answers ending with EOS within {a['max_new_tokens']} tokens (100 held-out instructions)",
+                    percent(stop["base"], 0),
+                    f"**{percent(stop['alpaca'], 0)}**",
+                ],
+                [
+                    f"`shapes`: held-out images answered right, greedy (options shuffled; chance {100 / 3:.1f}%)",
+                    right(before),
+                    f"**{right(after)}**",
+                ],
+            ],
+        ),
+        *para(
+            f"`alpaca`: LLaMA-Adapter, {a['summary']['trainable_parameters']:,} parameters, {a['recipe']['epochs']}",
+            f"epochs ({a['summary']['steps']:,} steps of {a['recipe']['batch_size']}) on the Alpaca rows in",
+            "`../shared/data/alpaca` but Code Alpaca, in",
+            f"{a['summary']['wall_time_s'] / 3600:.1f} h; validation loss after each epoch:",
+            ", ".join(loss(x) for x in losses[1:]) + ".",
+            "`shapes`: the same adapter with a projection of CLIP's image embedding,",
+            f"{s['summary']['trainable_parameters']:,} parameters, {s['summary']['steps']} steps on",
+            f"{s['images']['train']} drawn images in {s['summary']['wall_time_s'] / 60:.0f} min, trained to name",
+            'the colour before the letter ("The shape is red. The answer is B."): with the letter alone it stayed at',
+            "chance. Untrained, the model answers in its own words whatever the image, most often",
+            f'"{before["most_common_answer"][0]}" ({before["most_common_answer"][1]} of {before["of"]}).',
+            f"**Its CLIP {s['visual']['clip_model']} is randomly initialised (seed {s['visual']['clip_seed']}) and",
+            "frozen:** the adapter reads colour from random features; it does not understand pictures.",
+        ),
+        *(para(run_note(paths["alpaca"])) if run_note(paths["alpaca"]) else []),
+        *para("The first three held-out instructions, greedy (long answers cut here, marked …):"),
+        *table(["instruction", "base model", "`alpaca`"], samples),
+    ]
+
+
 def colours() -> list[str]:
     path = "train/results/synthetic_colours.json"
     r = load(path)
@@ -359,7 +432,8 @@ def colours() -> list[str]:
         *para(
             "The question text is identical for every image, so a text-only adapter can only learn the answer prior.",
             "With `--shuffle-choices` the options come in random order per question, which also makes the model find",
-            "the colour among the options" + (" (not measured yet)." if not s["shuffle_choices"] else "."),
+            "the colour among the options"
+            + (": the shelf's `shapes` adapter is trained that way (above)." if not s["shuffle_choices"] else "."),
         ),
     ]
 
@@ -1320,6 +1394,7 @@ def on_a_gpu() -> list[str]:
 def render() -> str:
     sections = [
         intro(),
+        shelf(),
         alpaca(),
         colours(),
         scienceqa(),

@@ -237,6 +237,28 @@ def served(tmp_path_factory, tiny_clip):
     app.close()
 
 
+@pytest.fixture(scope="module")
+def shelf_served(served):
+    """The demo as it opens with no flags, on a shelf of the tiny base: `alpaca` (served.text's adapter) and `shapes`
+    (served.visual's). Yields its url and choices; the shelf stays in place for the module, as the page reads it."""
+    from llama_adapter import shelf
+    from llama_adapter.config import DemoConfig, ModelConfig
+    from llama_adapter.demo import BASE_CHOICE, build_app, launch, load_choices
+
+    folder = served.root / "shelf"
+    if not folder.exists():
+        shutil.copytree(served.text, folder / "alpaca")
+        shutil.copytree(served.visual, folder / "shapes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shelf, "FOLDER", folder)
+        choices = load_choices(ModelConfig(base=str(served.root / "base"), precision="fp32"), ())
+        spaced_answers(choices[BASE_CHOICE].base)
+        app = build_app(choices)
+        launch(app, DemoConfig(port=free_port()), block=False)
+        yield SimpleNamespace(url=app.local_url, choices=choices)
+        app.close()
+
+
 def spaced_answers(base) -> None:
     """Answers of exactly max_new_tokens characters, a space after each one the model picks.
 

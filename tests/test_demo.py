@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import LlamaForCausalLM
 
-from llama_adapter import demo
+from llama_adapter import AdapterConfig, LlamaAdapterModel, demo
 from llama_adapter.config import ModelConfig, SamplingConfig, VisualConfig
 from llama_adapter.data import format_conversation, format_prompt
 from llama_adapter.demo import BASE_CHOICE, load_choices, safe_markdown
@@ -317,6 +317,56 @@ def test_base_choice_alone_without_adapters(served):
     choices = load_choices(ModelConfig(base=str(served.root / "base"), precision="fp32"), ())
     assert list(choices) == [BASE_CHOICE]
     assert all(g.abs().max() == 0 for g in choices[BASE_CHOICE].gates().values())
+
+
+def component(config: dict, **props) -> dict:
+    """The page's component whose props hold these values (from the config gradio_client reads)."""
+    return next(c for c in config["components"] if props.items() <= c.get("props", {}).items())
+
+
+@slow
+def test_with_no_adapter_given_the_demo_opens_with_the_shelfs_alpaca(shelf_served):
+    config = Client(shelf_served.url, verbose=False).config
+    chooser = component(config, elem_id="adapter")["props"]
+    assert chooser["value"] == "alpaca"
+    assert [choice[0] for choice in chooser["choices"]] == [BASE_CHOICE, "alpaca", "shapes"]
+
+
+@slow
+def test_each_example_selects_its_adapter_and_the_image_ones_select_shapes(shelf_served):
+    client = Client(shelf_served.url, verbose=False, download_files=False)
+    samples = component(client.config, label="Examples")["props"]["samples"]
+    adapters = {(message["text"], bool(message["files"])): adapter for message, adapter in samples}
+    assert set(adapters.values()) == {"alpaca", "shapes"}
+    assert all(adapter == ("shapes" if has_image else "alpaca") for (_, has_image), adapter in adapters.items())
+    # The image example, sent to the adapter it selects, is answered from the image.
+    message, adapter = next(sample for sample in samples if sample[1] == "shapes")
+    image = demo.EXAMPLES / Path(message["files"][0]["path"]).name
+    messages, notes = say(client, message["text"], adapter, files=[image])
+    want = expected(shelf_served.choices["shapes"], format_prompt(message["text"]), str(image))
+    assert answer_text(messages) == want and not notes
+    assert want != expected(shelf_served.choices["shapes"], format_prompt(message["text"]))
+
+
+@slow
+def test_adapters_given_come_first_and_the_shelfs_follow(served, shelf_served):
+    choices = load_choices(ModelConfig(base=str(served.root / "base"), precision="fp32"), (served.text,))
+    assert list(choices) == [BASE_CHOICE, served.text, "alpaca", "shapes"]
+    examples = demo._examples(choices, served.text)
+    assert {adapter for message, adapter in examples if not message["files"]} == {served.text}
+    assert {adapter for message, adapter in examples if message["files"]} == {"shapes"}
+    text_only = {BASE_CHOICE: choices[BASE_CHOICE], served.text: choices[served.text]}
+    assert all(not message["files"] for message, _ in demo._examples(text_only, served.text))
+
+
+@slow
+def test_dylora_rank_applies_to_the_adapters_given_not_the_shelfs(served, shelf_served):
+    dylora = LlamaAdapterModel.from_base(str(served.root / "base"), AdapterConfig(method="dylora", lora_rank=4))
+    dylora.save(served.root / "dylora")
+    model_cfg = ModelConfig(base=str(served.root / "base"), precision="fp32", dylora_rank=2)
+    choices = load_choices(model_cfg, (str(served.root / "dylora"),))
+    assert list(choices)[2:] == ["alpaca", "shapes"]
+    assert {lora.rank for lora in choices[str(served.root / "dylora")].method.adapters} == {2}
 
 
 @slow

@@ -8,8 +8,10 @@ from urllib.parse import urlsplit
 import pytest
 from test_demo import expected, squash
 
+from llama_adapter import demo, synthetic
 from llama_adapter.data import format_prompt
 from llama_adapter.generation import WORKER_NAME
+from llama_adapter.scienceqa import question_instruction
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the [test] extra)")
@@ -220,3 +222,23 @@ def test_the_page_itself_refuses_what_would_fetch_from_elsewhere(page, served, m
     page.wait_for_timeout(1000)
     assert f"{OUTSIDE}/message-img.png" in outside and f"{OUTSIDE}/answer-img.png" in outside  # tried, then:
     assert {url: why for url, why in outside.items() if why != "csp"} == {}, "not refused by the page's policy"
+
+
+def test_the_page_opens_with_alpaca_and_an_image_example_switches_to_shapes(browser, shelf_served):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(shelf_served.url)
+    page.locator("#message textarea").wait_for()
+    chooser = page.locator("#adapter input")
+    assert chooser.input_value() == "alpaca"
+    set_max_new_tokens(page, NEW)
+    page.locator("#examples tr.tr-body").filter(has=page.locator("img")).first.click()
+    page.locator("#message img").first.wait_for()  # the example's image, attached
+    deadline = time.time() + 10
+    while chooser.input_value() != "shapes" and time.time() < deadline:
+        time.sleep(0.05)
+    assert chooser.input_value() == "shapes"
+    page.locator("#message textarea").press("Enter")
+    name, options = next(iter(demo.IMAGE_EXAMPLES.items()))
+    prompt = format_prompt(question_instruction(synthetic.QUESTION, options))
+    wait_for_answer(page, 1, expected(shelf_served.choices["shapes"], prompt, str(demo.EXAMPLES / name)))
+    page.close()

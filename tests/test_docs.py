@@ -33,7 +33,7 @@ def test_the_readme_is_a_front_door():
     assert len(readme) <= 150
     assert readme[2:5] == [
         "```bash",
-        "bash scripts/setup.sh && .venv/bin/llama-adapter demo    # set up, chat with the embedded model in your browser: http://127.0.0.1:7860",
+        "bash scripts/setup.sh && .venv/bin/llama-adapter demo    # set up, chat with the trained adapters in your browser: http://127.0.0.1:7860",
         "bash scripts/setup.sh && .venv/bin/python -m pytest      # set up, run the test suite",
     ]
     ci = (REPO_ROOT / ".ci" / "run").read_text()

@@ -12,7 +12,13 @@ from transformers import AutoTokenizer
 from llama_adapter import AdapterConfig, cli
 from llama_adapter.config import SamplingConfig
 from llama_adapter.data import format_conversation, format_prompt
-from llama_adapter.generation import WORKER_NAME, conversation_prompt, generate_batch, generation_kwargs
+from llama_adapter.generation import (
+    WORKER_NAME,
+    answer_batch,
+    conversation_prompt,
+    generate_batch,
+    generation_kwargs,
+)
 from llama_adapter.model import LlamaAdapterModel
 
 NEW_TOKENS = 32
@@ -179,6 +185,31 @@ def test_base_without_pad_token_pads_with_eos(make_base, tokenizer, tmp_path):
     prompts = [format_prompt("Hi."), format_prompt("A much longer question?")]
     batched = generate_batch(model, prompts, greedy(5))
     assert batched == [generate_batch(model, [p], greedy(5))[0] for p in prompts]
+
+
+def test_answers_say_whether_the_model_ended_them(make_model):
+    """EOS made the likeliest token at one step: an answer that stops there; a row cut at the limit does not stop."""
+    model = make_model()
+    prompts = [format_prompt("Hi."), format_prompt("A much longer question?")]
+    free = answer_batch(model, prompts, greedy(6))
+    assert [(a.tokens, a.stopped) for a in free] == [(6, False)] * 2  # the tiny model never picks EOS by itself
+    assert [a.text for a in free] == generate_batch(model, prompts, greedy(6))
+    eos = model.tokenizer.eos_token_id
+    calls = []
+
+    def eos_at_third_step(module, args, logits):
+        calls.append(None)
+        if len(calls) == 3:  # the forward pass that picks the third new token
+            logits[..., -1, eos] = 1e4
+        return logits
+
+    hook = model.base.lm_head.register_forward_hook(eos_at_third_step)
+    try:
+        stopped = answer_batch(model, prompts, greedy(6))
+    finally:
+        hook.remove()
+    assert [(a.tokens, a.stopped) for a in stopped] == [(3, True)] * 2
+    assert all(f.text.startswith(s.text) and len(s.text) < len(f.text) for f, s in zip(free, stopped))
 
 
 def test_conversation_prompt_leaves_out_the_oldest_exchanges_first(tokenizer):

@@ -188,6 +188,20 @@ def test_a_finished_run_is_not_trained_again(make_model, rows_file, tmp_path, mo
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_a_finished_run_hands_its_trained_adapter_to_the_model_passed_in(make_model, rows_file, tmp_path):
+    """Calling train again on a finished run, with a fresh model, leaves that model as the run trained it: a script
+    that trains and then uses its model gets the trained adapter whether the run just ran or had finished before."""
+    out = tmp_path / "run"
+    trained = make_model()
+    train(config(rows_file, out), trained.config, trained)
+    fresh = make_model()
+    train(config(rows_file, out), fresh.config, fresh)
+    assert_same_tensors(
+        {name: p.detach() for name, p in fresh.adapter_state().items()},
+        {name: p.detach() for name, p in trained.adapter_state().items()},
+    )
+
+
 def test_resuming_with_other_settings_is_refused_before_anything_is_written(make_model, rows_file, tmp_path):
     out = tmp_path / "run"
     train(config(rows_file, out, max_steps=2), make_model().config, make_model())

@@ -1,9 +1,20 @@
 """The shelf: adapters shipped inside the package, named wherever an adapter folder is taken."""
 
-import pytest
+import json
+from pathlib import Path
 
-from llama_adapter import cli, shelf
+import pytest
+import torch
+
+from llama_adapter import DEFAULT_BASE, adapter_files, cli, data, generation, hf, scienceqa, shelf
+from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from llama_adapter.config import SamplingConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.synthetic import make_colour_problems
+
+REPO = Path(__file__).resolve().parents[1]
+# Held out by train/shelf_alpaca.py: the base model runs on to the token limit, `alpaca` answers and stops.
+HELD_OUT = "Classify the following sentence into the given categories: He worked hard to achieve his goal:"
 
 
 @pytest.fixture
@@ -14,7 +25,9 @@ def shelved(make_model, randomize_adapter, tiny_base_dir, tmp_path, monkeypatch)
     model.base.name_or_path = str(tiny_base_dir)
     randomize_adapter(model)
     model.save(folder / "tiny")
-    (folder / "tiny" / "README.md").write_text("# tiny: a test adapter\n\nRepeats words, badly.\n")
+    (folder / "tiny" / "README.md").write_text(
+        "# tiny: a test adapter\n\nRepeats words, badly. Only for\ntests.\n\nMore.\n"
+    )
     monkeypatch.setattr(shelf, "FOLDER", folder)
     return model
 
@@ -50,3 +63,56 @@ def test_adapters_lists_the_shelf(shelved, capsys):
     line = capsys.readouterr().out.strip()
     assert line.split()[:2] == ["tiny", "llama-adapter"]
     assert f"{shelved.num_trainable_parameters():,}" in line and line.endswith("Repeats words, badly.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The adapters the package ships, on the real embedded SmolLM2
+
+SHIPPED = ("alpaca", "shapes")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, LlamaAdapterModel]:
+    torch.manual_seed(0)
+    alpaca = LlamaAdapterModel.load("alpaca", device="cpu")
+    return {"alpaca": alpaca, "shapes": LlamaAdapterModel.load("shapes", alongside=alpaca)}
+
+
+def test_the_shelf_ships_alpaca_and_shapes_each_with_its_card():
+    assert shelf.names() == list(SHIPPED) == shelf.for_base(DEFAULT_BASE)
+    for name in SHIPPED:
+        folder = shelf.FOLDER / name
+        assert sorted(path.name for path in folder.iterdir()) == sorted(["README.md", CONFIG_NAME, WEIGHTS_NAME])
+        assert (folder / WEIGHTS_NAME).stat().st_size < 2_000_000
+        assert f"python train/shelf_{name}.py" in (folder / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_shipped_adapters_load_as_their_config_says_on_the_base_they_name(shipped):
+    for name, model in shipped.items():
+        saved = adapter_files.read_config(shelf.FOLDER / name)
+        assert saved["base"] == hf.base_identity(model.base)
+        assert saved["trainable_parameters"] == model.num_trainable_parameters()
+        assert saved["adapter"] == model.config.to_dict()
+        assert any(gate.abs().max() > 0.05 for gate in model.gates().values())  # trained, not zero-initialised
+    assert shipped["shapes"].visual_config == VisualConfig(clip_model="ViT-B-32", clip_seed=0)
+    assert not shipped["alpaca"].multimodal
+
+
+@pytest.mark.slow
+def test_alpaca_answers_a_held_out_instruction_and_stops(shipped):
+    results = json.loads((REPO / "train" / "results" / "shelf_alpaca.json").read_text())
+    assert HELD_OUT in {row["instruction"] for row in results["answers"]}  # one of the rows training never saw
+    [answer] = generation.answer_batch(shipped["alpaca"], [data.format_prompt(HELD_OUT)], SamplingConfig(256))
+    assert answer.stopped and answer.text.strip()
+
+
+@pytest.mark.slow
+def test_shapes_answers_held_out_images_from_the_image(shipped, tmp_path):
+    model = shipped["shapes"]
+    problems = make_colour_problems(tmp_path, 3, seed=2, shuffle_choices=True)[:3]  # the first held-out images
+    prompts = [data.format_prompt(*scienceqa.question_prompt(problem)) for problem in problems]
+    features = model.encode_images([str(problem.image) for problem in problems])
+    answers = generation.generate_batch(model, prompts, SamplingConfig(24), features)
+    assert [scienceqa.parse_answer(text, 3) for text in answers] == [problem.answer for problem in problems]
+    assert len({problem.answer for problem in problems}) > 1  # not one letter for every image

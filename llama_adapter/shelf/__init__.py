@@ -5,7 +5,9 @@ Every command and `LlamaAdapterModel.load` take a shelf name wherever they take 
 name in the working directory wins, and says so.
 """
 
+import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +19,11 @@ FOLDER = Path(__file__).parent
 def names() -> list[str]:
     """The adapters on the shelf."""
     return sorted(path.parent.name for path in FOLDER.glob(f"*/{CONFIG_NAME}"))
+
+
+def for_base(base: str) -> list[str]:
+    """The shelf's adapters trained on the base of that name (DEFAULT_BASE: the embedded SmolLM2)."""
+    return [name for name in names() if describe(name)["base"] == base]
 
 
 def resolve(adapter: str | Path) -> Path:
@@ -46,7 +53,9 @@ def describe(name: str) -> dict:
     folder = FOLDER / name
     config = json.loads((folder / CONFIG_NAME).read_text())
     card = (folder / "README.md").read_text().splitlines() if (folder / "README.md").is_file() else []
-    purpose = next((line for line in card[1:] if line.strip()), "")  # the card's first paragraph after its title
+    # The first sentence of the card's first paragraph after its title.
+    paragraph = " ".join(itertools.takewhile(str.strip, itertools.dropwhile(lambda line: not line.strip(), card[1:])))
+    purpose = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
     return {
         "name": name,
         "method": config["adapter"]["method"] + (" + images" if config.get("visual", {}).get("clip_model") else ""),
