@@ -6,12 +6,11 @@ name in the working directory wins, and says so.
 """
 
 import itertools
-import json
 import re
 import sys
 from pathlib import Path
 
-from ..adapter_files import CONFIG_NAME
+from ..adapter_files import CONFIG_NAME, read_config
 
 FOLDER = Path(__file__).parent
 
@@ -23,7 +22,7 @@ def names() -> list[str]:
 
 def for_base(base: str) -> list[str]:
     """The shelf's adapters trained on the base of that name (DEFAULT_BASE: the embedded SmolLM2)."""
-    return [name for name in names() if describe(name)["base"] == base]
+    return [name for name in names() if read_config(FOLDER / name)["base"]["name"] == base]
 
 
 def resolve(adapter: str | Path) -> Path:
@@ -51,7 +50,7 @@ def resolve(adapter: str | Path) -> Path:
 def describe(name: str) -> dict:
     """What `llama-adapter adapters` shows of a shelf adapter: method, base, parameters and what it is for."""
     folder = FOLDER / name
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    config = read_config(folder)
     card = (folder / "README.md").read_text().splitlines() if (folder / "README.md").is_file() else []
     # The first sentence of the card's first paragraph after its title.
     paragraph = " ".join(itertools.takewhile(str.strip, itertools.dropwhile(lambda line: not line.strip(), card[1:])))
