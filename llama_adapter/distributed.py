@@ -112,9 +112,9 @@ def main_first(world: World):
         dist.barrier()
 
 
-def prepare(model, world: World, fsdp: bool) -> nn.Module:
-    """The module a training step calls with a batch to get its loss: DDP around the model's loss in a world of
-    several processes.
+def prepare(model, world: World, fsdp: bool, eos_weight: float = 1.0) -> nn.Module:
+    """The module a training step calls with a batch to get its loss (`model.loss` with `eos_weight`): DDP around
+    it in a world of several processes.
 
     DDP all-reduces the gradients of the parameters that require them: the adapter's. It does not broadcast the
     model at the start (that would send the whole frozen base over the network); every process builds the same
@@ -123,7 +123,7 @@ def prepare(model, world: World, fsdp: bool) -> nn.Module:
     device and keeps only its shard there, one layer at a time, so no device ever holds the whole base; the rest
     (the vocabulary projection, the adapter, an image encoder) follows whole.
     """
-    loss = _Loss(model)
+    loss = _Loss(model, eos_weight)
     if world.size == 1:
         return loss
     trainable = list(model.adapter_state().values())
@@ -160,12 +160,12 @@ def _move_unsharded(model: nn.Module, device: torch.device) -> None:
 class _Loss(nn.Module):
     """model.loss as a module's forward, the call DDP intercepts to prepare its gradient all-reduce."""
 
-    def __init__(self, model):
+    def __init__(self, model, eos_weight: float):
         super().__init__()
-        self.model = model
+        self.model, self.eos_weight = model, eos_weight
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.loss(**batch)
+        return self.model.loss(**batch, eos_weight=self.eos_weight)
 
 
 def gradient_sync(module: nn.Module, now: bool):

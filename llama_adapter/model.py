@@ -241,8 +241,12 @@ class LlamaAdapterModel(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        eos_weight: float = 1.0,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the positions whose label is not -100 (the responses).
+
+        `eos_weight` multiplies the loss of each EOS label (the end of a response), the mean still dividing by the
+        number of labels, so the other tokens weigh as before and every batch's loss stays on one scale.
 
         In training mode, plus the method's penalty if it has one (AdaLoRA's orthogonality term).
         Packed rows (`data.collate_packed`): `position_ids` (B, T) restart at each row, and a position attends only
@@ -251,7 +255,10 @@ class LlamaAdapterModel(nn.Module):
         logits, targets, _ = self._response_logits(
             input_ids, attention_mask, labels, image_features, has_image, position_ids, image_index
         )
-        loss = F.cross_entropy(logits, targets)
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        if eos_weight != 1.0:
+            losses = losses * torch.where(targets == self.tokenizer.eos_token_id, eos_weight, 1.0)
+        loss = losses.mean()
         penalty = self.method.penalty() if self.training else None
         return loss if penalty is None else loss + penalty
 

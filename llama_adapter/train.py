@@ -87,6 +87,12 @@ class TrainConfig(Checked):
     )
     val_fraction: float = option("share of rows held out for validation loss", 0.05, at_least=0, below=1)
     weight_decay: float = option("AdamW weight decay", 0.02, at_least=0)
+    eos_weight: float = option(
+        "weight of the EOS that ends each response in the training loss, 1 being every other token's: above 1 "
+        "teaches a model whose answers run on to stop (validation loss always weighs it 1)",
+        1.0,
+        above=0,
+    )
     warmup: float = option(
         "share of steps with linear warm-up before cosine decay (2 of 5 epochs in the paper)", 0.4, at_least=0, below=1
     )
@@ -207,7 +213,7 @@ def _train(
 
     if cfg.gradient_checkpointing:
         hf.enable_gradient_checkpointing(model.base)
-    loss_fn = distributed.prepare(model, world, fsdp)
+    loss_fn = distributed.prepare(model, world, fsdp, cfg.eos_weight)
     weights_mib = round(distributed.weights_mib(model), 1)  # at rest: FSDP gathers layers only while they run
     packs = data.packs(train_set.lengths, cfg.max_len, cfg.seed) if cfg.packing else None  # the same every epoch
     steps_per_epoch = math.ceil(len(packs or train_set) / (cfg.batch_size * cfg.grad_accum))
@@ -357,12 +363,17 @@ def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> N
     )
 
 
+# Settings added after runs began saving theirs, with the value every run before them had.
+SETTINGS_ADDED = {"eos_weight": 1.0}
+
+
 def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
     """The checkpoint to go on from: the newest in cfg.out, if resuming and it was made with the same settings."""
     last = checkpoint.latest(cfg.out)
     if last is None or not cfg.resume:
         return None
     before = checkpoint.read_state(last)["settings"]
+    before = SETTINGS_ADDED | before
     changed = {
         key: (before.get(key), value)
         for key, value in settings.items()

@@ -202,6 +202,23 @@ def test_a_finished_run_hands_its_trained_adapter_to_the_model_passed_in(make_mo
     )
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_that_settings_old_value(
+    make_model, rows_file, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    crash_at_step(monkeypatch, 3)  # after the checkpoint of step 2
+    with pytest.raises(Crash):
+        train(config(rows_file, out), make_model().config, make_model())
+    monkeypatch.undo()
+    state_file = checkpoint.latest(out) / checkpoint.STATE_JSON
+    state = json.loads(state_file.read_text())
+    del state["settings"]["eos_weight"]  # as a checkpoint written before --eos-weight existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"made with other settings \{'eos_weight': \(1.0, 2.0\)\}"):
+        train(config(rows_file, out, eos_weight=2.0), make_model().config, make_model())
+    assert train(config(rows_file, out), make_model().config, make_model())["resumed_from_step"] == 2
+
+
 def test_resuming_with_other_settings_is_refused_before_anything_is_written(make_model, rows_file, tmp_path):
     out = tmp_path / "run"
     train(config(rows_file, out, max_steps=2), make_model().config, make_model())

@@ -10,9 +10,15 @@ Code Alpaca is left out: its 2,017 rows would be two fifths of the mix and turn 
 towards code, at the price of an hour more on a CPU. 5% of the rows are held out; the first 100 of those are
 answered greedily, up to 256 new tokens, by the base and by the trained adapter: how many answers end with EOS
 before the limit (the stop rate), and the held-out loss of each.
+
+Two stages: 3 epochs of plain instruction tuning, then one more epoch at half the learning rate in which the EOS
+ending each answer weighs 3 in the loss (--eos-weight; runs/shelf-alpaca/ending). After the first stage 87% of the
+answers stopped (the adapter the shelf shipped at commit 2cced3d); most of the rest repeated a phrase to the limit with EOS the second most likely token, a little
+behind. Weighing the ending more moves EOS ahead there; the held-out loss (EOS weighing 1) shows what it costs.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -31,12 +37,13 @@ SOURCES = ("alpaca_small.json", "alpaca_sample_pretty.json", "alpaca_en_demo.jso
 SHELF = REPO / "llama_adapter" / "shelf" / "alpaca"
 RESULTS = REPO / "train" / "results" / "shelf_alpaca.json"
 HELD_OUT_ANSWERS, MAX_NEW_TOKENS, BATCH = 100, 256, 10
+ENDING = {"epochs": 1, "lr": 1e-3, "eos_weight": 3.0}  # the second stage's changes to the first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/shelf-alpaca", help="the training run's folder (resumed if there)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="of the first stage")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -55,6 +62,8 @@ def main() -> None:
     )
     model = LlamaAdapterModel.from_base(config=AdapterConfig())
     summary = train(cfg, model.config, model)
+    ending_cfg = dataclasses.replace(cfg, out=str(out / "ending"), **ENDING)
+    ending = train(ending_cfg, model.config, model)  # goes on from the first stage's adapter, in `model`
 
     held_out = data.split_rows(data.load_rows(rows_file), cfg.val_fraction, cfg.seed)[1].select(range(HELD_OUT_ANSWERS))
     base = LlamaAdapterModel(model.base, model.tokenizer, AdapterConfig())  # zero gates: exactly the base model
@@ -67,7 +76,8 @@ def main() -> None:
             key: getattr(cfg, key) for key in ("epochs", "batch_size", "max_len", "lr", "warmup", "val_fraction")
         },
         "summary": summary,
-        "val_loss_by_epoch": [float(row["val_loss"]) for row in read_metrics(out / "metrics.csv") if row["val_loss"]],
+        "ending": {"recipe": ENDING, "summary": ending},
+        "val_loss_by_epoch": val_losses(out) + val_losses(out / "ending")[1:],  # [1:]: the first stage's last again
         "stop_rate": {name: sum(a["stopped"] for a in rows) / len(rows) for name, rows in answers.items()},
         "max_new_tokens": MAX_NEW_TOKENS,
         "answers": [
@@ -81,6 +91,11 @@ def main() -> None:
     model.save(SHELF)
     (SHELF / "README.md").write_text(card(results))
     print(json.dumps({key: results[key] for key in ("stop_rate", "val_loss_by_epoch")}, indent=2))
+
+
+def val_losses(out: Path) -> list[float]:
+    """A run's validation losses: before training, then after each epoch."""
+    return [float(row["val_loss"]) for row in read_metrics(out / "metrics.csv") if row["val_loss"]]
 
 
 def write_rows(path: Path) -> tuple[Path, dict]:
@@ -118,7 +133,8 @@ def card(results: dict) -> str:
     losses = results["val_loss_by_epoch"]
     rows = sum(count["kept"] for count in counts.values())
     sources = ", ".join(f"`{name}` ({count['kept']:,} of {count['rows']:,})" for name, count in counts.items())
-    stop = results["stop_rate"]
+    stop, ending = results["stop_rate"], results["ending"]
+    hours = (summary["wall_time_s"] + ending["summary"]["wall_time_s"]) / 3600
     return f"""# alpaca: LLaMA-Adapter for the embedded SmolLM2-135M-Instruct
 
 Answers an Alpaca-style instruction (with or without an input) and stops. The adapter `llama-adapter demo` opens
@@ -130,8 +146,9 @@ with; in a terminal: `llama-adapter chat --adapter alpaca "Give three tips for s
 - **Data:** {rows:,} rows: {sources}; Code Alpaca left out (two fifths of the mix, all code). Stanford Alpaca data is
   CC BY-NC 4.0: research use.
 - **Made by:** `{results["command"]}` ({recipe["epochs"]} epochs, batch {recipe["batch_size"]}, max length
-  {recipe["max_len"]}, lr {recipe["lr"]}, warm-up {recipe["warmup"]:.0%}, 5% held out), on a 2-core CPU in
-  {summary["wall_time_s"] / 3600:.1f} hours.
+  {recipe["max_len"]}, lr {recipe["lr"]}, warm-up {recipe["warmup"]:.0%}, 5% held out; then {ending["recipe"]["epochs"]} epoch at lr
+  {ending["recipe"]["lr"]} with the EOS ending each answer weighing {ending["recipe"]["eos_weight"]:g} in the loss, which
+  teaches it to stop), on a 2-core CPU in {hours:.1f} hours.
 
 ## Measured (held-out rows)
 
@@ -140,7 +157,7 @@ with; in a terminal: `llama-adapter chat --adapter alpaca "Give three tips for s
 | held-out loss | {losses[0]:.3f} | {losses[-1]:.3f} |
 | answers ending with EOS within {results["max_new_tokens"]} tokens (100 held-out instructions, greedy) | {stop["base"]:.0%} | {stop["alpaca"]:.0%} |
 
-Validation loss after each epoch: {", ".join(f"{loss:.3f}" for loss in losses[1:])}. Every answer, with the base's
+Validation loss (EOS weighing 1) after each epoch: {", ".join(f"{loss:.3f}" for loss in losses[1:])}. Every answer, with the base's
 and the reference, is in `train/results/shelf_alpaca.json`.
 
 ## Limits
