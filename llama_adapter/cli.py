@@ -9,12 +9,14 @@ from pathlib import Path
 
 from . import adapter_files, distributed, files, llm_adapters, methods, scienceqa, shelf
 from .config import (
+    DEFAULT_BASE,
     PRECISIONS,
     Checked,
     DemoConfig,
     ModelConfig,
     SamplingConfig,
     ScienceQAConfig,
+    ServeConfig,
     VisualConfig,
     add_arguments,
     flat_dict,
@@ -35,7 +37,7 @@ from .evaluation import (
 )
 from .generation import stream_conversation
 from .methods import AdapterConfig
-from .model import LlamaAdapterModel, load_model
+from .model import LlamaAdapterModel, load_model, load_models
 from .train import TrainConfig, TrainingStopped, train
 
 
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the chat demo in your browser (Gradio), text and images")
     add_arguments(demo, DemoConfig)
     add_arguments(demo, ModelConfig)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API over the adapters, batched")
+    add_arguments(serve, ServeConfig)
+    add_arguments(serve, ModelConfig)
 
     convert = commands.add_parser("convert", help="an official LLaMA-Adapter v1 release checkpoint (.pth) as ours")
     add_arguments(convert, ConvertConfig)
@@ -245,6 +251,13 @@ def run_demo(args: argparse.Namespace) -> None:
     launch(build_app(load_choices(from_arguments(ModelConfig, args), cfg.adapter)), cfg)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    from .serve import serve  # fastapi and uvicorn: only the server needs them
+
+    cfg, model_cfg = from_arguments(ServeConfig, args), from_arguments(ModelConfig, args)
+    serve(load_models(model_cfg, cfg.adapter, model_cfg.base or DEFAULT_BASE), cfg)
+
+
 def run_convert(args: argparse.Namespace) -> None:
     cfg = from_arguments(ConvertConfig, args)
     files.check_can_write(cfg.out, "--out", folder=True)
@@ -294,6 +307,7 @@ HANDLERS = {
     "eval": run_eval,
     "chat": run_chat,
     "demo": run_demo,
+    "serve": run_serve,
     "convert": run_convert,
     "merge": run_merge,
     "adapters": run_adapters,

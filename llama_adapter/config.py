@@ -209,6 +209,22 @@ class DemoConfig(Checked):
 
 
 @dataclass
+class ServeConfig(Checked):
+    """Which models the API serves, where it listens, and how many requests it takes at once."""
+
+    adapter: tuple[str, ...] = option(
+        "adapter folders (or shelf names) served as models, besides the base model alone and the shelf's adapters "
+        "for that base; each model's id is the name given",
+        (),
+    )
+    host: str = option("address to listen on; 0.0.0.0 opens the API to your network (give --api-key then)", "127.0.0.1")
+    port: int = option("port to listen on", 8000, at_least=1, at_most=65535)
+    api_key: str | None = option("require 'Authorization: Bearer KEY' on every request", None)
+    max_batch: int = option("most requests for one model decoded together, a token each per step", 16, at_least=1)
+    queue: int = option("most requests waiting for a place in a batch; more are turned away with 429", 64, at_least=1)
+
+
+@dataclass
 class SamplingConfig(Checked):
     """How `generate` picks tokens: greedy when temperature is 0."""
 

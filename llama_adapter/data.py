@@ -38,13 +38,14 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def format_conversation(earlier: list[tuple[str, str]], instruction: str) -> str:
-    """A multi-turn prompt: the Alpaca header once, each earlier (instruction, answer) exchange, the new instruction.
+def format_conversation(earlier: list[tuple[str, str]], instruction: str, header: str = HEADER_NO_INPUT) -> str:
+    """A multi-turn prompt: the header once, each earlier (instruction, answer) exchange, the new instruction.
 
-    Without earlier exchanges it is exactly `format_prompt(instruction)`, the prompt the adapter was trained on.
+    With the Alpaca header and no earlier exchanges it is exactly `format_prompt(instruction)`, the prompt the adapter
+    was trained on; a system message may take the header's place.
     """
     exchanges = "".join(TURN.format(instruction=asked) + answer.strip() + "\n\n" for asked, answer in earlier)
-    return HEADER_NO_INPUT + exchanges + TURN.format(instruction=instruction)
+    return header + exchanges + TURN.format(instruction=instruction)
 
 
 # A row this long is a broken file (a whole document pasted into a field), not an instruction: refused before it

@@ -8,7 +8,6 @@ What the page shows loads nothing from elsewhere: messages and answers go throug
 carries a content security policy that lets the browser fetch from the demo alone.
 """
 
-import dataclasses
 import html
 import inspect
 import logging
@@ -20,10 +19,10 @@ from matplotlib.figure import Figure
 
 from . import shelf, synthetic
 from .adapter_files import read_config
-from .config import DEFAULT_BASE, DemoConfig, ModelConfig, SamplingConfig
+from .config import DemoConfig, ModelConfig, SamplingConfig
 from .data import DataError, check_text
 from .generation import stream_conversation
-from .model import LlamaAdapterModel, load_model
+from .model import LlamaAdapterModel, load_models
 from .scienceqa import question_instruction
 from .visual import load_image
 
@@ -40,19 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def load_choices(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> dict[str, LlamaAdapterModel]:
-    """The chooser's models by label: the base alone, each adapter given, then the shelf's adapters for this base.
-
-    Adapters share one base object where their methods can.
-    """
-    shelved = [name for name in shelf.for_base(model_cfg.base or DEFAULT_BASE) if name not in adapters]
-    # --dylora-rank and --clip-weights are about the adapters given: the shelf's load as they were trained.
-    as_trained = dataclasses.replace(model_cfg, dylora_rank=None, clip_weights=None)
-    choices, first = {}, None
-    for folder in (*adapters, *shelved):
-        choices[folder] = load_model(model_cfg if folder in adapters else as_trained, folder, alongside=first)
-        if first is None and choices[folder].method.shares_base:
-            first = choices[folder]
-    return {BASE_CHOICE: load_model(model_cfg, None, alongside=first)} | choices
+    """The chooser's models by label: the base alone, each adapter given, then the shelf's adapters for this base."""
+    return load_models(model_cfg, adapters, BASE_CHOICE)
 
 
 def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:

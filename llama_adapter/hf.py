@@ -15,6 +15,7 @@ that add their module's output. Which module a hook runs is asked of the caller 
 
 import contextvars
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -283,7 +285,7 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
     """
     prefill = model(**prompt, use_cache=True, logits_to_keep=1)  # the prompt's other logits go unused
     first = prefill.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
-    cache = prefill.past_key_values
+    cache = cache_of(prefill)
     cache.batch_repeat_interleave(len(continuations))
     width = max(len(tokens) for tokens in continuations)
     device = prompt["attention_mask"].device
@@ -295,7 +297,7 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
     seen = prompt["attention_mask"].shape[1]  # the cached positions, a prefix's included
     attention = torch.cat([torch.ones(len(continuations), seen, dtype=torch.long, device=device), mask], 1)
     images = image_kwargs(prompt.get(_VISUAL))  # one image's (1, dim) features serve every continuation
-    logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache, **images).logits
+    logits = model(input_ids=ids, attention_mask=attention, **with_cache(model, cache), **images).logits
     logprobs = logits.float().log_softmax(-1)
     later = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # token t predicted at t - 1
     return first[ids[:, 0]] + later.sum(-1)
@@ -377,3 +379,82 @@ def _adapted_attention(own_function, module, query, key, value, attention_mask, 
         scaling = kwargs.get("scaling") or module.scaling
         out = out + prompt(query, module.k_proj, module.v_proj, scaling, visual)
     return out, weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding a batch whose rows come and go (the server's batcher)
+
+
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict):
+    """Run left-padded prompts (B, T): the logits (B, vocab) for each one's next token, and their key/value cache."""
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+        logits_to_keep=1, **images,
+    )  # fmt: skip
+    return out.logits[:, -1], cache_of(out)
+
+
+def decode_step(model, tokens, attention_mask, positions, cache, images: dict) -> torch.Tensor:
+    """Feed one token per row (B, 1) at `positions` (B, 1) onto `cache`; `attention_mask` (B, T + 1) covers the cache
+    and the new token. Returns the logits (B, vocab) for each row's next token; the cache grows by one in place."""
+    out = model(
+        input_ids=tokens, attention_mask=attention_mask, position_ids=positions, use_cache=True, **images,
+        **with_cache(model, cache),
+    )  # fmt: skip
+    return out.logits[:, -1]
+
+
+def with_cache(model: PreTrainedModel, cache) -> dict:
+    """The keyword that hands a forward call its key/value cache: `cache` since transformers 5.2x, which deprecates
+    the older `past_key_values` (gone in 5.40)."""
+    renamed = "cache" in inspect.signature(type(model).forward).parameters
+    return {"cache" if renamed else "past_key_values": cache}
+
+
+def cache_of(output):
+    """The key/value cache a forward call returned, under either name (see with_cache)."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only these rows (batch indices) of the cache, in place."""
+    cache.batch_select_indices(rows)
+
+
+def crop_cache_left(cache, columns: int) -> None:
+    """Drop the first `columns` positions of the cache, in place: padding no row attends to any more.
+
+    A sliding-window layer holds only the last window's keys, which may not reach back that far; it keeps those, and
+    counts the columns it no longer has to answer for (its mask lines up with the batch's again).
+    """
+    for layer in cache.layers:
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length -= columns
+            keep = min(layer.keys.shape[-2], layer.cumulative_length)
+        else:
+            keep = layer.keys.shape[-2] - columns
+        start = layer.keys.shape[-2] - keep
+        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def join_caches(first, first_mask: torch.Tensor, second, second_mask: torch.Tensor):
+    """`first` holding the rows of both after its own (in place), all right-aligned; the attention mask (B1 + B2, T).
+
+    Each layer's keys are left-padded to the longer of the two: a full layer's are as long as the mask, a
+    sliding-window layer's as long as the window's share of it, and either way the newest key is last in every row.
+    """
+    width = max(first_mask.shape[1], second_mask.shape[1])
+    for a, b in zip(first.layers, second.layers):
+        length = max(a.keys.shape[-2], b.keys.shape[-2])
+        a.keys = torch.cat([_pad_left(a.keys, length), _pad_left(b.keys, length)])
+        a.values = torch.cat([_pad_left(a.values, length), _pad_left(b.values, length)])
+        if isinstance(a, DynamicSlidingWindowLayer):
+            a.cumulative_length = width  # the columns its mask spans: the batch's
+    masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (first_mask, second_mask)]
+    return first, torch.cat(masks)
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, T, d) keys or values, zeros before them in dim 2 up to `length`."""
+    return torch.nn.functional.pad(tensor, (0, 0, length - tensor.shape[-2], 0))

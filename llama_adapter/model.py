@@ -12,7 +12,7 @@ from torch import nn
 from . import adapter_files, data, hf, methods, shelf
 from .adapter import VisualProjection
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from .config import PRECISIONS, ModelConfig, SamplingConfig, VisualConfig, default_device, from_dict
+from .config import DEFAULT_BASE, PRECISIONS, ModelConfig, SamplingConfig, VisualConfig, default_device, from_dict
 from .methods import AdapterConfig
 from .shared_base import SharedBase
 from .visual import FeatureCache, ImageEncoder
@@ -302,7 +302,7 @@ class LlamaAdapterModel(nn.Module):
         """
         if position_ids is None:
             inputs = self.method.inputs(input_ids, attention_mask)
-        elif self.method.supports_packing:
+        elif self.method.tokens_only:
             inputs = hf.packed_inputs(input_ids, position_ids)
         else:
             raise ValueError(f"--method {self.config.method} cannot train on packed rows (--packing)")
@@ -380,3 +380,19 @@ def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterMod
     if model.method.can_merge and hf.quantization(model.base) == "none":
         model.method.merge()
     return model
+
+
+def load_models(cfg: ModelConfig, adapters: tuple[str, ...], base_label: str) -> dict[str, LlamaAdapterModel]:
+    """What the demo and the server offer, by label: the base alone (as `base_label`), each adapter given (folder or
+    shelf name), then the shelf's adapters for this base, sharing one base object where their methods can.
+
+    `--dylora-rank` and `--clip-weights` are about the adapters given: the shelf's load as they were trained.
+    """
+    shelved = [name for name in shelf.for_base(cfg.base or DEFAULT_BASE) if name not in adapters]
+    as_trained = dataclasses.replace(cfg, dylora_rank=None, clip_weights=None)
+    models, first = {}, None
+    for folder in (*adapters, *shelved):
+        models[folder] = load_model(cfg if folder in adapters else as_trained, folder, alongside=first)
+        if first is None and models[folder].method.shares_base:
+            first = models[folder]
+    return {base_label: load_model(cfg, None, alongside=first)} | models

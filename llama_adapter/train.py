@@ -147,7 +147,7 @@ def train(
     """
     if not methods.get(adapter_cfg.method).supports_gradient_checkpointing and cfg.gradient_checkpointing:
         raise ValueError(f"--gradient-checkpointing does not work with --method {adapter_cfg.method}")
-    if not methods.get(adapter_cfg.method).supports_packing and cfg.packing:
+    if not methods.get(adapter_cfg.method).tokens_only and cfg.packing:
         raise ValueError(f"--packing does not work with --method {adapter_cfg.method}: its virtual tokens come first")
     if cfg.model.quantize != "none" and fsdp:
         raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")

@@ -1124,6 +1124,57 @@ def train_step() -> list[str]:
     ]
 
 
+def serving() -> list[str]:
+    path = "bench/results/serve.json"
+    r = load(path)
+    rows = []
+    for clients in r["batched"]:
+        batched, alone = r["batched"][clients], r["one_at_a_time"][clients]
+        rows.append(
+            [
+                clients,
+                speed(batched["tokens_per_s"]),
+                speed(alone["tokens_per_s"]),
+                f"**{batched['tokens_per_s'] / alone['tokens_per_s']:.2f}**",
+                f"{seconds(batched['latency_s']['median'])} / {seconds(batched['latency_s']['p90'])}",
+                f"{seconds(alone['latency_s']['median'])} / {seconds(alone['latency_s']['p90'])}",
+            ]
+        )
+    ratios, goals = r["ratios"], r["goals"]
+    batched_goal = ratios["batched_16_over_one_at_a_time"] >= goals["batched_16_over_one_at_a_time"]
+    library_goal = ratios["one_client_over_library"] >= goals["one_client_over_library"]
+    return [
+        "### Serving the OpenAI API: `llama-adapter serve` under load",
+        "",
+        *provenance(path, r),
+        *para(
+            f"The shelf's `{r['model']}` on the embedded SmolLM2, served in-process on a loopback port; the last",
+            f"{r['requests']} instructions of the Alpaca sample at each level, greedy, at most {r['max_tokens']} new",
+            "tokens each, shared among the",
+            "clients (threads of the `openai` client, each asking in turn). tokens/s counts completion tokens over the",
+            "level's wall time; latency is per request, median / 90th percentile, in seconds.",
+        ),
+        *table(
+            [
+                "clients",
+                "batched tokens/s",
+                "one at a time tokens/s",
+                "batched / one at a time",
+                "batched latency",
+                "one-at-a-time latency",
+            ],
+            rows,
+        ),
+        *para(
+            f"Goals: {goals['batched_16_over_one_at_a_time']:.0f}× the one-at-a-time throughput with the most clients:",
+            f"{ratios['batched_16_over_one_at_a_time']:.2f}× ({'met' if batched_goal else 'missed'}); one client within",
+            f"{1 - goals['one_client_over_library']:.0%} of the library answering the same instructions directly",
+            f"({speed(r['library']['tokens_per_s'])} tokens/s): {ratios['one_client_over_library']:.2f}×",
+            f"({'met' if library_goal else 'missed'}).",
+        ),
+    ]
+
+
 def generation() -> list[str]:
     path = "bench/results/generation.json"
     r = load(path)
@@ -1409,6 +1460,7 @@ def render() -> str:
         speed_intro(),
         train_step(),
         generation(),
+        serving(),
         finetune(),
         distributed(),
         demo_latency(),

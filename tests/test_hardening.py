@@ -127,6 +127,7 @@ def minimal_argv(ws: Workspace, words: tuple[str, ...], here: Path) -> list[str]
         "eval": ["--base", ws.base, "--data", ws.sqa, "--out", str(here / "p.jsonl")],
         "chat": ["--base", ws.base, "hi"],
         "demo": ["--base", ws.base],
+        "serve": ["--base", ws.base],
         "convert": ["--base", ws.base, "--checkpoint", str(here / "x.pth"), "--out", str(here / "o")],
         "merge": ["--base", ws.base, "--adapter", ws.adapter, "--out", str(here / "o")],
     }

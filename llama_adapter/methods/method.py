@@ -27,7 +27,9 @@ class Method(nn.Module):
     takes_images: ClassVar[bool] = False  # a CLIP encoder's features can shift its prompts
     has_ranks: ClassVar[bool] = False  # answers with a chosen number of its ranks (`set_rank`)
     supports_gradient_checkpointing: ClassVar[bool] = True
-    supports_packing: ClassVar[bool] = True  # trains on several rows laid end to end in one sequence (--packing)
+    # The base sees the tokens alone, no virtual tokens before them: rows can be packed end to end (--packing), and
+    # the server decodes them in its batches, a row joining or leaving at any step.
+    tokens_only: ClassVar[bool] = True
     shares_base: ClassVar[bool] = True  # leaves the base's modules alone, so adapters can take turns on one base
     virtual_tokens: int = 0  # positions the base's outputs have before the input's own (prompt tuning's)
     requires: ClassVar[tuple[str, ...]] = ()  # packages it imports; each a run-time dependency of llama-adapter

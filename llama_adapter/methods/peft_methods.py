@@ -127,7 +127,7 @@ class AdaLora(_InjectedPeftMethod):
 class _VirtualTokenMethod(PeftMethod):
     """Prefix, P-tuning v2 and prompt tuning: PEFT keeps their prompts in its wrapper, outside the base."""
 
-    supports_packing = False  # their virtual tokens come before the whole sequence, not before each packed row
+    tokens_only = False  # their virtual tokens come before the whole sequence, not before each packed row
 
     def attach(self):
         super().attach()
