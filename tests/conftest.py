@@ -209,7 +209,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory, tiny_clip):
+def served_folders(tmp_path_factory, tiny_clip):
+    """A tiny base and two adapters on it, text and multimodal, as folders: what the demo and the API serve."""
+    root = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    # Large random weights: at the default 0.02 the greedy output collapses into one repeated character.
+    base = LlamaForCausalLM._from_config(tiny_config(tokenizer, initializer_range=0.3), attn_implementation="sdpa")
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    for seed, (name, visual) in enumerate([("text", None), ("visual", VisualConfig(clip_model=tiny_clip))]):
+        model = LlamaAdapterModel.from_base(str(root / "base"), visual=visual)
+        _randomize_adapter(model, seed)
+        model.save(root / name)
+    return SimpleNamespace(root=root, base=str(root / "base"), text=str(root / "text"), visual=str(root / "visual"))
+
+
+@pytest.fixture(scope="session")
+def served(served_folders):
     """A demo offering a text adapter and a multimodal adapter on one tiny base.
 
     Yields its url, the choices it serves (label -> model), the folder (and label) of each adapter, the tmp root.
@@ -217,23 +234,14 @@ def served(tmp_path_factory, tiny_clip):
     from llama_adapter.config import DemoConfig, ModelConfig
     from llama_adapter.demo import BASE_CHOICE, build_app, launch, load_choices  # imports gradio: only here
 
-    root = tmp_path_factory.mktemp("demo")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    # Large random weights: at the default 0.02 the greedy output collapses into one repeated character.
-    base = LlamaForCausalLM._from_config(tiny_config(tokenizer, initializer_range=0.3), attn_implementation="sdpa")
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    folders = {"text": str(root / "text"), "visual": str(root / "visual")}
-    for seed, (name, visual) in enumerate([("text", None), ("visual", VisualConfig(clip_model=tiny_clip))]):
-        model = LlamaAdapterModel.from_base(str(root / "base"), visual=visual)
-        _randomize_adapter(model, seed)
-        model.save(folders[name])
-    choices = load_choices(ModelConfig(base=str(root / "base"), precision="fp32"), (folders["text"], folders["visual"]))
+    folders = served_folders
+    choices = load_choices(ModelConfig(base=folders.base, precision="fp32"), (folders.text, folders.visual))
     spaced_answers(choices[BASE_CHOICE].base)
     app = build_app(choices)
     launch(app, DemoConfig(port=free_port()), block=False)
-    yield SimpleNamespace(url=app.local_url, choices=choices, root=root, **folders)
+    yield SimpleNamespace(
+        url=app.local_url, choices=choices, root=folders.root, text=folders.text, visual=folders.visual
+    )
     app.close()
 
 

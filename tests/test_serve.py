@@ -10,15 +10,12 @@ import json
 import time
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
 import openai
 import pytest
-import torch
-from conftest import _randomize_adapter, build_tokenizer, spaced_answers, tiny_config, write_image
-from transformers import LlamaForCausalLM
+from conftest import spaced_answers, write_image
 
-from llama_adapter import LlamaAdapterModel, SamplingConfig, VisualConfig
+from llama_adapter import LlamaAdapterModel, SamplingConfig
 from llama_adapter.batcher import WORKER_NAME
 from llama_adapter.config import ModelConfig
 from llama_adapter.data import format_conversation, format_prompt
@@ -56,32 +53,17 @@ class Server(ServerThread):
             return err.code, json.load(err)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_clip):
-    """A tiny base and two adapters on it, text and multimodal, as folders."""
-    root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    # Large random weights: at the default 0.02 the greedy output collapses into one repeated character.
-    base = LlamaForCausalLM._from_config(tiny_config(tokenizer, initializer_range=0.3), attn_implementation="sdpa")
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    for seed, (name, visual) in enumerate([("text", None), ("visual", VisualConfig(clip_model=tiny_clip))]):
-        model = LlamaAdapterModel.from_base(str(root / "base"), visual=visual)
-        _randomize_adapter(model, seed)
-        model.save(root / name)
-    return SimpleNamespace(root=root, base=str(root / "base"), text=str(root / "text"), visual=str(root / "visual"))
-
-
-def serve(folders, **settings) -> Server:
-    models = load_models(ModelConfig(base=folders.base, precision="fp32"), (folders.text, folders.visual), "base")
+def serve(served_folders, **settings) -> Server:
+    models = load_models(
+        ModelConfig(base=served_folders.base, precision="fp32"), (served_folders.text, served_folders.visual), "base"
+    )
     spaced_answers(models["base"].base)
     return Server(models, **settings)
 
 
 @pytest.fixture(scope="module")
-def api(folders):
-    server = serve(folders)
+def api(served_folders):
+    server = serve(served_folders)
     yield server
     server.stop()
 
@@ -103,25 +85,25 @@ def data_url(path) -> str:
     return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
 
 
-def test_models_lists_the_base_and_every_adapter(api, folders):
+def test_models_lists_the_base_and_every_adapter(api, served_folders):
     listed = api.client().models.list()
-    assert [model.id for model in listed.data] == ["base", folders.text, folders.visual]
+    assert [model.id for model in listed.data] == ["base", served_folders.text, served_folders.visual]
     assert all(model.object == "model" for model in listed.data)
 
 
-def test_a_chat_completion_is_the_librarys_greedy_answer(api, folders):
-    reply = ask(api, "Name a colour.", folders.text)
-    want = expected(api.models[folders.text], format_prompt("Name a colour."))
+def test_a_chat_completion_is_the_librarys_greedy_answer(api, served_folders):
+    reply = ask(api, "Name a colour.", served_folders.text)
+    want = expected(api.models[served_folders.text], format_prompt("Name a colour."))
     assert reply.choices[0].message.content == want and want
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason == "length"
-    prompt_tokens = len(api.models[folders.text].tokenizer(format_prompt("Name a colour."))["input_ids"])
+    prompt_tokens = len(api.models[served_folders.text].tokenizer(format_prompt("Name a colour."))["input_ids"])
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, NEW)
-    assert reply.model == folders.text and reply.object == "chat.completion"
+    assert reply.model == served_folders.text and reply.object == "chat.completion"
 
 
-def test_a_streamed_answer_assembled_equals_the_whole_one(api, folders):
-    whole = ask(api, "Tell me more.", folders.text).choices[0].message.content
-    chunks = list(ask(api, "Tell me more.", folders.text, stream=True, stream_options={"include_usage": True}))
+def test_a_streamed_answer_assembled_equals_the_whole_one(api, served_folders):
+    whole = ask(api, "Tell me more.", served_folders.text).choices[0].message.content
+    chunks = list(ask(api, "Tell me more.", served_folders.text, stream=True, stream_options={"include_usage": True}))
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == whole
     assert len([p for p in pieces if p]) >= 3  # it streamed, a piece at a time
@@ -130,32 +112,32 @@ def test_a_streamed_answer_assembled_equals_the_whole_one(api, folders):
     assert chunks[-1].usage.completion_tokens == NEW and not chunks[-1].choices
 
 
-def test_multi_turn_messages_make_our_conversation_prompt(api, folders):
+def test_multi_turn_messages_make_our_conversation_prompt(api, served_folders):
     messages = [
         {"role": "user", "content": "Hello there."},
         {"role": "assistant", "content": "Hi."},
         {"role": "user", "content": "And then?"},
     ]
-    reply = ask(api, "", folders.text, messages=messages)
+    reply = ask(api, "", served_folders.text, messages=messages)
     prompt = format_conversation([("Hello there.", "Hi.")], "And then?")
-    assert reply.choices[0].message.content == expected(api.models[folders.text], prompt)
+    assert reply.choices[0].message.content == expected(api.models[served_folders.text], prompt)
     system = [{"role": "system", "content": "You are terse."}, *messages]
     prompt = format_conversation([("Hello there.", "Hi.")], "And then?", header="You are terse.\n\n")
-    assert ask(api, "", folders.text, messages=system).choices[0].message.content == expected(
-        api.models[folders.text], prompt
+    assert ask(api, "", served_folders.text, messages=system).choices[0].message.content == expected(
+        api.models[served_folders.text], prompt
     )
 
 
-def test_an_image_conditions_the_multimodal_adapter(api, folders, tmp_path):
+def test_an_image_conditions_the_multimodal_adapter(api, served_folders, tmp_path):
     image = write_image(tmp_path / "red.png", "red")
     content = [{"type": "text", "text": "What colour?"}, {"type": "image_url", "image_url": {"url": data_url(image)}}]
-    reply = ask(api, "", folders.visual, messages=[{"role": "user", "content": content}])
-    want = expected(api.models[folders.visual], format_prompt("What colour?"), str(image))
+    reply = ask(api, "", served_folders.visual, messages=[{"role": "user", "content": content}])
+    want = expected(api.models[served_folders.visual], format_prompt("What colour?"), str(image))
     assert reply.choices[0].message.content == want
-    assert want != expected(api.models[folders.visual], format_prompt("What colour?"))  # the image changed it
+    assert want != expected(api.models[served_folders.visual], format_prompt("What colour?"))  # the image changed it
 
 
-def test_a_plain_completion_continues_the_prompt_as_given(api, folders):
+def test_a_plain_completion_continues_the_prompt_as_given(api, served_folders):
     reply = api.client().completions.create(model="base", prompt="Once upon", max_tokens=NEW, temperature=0)
     assert reply.choices[0].text == expected(api.models["base"], "Once upon")
     streamed = api.client().completions.create(
@@ -164,38 +146,40 @@ def test_a_plain_completion_continues_the_prompt_as_given(api, folders):
     assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
 
 
-def test_stop_strings_end_the_answer_before_them(api, folders):
-    whole = ask(api, "Name a colour.", folders.text).choices[0].message.content
+def test_stop_strings_end_the_answer_before_them(api, served_folders):
+    whole = ask(api, "Name a colour.", served_folders.text).choices[0].message.content
     stop = whole.split()[2]  # a word in the middle of the answer
-    reply = ask(api, "Name a colour.", folders.text, stop=[stop])
+    reply = ask(api, "Name a colour.", served_folders.text, stop=[stop])
     assert reply.choices[0].message.content == whole[: whole.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
-    streamed = ask(api, "Name a colour.", folders.text, stop=[stop], stream=True)
+    streamed = ask(api, "Name a colour.", served_folders.text, stop=[stop], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole[: whole.index(stop)]
 
 
-def test_a_seed_makes_a_sampled_answer_repeat(api, folders):
+def test_a_seed_makes_a_sampled_answer_repeat(api, served_folders):
     def sampled(seed):
         return api.client().chat.completions.create(
-            model=folders.text, messages=[{"role": "user", "content": "Go."}], max_tokens=NEW, temperature=1.0,
+            model=served_folders.text, messages=[{"role": "user", "content": "Go."}], max_tokens=NEW, temperature=1.0,
             seed=seed,
         ).choices[0].message.content  # fmt: skip
 
     assert sampled(1) == sampled(1) != sampled(2)
 
 
-def test_twenty_concurrent_clients_each_get_their_own_answer(api, folders):
-    questions = [(f"Question number {i}?", [folders.text, folders.visual, "base"][i % 3]) for i in range(20)]
+def test_twenty_concurrent_clients_each_get_their_own_answer(api, served_folders):
+    questions = [
+        (f"Question number {i}?", [served_folders.text, served_folders.visual, "base"][i % 3]) for i in range(20)
+    ]
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         replies = list(pool.map(lambda q: ask(api, *q).choices[0].message.content, questions))
     assert replies == [expected(api.models[model], format_prompt(text)) for text, model in questions]
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_generation(api, folders):
-    model = api.models[folders.text]
+def test_a_client_that_leaves_mid_stream_stops_its_generation(api, served_folders):
+    model = api.models[served_folders.text]
     slow = model.base.register_forward_hook(lambda *args: time.sleep(0.1))
     try:
-        stream = ask(api, "Go on.", folders.text, stream=True, max_tokens=150)  # 15 s if it were left to run
+        stream = ask(api, "Go on.", served_folders.text, stream=True, max_tokens=150)  # 15 s if it were left to run
         next(iter(stream)), next(iter(stream))
         stream.close()
         deadline = time.time() + 5
@@ -230,17 +214,17 @@ def test_malformed_requests_get_openais_error_shape(api, body, status, says):
     assert set(reply["error"]) == {"message", "type", "param", "code"} and "Traceback" not in json.dumps(reply)
 
 
-def test_too_long_for_the_context_says_the_numbers(api, folders):
+def test_too_long_for_the_context_says_the_numbers(api, served_folders):
     context = api.models["base"].context_length
     with pytest.raises(openai.BadRequestError, match=f"maximum context length is {context} tokens"):
         ask(api, "Hi.", "base", max_tokens=context)
 
 
-def test_an_image_to_a_text_only_model_is_refused(api, folders, tmp_path):
+def test_an_image_to_a_text_only_model_is_refused(api, served_folders, tmp_path):
     image = write_image(tmp_path / "red.png", "red")
     content = [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": data_url(image)}}]
     with pytest.raises(openai.BadRequestError, match="no image encoder"):
-        ask(api, "", folders.text, messages=[{"role": "user", "content": content}])
+        ask(api, "", served_folders.text, messages=[{"role": "user", "content": content}])
 
 
 @pytest.mark.parametrize(
@@ -251,13 +235,13 @@ def test_an_image_to_a_text_only_model_is_refused(api, folders, tmp_path):
         ("data:image/png,raw", "must be base64"),
     ],
 )
-def test_images_come_inline_and_readable(api, folders, url, says):
+def test_images_come_inline_and_readable(api, served_folders, url, says):
     content = [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": url}}]
     with pytest.raises(openai.BadRequestError, match=says):
-        ask(api, "", folders.visual, messages=[{"role": "user", "content": content}])
+        ask(api, "", served_folders.visual, messages=[{"role": "user", "content": content}])
 
 
-def test_too_large_bodies_and_images_are_refused_with_413(api, folders, monkeypatch):
+def test_too_large_bodies_and_images_are_refused_with_413(api, served_folders, monkeypatch):
     from llama_adapter import serve as serve_module
 
     monkeypatch.setattr(serve_module, "MAX_BODY", 4000)  # small: the whole body fits in the socket's buffers
@@ -267,12 +251,12 @@ def test_too_large_bodies_and_images_are_refused_with_413(api, folders, monkeypa
     big = "data:image/png;base64," + base64.b64encode(b"x" * 1000).decode()
     content = [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": big}}]
     with pytest.raises(openai.APIStatusError) as raised:
-        ask(api, "", folders.visual, messages=[{"role": "user", "content": content}])
+        ask(api, "", served_folders.visual, messages=[{"role": "user", "content": content}])
     assert raised.value.status_code == 413
 
 
-def test_a_full_queue_turns_requests_away_with_429(folders):
-    server = serve(folders, max_batch=1, queue=1)
+def test_a_full_queue_turns_requests_away_with_429(served_folders):
+    server = serve(served_folders, max_batch=1, queue=1)
     slow = server.models["base"].base.register_forward_hook(lambda *args: time.sleep(0.05))
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -289,8 +273,8 @@ def test_a_full_queue_turns_requests_away_with_429(folders):
         server.stop()
 
 
-def test_an_api_key_is_required_when_set(folders):
-    server = serve(folders, api_key="s3cret")
+def test_an_api_key_is_required_when_set(served_folders):
+    server = serve(served_folders, api_key="s3cret")
     try:
         with pytest.raises(openai.AuthenticationError):
             server.client(api_key="wrong").models.list()
@@ -301,30 +285,44 @@ def test_an_api_key_is_required_when_set(folders):
         server.stop()
 
 
-def test_no_generation_thread_outlives_the_server(folders):
-    server = serve(folders)
+def test_no_generation_thread_outlives_the_server(served_folders):
+    server = serve(served_folders)
     worker = server.batcher.thread
     assert worker.is_alive() and worker.name == WORKER_NAME
     server.stop()
     assert not worker.is_alive()
 
 
-def test_the_serve_command_serves_the_base_and_adapters_it_is_given(folders, monkeypatch, capsys):
+def test_the_serve_command_serves_the_base_and_adapters_it_is_given(served_folders, monkeypatch, capsys):
     from llama_adapter import cli
     from llama_adapter import serve as serve_module
 
     served = {}
     monkeypatch.setattr(serve_module.uvicorn, "run", lambda app, host, port, **kw: served.update(host=host, port=port))
-    cli.main(["serve", "--base", folders.base, "--adapter", folders.text, "--host", "0.0.0.0", "--port", "8123"])
+    cli.main(
+        [
+            "serve",
+            "--base",
+            served_folders.base,
+            "--adapter",
+            served_folders.text,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8123",
+        ]
+    )
     assert served == {"host": "0.0.0.0", "port": 8123}
     err = capsys.readouterr().err
-    assert "without --api-key" in err and f"Serving {folders.base}, {folders.text} on" in err
+    assert "without --api-key" in err and f"Serving {served_folders.base}, {served_folders.text} on" in err
 
 
-def test_the_serve_command_refuses_a_virtual_token_adapter(folders, tmp_path):
+def test_the_serve_command_refuses_a_virtual_token_adapter(served_folders, tmp_path):
     from llama_adapter import AdapterConfig, cli
 
-    prefix = LlamaAdapterModel.from_base(folders.base, AdapterConfig(method="prefix", adapter_len=2), device="cpu")
+    prefix = LlamaAdapterModel.from_base(
+        served_folders.base, AdapterConfig(method="prefix", adapter_len=2), device="cpu"
+    )
     prefix.save(tmp_path / "prefix")
     with pytest.raises(SystemExit, match="serve cannot batch .*prefix.*virtual tokens"):
-        cli.main(["serve", "--base", folders.base, "--adapter", str(tmp_path / "prefix")])
+        cli.main(["serve", "--base", served_folders.base, "--adapter", str(tmp_path / "prefix")])
