@@ -23,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -408,8 +408,13 @@ def decode_step(model, tokens, attention_mask, positions, cache, images: dict) -
 def with_cache(model: PreTrainedModel, cache) -> dict:
     """The keyword that hands a forward call its key/value cache: `cache` since transformers 5.2x, which deprecates
     the older `past_key_values` (gone in 5.40)."""
-    renamed = "cache" in inspect.signature(type(model).forward).parameters
-    return {"cache" if renamed else "past_key_values": cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@lru_cache
+def _cache_keyword(model_class: type) -> str:
+    # Once per class, not at every decode step: the answer cannot change for a class.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_of(output):
