@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hf
+from . import generation, hf
 from .model import LlamaAdapterModel
 
 WORKER_NAME = "llama-adapter-batcher"
@@ -46,12 +46,15 @@ class Job:
 
 
 class _Row:
-    """A job in a batch: its tokens so far, the text already sent, its random generator."""
+    """A job in a batch: its tokens so far, their text, how much of it was sent, its random generator."""
 
     def __init__(self, job: Job, tokenizer):
         self.job, self.tokenizer = job, tokenizer
         self.tokens: list[int] = []
-        self.sent = ""  # the text emitted so far
+        self.text = ""  # the text of tokens[:read]
+        self.read = 0
+        self.context = 0  # tokens[context:read] are decoded again with the new ones, for the spacing between them
+        self.sent = 0  # characters of the text emitted so far
         self.generator = None
         if job.temperature > 0:
             self.generator = torch.Generator()
@@ -63,27 +66,37 @@ class _Row:
         if token == self.tokenizer.eos_token_id:
             return self.end("stop")
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((text.find(s) for s in self.job.stop if s in text), default=-1)
+        checked = len(self.text)
+        self.text += self.new_text()
+        longest = max((len(s) for s in self.job.stop), default=0)
+        # Only a stop string that ends in the new text can be new; the earlier text was searched already.
+        start = max(0, checked - longest + 1)
+        cut = min((i for i in (self.text.find(s, start) for s in self.job.stop) if i >= 0), default=-1)
         if cut >= 0:
-            return self.end("stop", text[:cut])
+            return self.end("stop", cut)
         if len(self.tokens) >= self.job.max_tokens:
-            return self.end("length", text)
-        # Hold back a piece that may be the start of a stop string, or half a character.
-        hold = max((len(s) - 1 for s in self.job.stop), default=0)
-        safe = text[: len(text) - hold] if hold else text
-        if safe.endswith("\ufffd"):
-            safe = safe[: len(safe.rstrip("\ufffd"))]
-        if len(safe) > len(self.sent) and safe.startswith(self.sent):
-            self.job.emit(safe[len(self.sent) :])
+            return self.end("length")
+        safe = len(self.text) - max(longest - 1, 0)  # hold back what may be the start of a stop string
+        if safe > self.sent:
+            self.job.emit(self.text[self.sent : safe])
             self.sent = safe
 
-    def end(self, reason: str, text: str | None = None) -> None:
-        """Send what is left of the text, then the finish."""
-        if text is None:
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            self.job.emit(text[len(self.sent) :])
+    def new_text(self, final: bool = False) -> str:
+        """The text that the tokens after `read` add, decoding only them and a few before (decoding the whole answer
+        at every token would cost as much as the answer so far). Until `final`, a half character waits for the rest
+        of its bytes: at most 4, after which they are not UTF-8 and the whole decode shows them as replaced too."""
+        before = generation.answer_text(self.tokenizer, self.tokens[self.context : self.read])
+        after = generation.answer_text(self.tokenizer, self.tokens[self.context :])
+        if not final and after.endswith("\ufffd") and len(self.tokens) - self.read < 4:
+            return ""
+        self.context, self.read = self.read, len(self.tokens)
+        return after[len(before) :]
+
+    def end(self, reason: str, cut: int | None = None) -> None:
+        """Send what is left of the text (up to `cut`, where a stop string starts), then the finish."""
+        self.text = self.text[:cut] if cut is not None else self.text + self.new_text(final=True)
+        if len(self.text) > self.sent:
+            self.job.emit(self.text[self.sent :])
         self.finish = reason
         self.job.emit("", finish=reason, completion_tokens=len(self.tokens))
 

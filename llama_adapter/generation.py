@@ -24,7 +24,9 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     tokenizer = model.tokenizer
     ids, mask = data.left_padded(prompt_tokens(model, [prompt]), data.pad_id(tokenizer))
     inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(
+        tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
     stop = threading.Event()
     failure: list[BaseException] = []
 
@@ -116,8 +118,15 @@ def answer_batch(
     for row in out[:, inputs["input_ids"].shape[1] :].tolist():
         stopped = tokenizer.eos_token_id in row
         row = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row  # a finished row is padded after
-        answers.append(Answer(tokenizer.decode(row, skip_special_tokens=True), len(row), stopped))
+        answers.append(Answer(answer_text(tokenizer, row), len(row), stopped))
     return answers
+
+
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    """The text of answer tokens as the model wrote them, special tokens left out. Spaces are never "cleaned up" (a
+    BERT-era option that turns " ," into ","): the text stays the model's, and the decode of a run of tokens stays the
+    end of the decode of a longer run, which the server's streaming relies on."""
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def prompt_tokens(model, prompts: list[str]) -> list[list[int]]:

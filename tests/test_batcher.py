@@ -1,12 +1,15 @@
 """The server's batcher without the server: rows that join and leave a decoding batch, on every model type."""
 
+import random
+
 import pytest
 import torch
 from conftest import _randomize_adapter
-from transformers import AutoConfig, AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig, hf
-from llama_adapter.batcher import Job, _Batch
+from llama_adapter.batcher import Job, _Batch, _Row
 from llama_adapter.data import format_prompt
 from llama_adapter.generation import generate_batch
 
@@ -50,3 +53,88 @@ def test_a_batch_that_rows_join_and_leave_decodes_each_as_alone(tokenizer, model
             model_type,
             i,
         )
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's byte-level scheme (SmolLM2's) without merges: one token per byte, so "日" is three tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(["</s>", *alphabet])}, merges=[]))
+    core.add_special_tokens(["</s>"])
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece's scheme (LLaMA's): words carry a leading "▁" that decodes as a space, except at the very start,
+    so the decode of a run of tokens depends on where it starts."""
+    words = ["</s>", "▁Hello", "▁world", ".", "▁The", "▁end", "!", "▁a", "b", "▁"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="▁"))
+    core.add_special_tokens(["</s>"])
+    core.decoder = decoders.Metaspace(prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+
+
+def run_row(tokenizer, tokens: list[int], stop=(), max_tokens=1000) -> tuple[list[str], list[str]]:
+    """Feed tokens to a row one at a time, as the batcher does: the pieces it emits, and its finish if it ended."""
+    pieces, finish = [], []
+
+    def emit(text, finish=None, completion_tokens=None):
+        (pieces if finish is None else finishes).append(text if finish is None else finish)
+
+    finishes = finish
+    row = _Row(Job("m", [], max_tokens, emit, stop=tuple(stop)), tokenizer)
+    for token in tokens:
+        row.take(token)
+        if row.finish:
+            break
+    return pieces, finish
+
+
+def random_tokens(tokenizer, rng: random.Random) -> list[int]:
+    """Any word tokens; for bytes, the tokens of a random text of one-, two- and three-byte characters."""
+    if tokenizer.decode([1]) != "!":
+        return [rng.randrange(1, len(tokenizer)) for _ in range(rng.randrange(1, 30))]
+    text = "".join(rng.choice(["a", "b", " ", ".", "é", "ß", "日", "本", "!"]) for _ in range(rng.randrange(1, 20)))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("make", [byte_tokenizer, word_tokenizer])
+def test_a_row_sends_what_decoding_every_token_at_each_step_gives(make):
+    """Random answers, stop strings cut from their text at random (across tokens, inside characters), random token
+    limits: what a row sends always equals decoding all its tokens at every step, as the batcher once did."""
+    tokenizer, rng = make(), random.Random(0)
+    for _ in range(200):
+        tokens = random_tokens(tokenizer, rng)
+        text = tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+        stop = [text[i : i + rng.randrange(1, 6)] for i in rng.sample(range(len(text)), min(len(text), 2))]
+        stop = rng.choice([[], stop[:1], stop + ["never"]])
+        limit = rng.randrange(1, len(tokens) + 3)
+        pieces, finish = run_row(tokenizer, tokens + [tokenizer.eos_token_id], stop, limit)
+        # The answer ends at the first token after which the text holds a stop string, cut where the stop starts.
+        texts = [tokenizer.decode(tokens[:k], clean_up_tokenization_spaces=False) for k in range(1, limit + 1)]
+        cuts = (min(t.find(s) for s in stop if s in t) for t in texts if any(s in t for s in stop))
+        cut = next(cuts, None)
+        whole = texts[-1]
+        want = (whole[:cut], ["stop"]) if cut is not None else (whole, ["length" if limit <= len(tokens) else "stop"])
+        # Pieces only add to what was sent, so no piece held half a character or a stop string's start.
+        assert ("".join(pieces), finish) == want, (tokens, stop, limit)
+
+
+def test_a_stop_string_across_tokens_and_inside_a_character_ends_the_answer_before_it():
+    tokenizer = byte_tokenizer()  # "語" is three tokens: the stop begins in the middle of the first
+    pieces, finish = run_row(
+        tokenizer, tokenizer("日本語 is Japanese.", add_special_tokens=False)["input_ids"], ["語 is"]
+    )
+    assert "".join(pieces) == "日本" and finish == ["stop"]  # the "語" of the stop string was never sent
+
+
+def test_a_row_decodes_a_short_window_per_token_not_its_whole_text():
+    """The cost of a token does not grow with the answer: each decode sees a few tokens, however long the answer."""
+    tokenizer = byte_tokenizer()
+    tokens = tokenizer("日本語 and é, " * 40, add_special_tokens=False)["input_ids"]
+    decode, seen = tokenizer.decode, []
+    tokenizer.decode = lambda ids, **kwargs: seen.append(len(ids)) or decode(ids, **kwargs)
+    pieces, finish = run_row(tokenizer, tokens, stop=["never"])
+    assert len(tokens) > 500 and max(seen) <= 8
+    assert "".join(pieces) == decode(tokens)[: -len("never") + 1] and finish == []
