@@ -25,6 +25,14 @@ attention weights sum to one. So the image's whole effect is tanh(g_l) * I_p W_v
 which is how it is computed: the prompts' keys and values stay the same for every image (and are cached), and each
 position may carry its own image, as the rows packed into one sequence do.
 
+LLaMA-Adapter V2 (Gao et al. 2023, https://arxiv.org/abs/2304.15010, section 3) keeps those prompts and unlocks
+more of the frozen model, every piece starting where it changes nothing:
+- bias and scale on every linear layer (`BiasScale`): y = s * (W x + b), s = 1 and b = 0 at first (eq. 4);
+- the normalisation layers' weights (`NormShift`): the RMSNorm weight w trains as w + d, d = 0 at first;
+- early fusion: the image shifts the prompts of the first V adapted layers only, the later prompts stay text-only.
+Biases and scales fold into the weights they follow (W' = diag(s) W, b' = s (b0 + b)), norm shifts into the norm's
+weight, so only the prompts remain an adapter (methods/llama_adapter_v2.py).
+
 The bottleneck adapters of LLM-Adapters (Hu et al. 2023, https://arxiv.org/abs/2304.01933), which PEFT lacks,
 live here too: each decoder layer's MLP gets a small residual branch f(z W_down) W_up, with W_up zero-initialised
 so that, like the gates above, an untrained adapter is exactly the base model. Series reads the MLP's output h
@@ -50,11 +58,13 @@ from torch import nn
 class AdaptionPrompt(nn.Module):
     """The K learnable prompt vectors and per-head gates of one adapted attention layer."""
 
-    def __init__(self, adapter_len: int, hidden_size: int, num_heads: int):
+    def __init__(self, adapter_len: int, hidden_size: int, num_heads: int, takes_image: bool = True):
         super().__init__()
         # N(0, 1) like the reference implementation's nn.Embedding; harmless because the gate starts at zero.
         self.adapter_prompt = nn.Parameter(torch.randn(adapter_len, hidden_size))
         self.adapter_gate = nn.Parameter(torch.zeros(num_heads))
+        self.takes_image = takes_image  # False: a V2 late layer, whose prompt stays text-only
+        self.projection_tuning: tuple[nn.Module, ...] = ()  # V2's BiasScale of k and v: the projections' own part
         self._cached_kv: tuple | None = None  # (key, keys, values): see _keys_values
 
     def forward(
@@ -77,7 +87,7 @@ class AdaptionPrompt(nn.Module):
         # matmul, softmax, matmul: it halves the prompt term's cost per decoded token.
         out = F.scaled_dot_product_attention(query, keys.expand(batch), values.expand(batch), scale=scaling)
         out = out.transpose(1, 2)
-        if visual is None:
+        if visual is None or not self.takes_image:
             return out
         shift = self._image_values(v_proj, visual.to(query.dtype), num_heads, head_dim)  # (B, [T,] H, hd)
         return out + (shift[:, None] if visual.dim() == 2 else shift)
@@ -94,7 +104,8 @@ class AdaptionPrompt(nn.Module):
         """
         caching = not torch.is_grad_enabled()  # training recomputes every step: no key to build, nothing to keep
         if caching:
-            weights = [self.adapter_prompt, self.adapter_gate, *k_proj.parameters(), *v_proj.parameters()]
+            tuning = [p for module in self.projection_tuning for p in module.parameters()]
+            weights = [self.adapter_prompt, self.adapter_gate, *k_proj.parameters(), *v_proj.parameters(), *tuning]
             key = (dtype, num_heads, head_dim, *((w.device, w.data_ptr(), w._version) for w in weights))
             if self._cached_kv is not None and self._cached_kv[0] == key:
                 return self._cached_kv[1:]
@@ -107,15 +118,44 @@ class AdaptionPrompt(nn.Module):
 
     def _image_values(self, v_proj, visual: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
         """tanh(g) * (I_p W_v) per query head: (..., dim) image features -> (..., H, hd)."""
-        projected = v_proj(visual)
-        if getattr(v_proj, "bias", None) is not None:  # (P + I) W + b - (P W + b): the bias is the prompt's own
-            projected = projected - v_proj.bias.to(projected.dtype)
+        # v(P + I) - v(P) for an affine v: the constant part (a bias, V2's scaled bias) belongs to the prompt alone.
+        projected = v_proj(visual) - v_proj(visual.new_zeros(1, visual.shape[-1]))
         kv_heads = projected.unflatten(-1, (-1, head_dim))  # (..., H_kv, hd)
         heads = kv_heads.repeat_interleave(num_heads // kv_heads.shape[-2], dim=-2)
         return self._gate(visual.dtype)[:, None] * heads
 
     def _gate(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.tanh(self.adapter_gate).to(dtype)
+
+
+class BiasScale(nn.Module):
+    """LLaMA-Adapter V2 on one linear layer: its output y becomes s * (y + b), with s = 1 and b = 0 at first."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.adapter_bias = nn.Parameter(torch.zeros(out_features))
+        self.adapter_scale = nn.Parameter(torch.ones(out_features))
+
+    def forward(self, layer_input: torch.Tensor, layer_output: torch.Tensor) -> torch.Tensor:
+        dtype = layer_output.dtype
+        return self.adapter_scale.to(dtype) * (layer_output + self.adapter_bias.to(dtype))
+
+
+class NormShift(nn.Module):
+    """LLaMA-Adapter V2 on one RMSNorm: its weight w trains, as w + d with d = 0 at first (w stays the base's).
+
+    The norm's output w * n(x) becomes w * n(x) + d * n(x), n(x) = x / rms(x) recomputed here in fp32 as the norm
+    does: the same function as a norm whose weight is w + d, without touching the shared base's weight."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight_shift = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, layer_input: torch.Tensor, layer_output: torch.Tensor) -> torch.Tensor:
+        x = layer_input.float()
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(layer_output.dtype)
+        return layer_output + self.weight_shift.to(layer_output.dtype) * normed
 
 
 class Bottleneck(nn.Module):

@@ -270,9 +270,9 @@ def run_convert(args: argparse.Namespace) -> None:
 
 @dataclass
 class MergeConfig(Checked):
-    """Which LoRA adapter to fold into its base, and where the merged model goes."""
+    """Which adapter to fold into its base, and where the merged model goes."""
 
-    adapter: str = option("a LoRA adapter folder (trained with --method lora)")
+    adapter: str = option("a LoRA or llama-adapter-v2 adapter folder")
     out: str = option("folder for the merged model (Hugging Face format: use it as --base, or anywhere else)")
 
 
@@ -282,15 +282,26 @@ def run_merge(args: argparse.Namespace) -> None:
     folder = shelf.resolve(cfg.adapter)
     saved = adapter_files.read_config(folder)["adapter"]
     method = methods.get(AdapterConfig.from_saved(saved, folder / adapter_files.CONFIG_NAME).method)
-    if not method.can_merge:  # refused before the base is loaded
-        raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only LoRA folds into the base weights")
+    if not (method.can_merge or method.folds):  # refused before the base is loaded
+        able = " and ".join(name for name, m in methods.REGISTRY.items() if m.can_merge or m.folds)
+        raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only {able} fold into the base weights")
     if model_cfg.quantize != "none":
-        raise ValueError("merge folds LoRA into full-precision weights; leave out --quantize")
+        raise ValueError("merge folds into full-precision weights; leave out --quantize")
     model = LlamaAdapterModel.load(cfg.adapter, model_cfg.base, PRECISIONS[model_cfg.precision], device="cpu")
-    merged = model.method.merged_base()
+    if method.can_merge:
+        merged = model.method.merged_base()
+    else:  # V2: the biases, scales and norms fold; the prompts stay an adapter, on the merged model
+        folded = model.folded()
+        merged = folded.base
     merged.save_pretrained(cfg.out)
     model.tokenizer.save_pretrained(cfg.out)
-    print(f"{cfg.adapter} + {merged.name_or_path} -> {cfg.out}: the base with LoRA folded into its weights")
+    print(
+        f"{cfg.adapter} + {model.base.name_or_path} -> {cfg.out}: the base with {method.name} folded into its weights"
+    )
+    if method.folds:
+        merged.name_or_path = cfg.out  # what the prompts' adapter records as its base
+        folded.save(Path(cfg.out) / "prompts")
+        print(f"its prompts stay an adapter: --base {cfg.out} --adapter {Path(cfg.out) / 'prompts'}")
 
 
 def run_adapters(args: argparse.Namespace) -> None:

@@ -168,6 +168,23 @@ class LlamaAdapterModel(nn.Module):
             for name, param in expected.items():
                 param.copy_(tensors[name])
 
+    def folded(self) -> "LlamaAdapterModel":
+        """A V2 adapter's biases, scales and norm shifts folded into a copy of the base (`folded.base`, a plain model),
+        under its prompts alone: a llama-adapter adapter, or, multimodal, this method with its tuning at rest (early
+        fusion is V2's). It computes what this one does, up to rounding."""
+        if not self.method.folds:
+            raise ValueError(f"a {self.config.method} adapter has no biases and scales to fold")
+        tuning = self.method.tuning_parameter_names()
+        method = self.config.method if self.multimodal else "llama-adapter"
+        config = dataclasses.replace(self.config, method=method)
+        folded = LlamaAdapterModel(self.method.folded_base(), self.tokenizer, config, self.visual_config)
+        own = self.adapter_state()
+        with torch.no_grad():
+            for name, param in folded.adapter_state().items():
+                if name not in tuning:
+                    param.copy_(own[name])
+        return folded
+
     def unload(self) -> None:
         """Take this adapter off its base (which is exactly the loaded model again once no adapter is left)."""
         self.shared.remove(self.name)
@@ -185,6 +202,12 @@ class LlamaAdapterModel(nn.Module):
         if self.visual_proj is not None:
             state |= {f"visual_proj.{name}": param for name, param in self.visual_proj.named_parameters()}
         return state
+
+    def image_parameter_names(self) -> set[str]:
+        """The parameters that joint training (--image-data) updates on image-text batches only: the visual
+        projection and the method's own image side (V2's early prompts); the rest train on instructions."""
+        visual = {name for name in self.adapter_state() if name.startswith("visual_proj.")}
+        return visual | self.method.image_parameters()
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.adapter_state().values())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .scienceqa import Problem
+from .scienceqa import Problem, to_rows
 
 COLOURS = {"red": (205, 40, 40), "green": (40, 160, 60), "blue": (45, 70, 215)}
 SHAPES = ("square", "circle", "triangle")
@@ -67,3 +67,16 @@ def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.
     else:
         draw.polygon([(left, top + extent), (left + extent, top + extent), (left + extent // 2, top)], fill=colour)
     return image
+
+
+def rows_saying_the_colour(problems) -> list[dict]:
+    """ScienceQA's rows, each answer naming the colour before the letter: "The shape is red. The answer is B."
+
+    With the options shuffled, "The answer is B." alone has to find the image's colour among the options within the
+    one token of the letter: 150 steps of that stayed at chance (a loss of ln 3 on the letter). Said first, the colour
+    splits the task into two that the model learns: the colour from the image, then the letter of the option named so.
+    """
+    rows = to_rows(problems)
+    for row, problem in zip(rows, problems):
+        row["output"] = f"The shape is {problem.choices[problem.answer]}. {row['output']}"
+    return rows

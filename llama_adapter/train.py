@@ -9,6 +9,8 @@ run_log.py; how a task becomes rows and batches, in task_rows.py.
 """
 
 import dataclasses
+import fractions
+import hashlib
 import json
 import math
 import random
@@ -87,6 +89,13 @@ class TrainConfig(Checked):
     )
     val_fraction: float = option("share of rows held out for validation loss", 0.05, at_least=0, below=1)
     weight_decay: float = option("AdamW weight decay", 0.02, at_least=0)
+    image_data: str | None = option(
+        "joint training (llama-adapter-v2 with --clip-model): image-text rows {instruction, input, output, image}, "
+        "each with an image, in any --data format; their batches update only the visual projection and the early "
+        "prompts, --data's batches only the rest",
+        None,
+    )
+    image_ratio: float = option("joint training: image-text batches per --data batch", 1.0, above=0)
     eos_weight: float = option(
         "weight of the EOS that ends each response in the training loss, 1 being every other token's: above 1 "
         "teaches a model whose answers run on to stop (validation loss always weighs it 1)",
@@ -123,6 +132,7 @@ class Progress:
     tokens: int = 0  # non-padding tokens trained, all processes together
     padded: int = 0  # batch positions, padding included
     elapsed_s: float = 0.0
+    image_steps: int = 0  # of those, image-text steps (joint training)
     log_rows: int = 0  # rows in metrics.csv
     val_loss_before: float = math.nan
     val_loss: float = math.nan
@@ -149,6 +159,8 @@ def train(
         raise ValueError(f"--gradient-checkpointing does not work with --method {adapter_cfg.method}")
     if not methods.get(adapter_cfg.method).tokens_only and cfg.packing:
         raise ValueError(f"--packing does not work with --method {adapter_cfg.method}: its virtual tokens come first")
+    if cfg.image_data is not None:
+        check_joint_training(adapter_cfg, visual_cfg or VisualConfig())
     if cfg.model.quantize != "none" and fsdp:
         raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")
     world = distributed.setup()
@@ -189,11 +201,17 @@ def _train(
         distributed.finish(world)
         return before["summary"]
     skipped: data.BadRows | None = [] if cfg.on_bad_row == "skip" else None
+    image_rows = None
     with distributed.main_first(world):  # one process fills the datasets cache, the others read it
         if rows is None:
             rows = load_task_rows(cfg, sqa_cfg or ScienceQAConfig(), visual_cfg, skipped)
         rows = data.as_rows(rows)
+        if cfg.image_data is not None:
+            image_rows = data.as_rows(data.load_rows(cfg.image_data, skipped))
+            check_every_row_has_an_image(image_rows, cfg.image_data)
     data_hash = rows_hash(rows)
+    if image_rows is not None:
+        data_hash = hashlib.sha256(f"{data_hash} {rows_hash(image_rows)}".encode()).hexdigest()
     if before is not None:
         check_same_data(before, resume_from, data_hash, cfg.data)
     torch.manual_seed(cfg.seed)  # every process builds the same adapter
@@ -210,6 +228,12 @@ def _train(
     train_set, val_set, dropped = training_examples(
         rows, model.tokenizer, cfg.val_fraction, cfg.seed, cfg.max_len, cfg.data, skipped, world, cache
     )
+    image_set = None
+    if image_rows is not None:
+        image_set, image_val, image_dropped = training_examples(
+            image_rows, model.tokenizer, cfg.val_fraction, cfg.seed, cfg.max_len, cfg.image_data, skipped, world, cache
+        )
+        val_set, dropped = [*val_set, *image_val], dropped + image_dropped  # validation weighs both kinds
 
     if cfg.gradient_checkpointing:
         hf.enable_gradient_checkpointing(model.base)
@@ -217,9 +241,26 @@ def _train(
     weights_mib = round(distributed.weights_mib(model), 1)  # at rest: FSDP gathers layers only while they run
     packs = data.packs(train_set.lengths, cfg.max_len, cfg.seed) if cfg.packing else None  # the same every epoch
     steps_per_epoch = math.ceil(len(packs or train_set) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = min(math.inf if cfg.max_steps is None else cfg.max_steps, cfg.epochs * steps_per_epoch)
-    params = list(model.adapter_state().values())
-    optimizer = adamw(params, settings["lr"], cfg.weight_decay)
+    ratio = fractions.Fraction(repr(cfg.image_ratio)) if image_set is not None else 0  # exact: 0.3 x 10 is 3
+
+    def image_steps_due(text_steps: int) -> int:
+        """Image-text steps that follow the first `text_steps` instruction steps, all together."""
+        return math.floor(text_steps * ratio)
+
+    text_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(math.inf if cfg.max_steps is None else cfg.max_steps, text_steps + image_steps_due(text_steps))
+    state = model.adapter_state()
+    params = list(state.values())
+    image_names = model.image_parameter_names() if image_set is not None else set()
+    text_params = [p for name, p in state.items() if name not in image_names]
+    image_params = [p for name, p in state.items() if name in image_names]
+    undecayed = model.method.undecayed_parameters()
+    optimizer = adamw(
+        [p for name, p in state.items() if name not in undecayed],
+        settings["lr"],
+        cfg.weight_decay,
+        undecayed=[p for name, p in state.items() if name in undecayed],
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     model.method.begin_training(total_steps)
     progress, resumed_at = Progress(), None
@@ -251,38 +292,65 @@ def _train(
             checkpoint.save(out, model, optimizer, scheduler, state | {"summary": summary}, rng)
 
     started = time.perf_counter() - progress.elapsed_s
+    image_groups = {}  # pass over the image-text rows -> its optimizer steps' batches
+
+    def next_image_group() -> list[list[data.Example]]:
+        """The batches of the next image-text step: the image rows go round in a new order each pass."""
+        per_pass = math.ceil(len(image_set) / (cfg.batch_size * cfg.grad_accum))
+        turn, position = divmod(progress.image_steps, per_pass)
+        if turn not in image_groups:
+            image_groups.clear()
+            image_groups[turn] = step_groups(image_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed - 1 - turn)
+        return [[image_set[i] for i in batch] for batch in image_groups[turn][position]]
+
+    def optimizer_step(group, trained: list[torch.nn.Parameter]) -> float:
+        """One step on `group`'s batches that changes only the `trained` parameters; returns its loss."""
+        model.method.begin_step(progress.step + 1)
+        loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
+        if len(trained) < len(params):  # joint training: the other kind of batch owns the rest
+            kept = {id(p) for p in trained}
+            for p in params:
+                if id(p) not in kept:
+                    p.grad = None  # AdamW leaves a parameter without a gradient as it is, moments included
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm=1.0)
+        stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
+        optimizer.step()
+        scheduler.step()
+        model.method.end_step(progress.step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        progress.step = progress.step + 1
+        progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded
+        elapsed = time.perf_counter() - started
+        log.write(
+            step=progress.step,
+            epoch=epoch,
+            lr=scheduler.get_last_lr()[0],
+            train_loss=loss,
+            tokens=progress.tokens,
+            tokens_per_s=progress.tokens / elapsed,
+            elapsed_s=elapsed,
+        )
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{progress.tokens / elapsed:.0f}")
+        bar.update()
+        return loss
+
     with tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not world.main) as bar:
         model.train()
         for epoch in range(progress.epoch, cfg.epochs + 1):
             groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch, packs=packs)
             for indices in groups[progress.group :]:
-                group = [[fetch(train_set, member) for member in batch] for batch in indices]
-                model.method.begin_step(progress.step + 1)
-                loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
-                stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
-                optimizer.step()
-                scheduler.step()
-                model.method.end_step(progress.step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                progress.step, progress.group = progress.step + 1, progress.group + 1
-                progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded
-                elapsed = time.perf_counter() - started
-                log.write(
-                    step=progress.step,
-                    epoch=epoch,
-                    lr=scheduler.get_last_lr()[0],
-                    train_loss=loss,
-                    tokens=progress.tokens,
-                    tokens_per_s=progress.tokens / elapsed,
-                    elapsed_s=elapsed,
-                )
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{progress.tokens / elapsed:.0f}")
-                bar.update()
+                before = progress.step
+                optimizer_step([[fetch(train_set, member) for member in batch] for batch in indices], text_params)
+                progress.group += 1
+                while progress.step < total_steps and progress.image_steps < image_steps_due(
+                    progress.step - progress.image_steps
+                ):
+                    optimizer_step(next_image_group(), image_params)
+                    progress.image_steps += 1
                 if progress.step >= total_steps:
                     break
                 # An epoch's last step gets its checkpoint after the validation, below.
-                if progress.step % cfg.save_every == 0 and progress.group < len(groups):
+                if progress.step // cfg.save_every > before // cfg.save_every and progress.group < len(groups):
                     save_checkpoint()
             progress.val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
             log.write(step=progress.step, epoch=epoch, val_loss=progress.val_loss)
@@ -364,7 +432,7 @@ def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> N
 
 
 # Settings added after runs began saving theirs, with the value every run before them had.
-SETTINGS_ADDED = {"eos_weight": 1.0}
+SETTINGS_ADDED = {"eos_weight": 1.0, "image_data": None, "image_ratio": 1.0}
 
 
 def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
@@ -385,6 +453,24 @@ def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
             "use the same settings, another --out, or --no-resume to start over"
         )
     return last
+
+
+def check_joint_training(adapter_cfg: AdapterConfig, visual_cfg: VisualConfig) -> None:
+    """Refuse --image-data where there is no image side to train apart."""
+    if not methods.get(adapter_cfg.method).trains_jointly or not visual_cfg.clip_model:
+        able = " or ".join(methods.with_capability("trains_jointly"))
+        raise ValueError(
+            "--image-data trains a multimodal adapter's image side apart from its text side: it needs --method "
+            f"{able} and --clip-model (got --method {adapter_cfg.method}"
+            f"{'' if visual_cfg.clip_model else ' and no --clip-model'})"
+        )
+
+
+def check_every_row_has_an_image(rows: datasets.Dataset, source: str) -> None:
+    """Image-text rows without an image would train the image side on text alone."""
+    missing = next((i for i, image in enumerate(rows["image"]) if not image), None)
+    if missing is not None:
+        raise data.DataError(f"{source}: row {missing + 1} has no image; every --image-data row needs one")
 
 
 def check_same_data(state: dict, resume_from: Path, data_hash: str, source: str) -> None:
@@ -433,10 +519,14 @@ def evaluate(
     return total / count if count else math.nan
 
 
-def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, undecayed: Sequence[torch.nn.Parameter] = ()
+) -> torch.optim.AdamW:
     """The paper's AdamW (betas 0.9, 0.95), fused: one kernel updates every adapter tensor, instead of a few per
-    tensor, which on a GPU costs launches for each of the hundred-odd small tensors of an adapter."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
+    tensor, which on a GPU costs launches for each of the hundred-odd small tensors of an adapter. The `undecayed`
+    parameters (V2's scales) form a second group without weight decay."""
+    groups = [{"params": params}] + ([{"params": list(undecayed), "weight_decay": 0.0}] if undecayed else [])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
 
 
 def warmup_cosine(total_steps: int, warmup: float):

@@ -16,6 +16,8 @@ RESULTS = REPO / "bench" / "results"
 CAPABILITIES = {
     "takes_images": "images",
     "can_merge": "merge",
+    "folds": "merge",
+    "trains_jointly": "joint image-text training",
     "has_ranks": "any rank ≤ r",
     "shares_base": "shares a base",
 }

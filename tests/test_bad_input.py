@@ -120,6 +120,11 @@ def train_with_image(ws: Workspace, here: Path, image: str) -> list[str]:
     return train_on(ws, image_rows(here, image), "--clip-model", "tiny-test-clip")
 
 
+def write_png(here: Path) -> str:
+    Image.new("RGB", (8, 8), "red").save(here / "ok.png")
+    return "ok.png"
+
+
 def corrupt_png(here: Path) -> str:
     return write(here, "corrupt.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
 
@@ -271,6 +276,10 @@ CASES = [
          r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*truncated.png: not a readable image \(image file is truncated"),
     Case("train", "decompression-bomb image", lambda ws, h: train_with_image(ws, h, bomb_png(h)),
          r"rows.jsonl: 1 image\(s\) cannot be used, e.g. .*bomb.png: too many pixels \(over 64,000,000\) for an image; refused"),
+    Case("train", "--image-data without V2", lambda ws, h: train_on(ws, ws.rows, "--image-data", image_rows(h, "x.png"), "--clip-model", "tiny-test-clip"),
+         r"--image-data trains a multimodal adapter's image side apart from its text side: it needs --method llama-adapter-v2 and --clip-model \(got --method llama-adapter\)"),
+    Case("train", "--image-data row without an image", lambda ws, h: train_on(ws, ws.rows, "--image-data", image_rows(h, write_png(h)), "--method", "llama-adapter-v2", "--clip-model", "tiny-test-clip"),
+         r"rows.jsonl: row 1 has no image; every --image-data row needs one"),
     Case("train", "--out is an existing file", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", write(h, "taken", "x")],
          r"--out .*taken: a file, expected a folder"),
     Case("train", "--out where nothing can be written", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", "/sys/llama-adapter-run"],
@@ -351,8 +360,8 @@ CASES = [
          r"--out .*taken: a file, expected a folder"),
     Case("merge", "--out is an existing file", lambda ws, h: ["merge", "--adapter", ws.adapter, "--out", write(h, "taken", "x"), "--base", ws.base],
          r"--out .*taken: a file, expected a folder"),
-    Case("merge", "not a LoRA adapter", lambda ws, h: ["merge", "--adapter", ws.adapter, "--out", str(h / "o"), "--base", ws.base],
-         r"adapter: a llama-adapter adapter; only LoRA folds into the base weights"),
+    Case("merge", "not a LoRA or V2 adapter", lambda ws, h: ["merge", "--adapter", ws.adapter, "--out", str(h / "o"), "--base", ws.base],
+         r"adapter: a llama-adapter adapter; only llama-adapter-v2 and lora fold into the base weights"),
     Case("demo", "corrupt adapter", lambda ws, h: ["demo", "--adapter", adapter_copy(ws, h, lambda a: truncate(a / WEIGHTS_NAME))],
          r"adapter.safetensors: not a readable safetensors file"),
     Case("demo", "not an adapter folder", lambda ws, h: ["demo", "--adapter", str(h / "empty")],

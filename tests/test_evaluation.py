@@ -137,12 +137,14 @@ def test_cli_eval_prints_and_saves_the_table(tmp_path, sqa_dir, make_base, token
         cli.main(["eval", "scienceqa", "--data", str(sqa_dir), "--out", str(out), "--base", str(base_dir), *flags[2:]])
 
 
-def test_cli_trains_on_scienceqa_then_evaluates(tmp_path, sqa_dir, make_base, tokenizer, capsys):  # noqa: F811
+@pytest.mark.parametrize("method", ["llama-adapter", "llama-adapter-v2"])
+def test_cli_trains_on_scienceqa_then_evaluates(tmp_path, sqa_dir, make_base, tokenizer, capsys, method):  # noqa: F811
     base_dir = tmp_path / "base"
     make_base().save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     adapter = tmp_path / "adapter"
     flags = ["--max-steps", "1", "--batch-size", "1", "--val-fraction", "0", "--adapter-layers", "2", "--lr", "0.01"]
+    flags += ["--method", method]
     # The train split's only problem names an image; a text-only adapter needs no image files at all.
     cli.main(
         ["train", "--task", "scienceqa", "--data", str(sqa_dir), "--base", str(base_dir), "--out", str(adapter), *flags]

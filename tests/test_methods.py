@@ -13,8 +13,25 @@ from llama_adapter.config import ModelConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel, load_model
 from llama_adapter.train import TrainConfig, train
 
-METHODS = ["llama-adapter", "series", "parallel", "lora", "prefix", "ptuning-v2", "prompt", "adalora", "dylora"]
-SHARING = {"llama-adapter", "series", "parallel", "dylora"}  # leave the base's weights alone: may share one base
+METHODS = [
+    "llama-adapter",
+    "llama-adapter-v2",
+    "series",
+    "parallel",
+    "lora",
+    "prefix",
+    "ptuning-v2",
+    "prompt",
+    "adalora",
+    "dylora",
+]
+SHARING = {
+    "llama-adapter",
+    "llama-adapter-v2",
+    "series",
+    "parallel",
+    "dylora",
+}  # leave the base's weights alone: may share one base
 SMALL = {
     "lora_rank": 4,
     "bottleneck_size": 8,
@@ -47,7 +64,9 @@ def batch(tokenizer):
     return ids, mask
 
 
-@pytest.mark.parametrize("method", ["llama-adapter", "series", "parallel", "lora", "adalora", "dylora"])
+@pytest.mark.parametrize(
+    "method", ["llama-adapter", "llama-adapter-v2", "series", "parallel", "lora", "adalora", "dylora"]
+)
 def test_a_fresh_adapter_is_exactly_the_base(make_base, tokenizer, method):
     ids, mask = batch(tokenizer)
     expected = make_base()(input_ids=ids, attention_mask=mask).logits
@@ -101,6 +120,10 @@ def test_method_defaults_are_llm_adapters_and_parameter_counts_match(make_base, 
     lora_per_layer = r * (hidden + hidden) + 2 * r * (hidden + kv) + r * (hidden + inner) + r * (inner + hidden)
     assert counts == {
         "llama-adapter": SMALL["adapter_layers"] * (SMALL["adapter_len"] * hidden + 4),
+        # v1's prompts; a bias and a scale per output of q, k, v, o, gate, up, down; a shift per norm (2 a layer, 1)
+        "llama-adapter-v2": SMALL["adapter_layers"] * (SMALL["adapter_len"] * hidden + 4)
+        + layers * 2 * (hidden + kv + kv + hidden + inner + inner + hidden)
+        + (2 * layers + 1) * hidden,
         "series": layers * 2 * hidden * SMALL["bottleneck_size"],
         "parallel": layers * 2 * hidden * SMALL["bottleneck_size"],
         "lora": layers * lora_per_layer,
@@ -181,6 +204,7 @@ def test_saved_config_names_the_method_and_only_its_fields(tiny_base_dir, tmp_pa
     ("method", "lr"),
     [
         ("llama-adapter", 0.2),
+        ("llama-adapter-v2", 0.05),
         ("series", 0.02),
         ("parallel", 0.02),
         ("lora", 0.02),
@@ -223,10 +247,10 @@ def test_lora_merges_into_the_base_weights(tiny_base_dir, tmp_path, capsys):
     assert batch_tokens  # the same rows throughout
 
 
-def test_only_lora_merges(tiny_base_dir, tmp_path):
+def test_only_lora_and_v2_merge(tiny_base_dir, tmp_path):
     model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="series"), device="cpu")
     model.save(tmp_path / "series")
-    with pytest.raises(SystemExit, match=r"series.*only LoRA folds into the base"):
+    with pytest.raises(SystemExit, match=r"series.*only llama-adapter-v2 and lora fold into the base"):
         cli.main(["merge", "--adapter", str(tmp_path / "series"), "--out", str(tmp_path / "merged")])
     assert not (tmp_path / "merged").exists()
 

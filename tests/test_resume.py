@@ -90,6 +90,7 @@ def test_checkpoint_holds_adapter_optimizer_schedule_rng_and_position(make_model
         "tokens": state["summary"]["train_tokens"],
         "padded": state["progress"]["padded"],
         "elapsed_s": 0,
+        "image_steps": 0,
         "log_rows": 4,  # validation before, two steps, validation after
         "val_loss_before": state["summary"]["val_loss_before"],
         "val_loss": state["summary"]["val_loss_after"],

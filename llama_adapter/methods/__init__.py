@@ -1,6 +1,7 @@
 """The adapter methods behind `--method`, one `Method` subclass each, and the registry that lists them.
 
     llama-adapter              LLaMA-Adapter's gated prompts in the top L attention layers (llama_adapter.py)
+    llama-adapter-v2           and V2's bias, scale and norm tuning, and early fusion of images (llama_adapter_v2.py)
     series, parallel           LLM-Adapters' bottleneck adapters on every decoder layer's MLP (bottleneck.py)
     lora, adalora              PEFT's LoRA, and AdaLoRA, whose ranks are pruned while training (peft_methods.py)
     dylora                     LoRA trained at a random rank each step, so that any rank up to r serves (dylora.py)
@@ -19,11 +20,12 @@ from ..config import from_dict, option
 from .bottleneck import Parallel, Series
 from .dylora import DyLora
 from .llama_adapter import AdaptionPrompts
+from .llama_adapter_v2 import AdaptionPromptsV2
 from .method import PAPER_BASE_LR, Method
 from .peft_methods import AdaLora, Lora, Prefix, PromptTuning, PTuningV2
 
 METHODS: tuple[type[Method], ...] = (
-    AdaptionPrompts, Series, Parallel, Lora, AdaLora, DyLora, Prefix, PTuningV2, PromptTuning
+    AdaptionPrompts, AdaptionPromptsV2, Series, Parallel, Lora, AdaLora, DyLora, Prefix, PTuningV2, PromptTuning
 )  # fmt: skip
 REGISTRY: dict[str, type[Method]] = {method.name: method for method in METHODS}
 

@@ -26,6 +26,19 @@ class LlamaAdapterConfig(PromptLength):
 
 
 @dataclass
+class LlamaAdapterV2Config(LlamaAdapterConfig):
+    """LLaMA-Adapter V2: v1's prompts, plus bias and scale on every linear layer and trainable norms; an image shifts
+    the prompts of the first V adapted layers only (early fusion)."""
+
+    visual_layers: int = option(
+        "V: the first V adapted layers whose prompts take the image; the later ones stay text-only "
+        "(llama-adapter-v2 with --clip-model)",
+        1,
+        at_least=1,
+    )
+
+
+@dataclass
 class LoraScaling(Checked):
     lora_alpha: float = option(
         "LoRA scale numerator: the update is (alpha / r) B A (also adalora, dylora)", 64.0, above=0

@@ -23,8 +23,10 @@ class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     default_lr: ClassVar[float | None] = None  # None: LLaMA-Adapter's rule, PAPER_BASE_LR x batch / 256
-    can_merge: ClassVar[bool] = False  # folds into the base's weights (`merge`)
+    can_merge: ClassVar[bool] = False  # folds into the base's weights (`merge`), in place
+    folds: ClassVar[bool] = False  # folds (part of) itself into a copy of the base (`folded_base`)
     takes_images: ClassVar[bool] = False  # a CLIP encoder's features can shift its prompts
+    trains_jointly: ClassVar[bool] = False  # its image side trains apart from its text side (`image_parameters`)
     has_ranks: ClassVar[bool] = False  # answers with a chosen number of its ranks (`set_rank`)
     supports_gradient_checkpointing: ClassVar[bool] = True
     # The base sees the tokens alone, no virtual tokens before them: rows can be packed end to end (--packing), and
@@ -74,6 +76,15 @@ class Method(nn.Module):
     def layer_prompts(self) -> dict[int, nn.Module]:
         """LLaMA-Adapter's AdaptionPrompt per adapted layer; other methods have none."""
         return {}
+
+    def image_parameters(self) -> set[str]:
+        """Names (as `parameters_by_name`) of the parameters that train on image-text batches only, besides the
+        visual projection, in joint training (--image-data); the others train on instruction batches only."""
+        return set()
+
+    def undecayed_parameters(self) -> set[str]:
+        """Names of the parameters that weight decay leaves alone."""
+        return set()
 
     # ------------------------------------------------------------------------------------------------------
     # Calls of the base
