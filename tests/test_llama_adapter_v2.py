@@ -1,6 +1,7 @@
 """LLaMA-Adapter V2: the same logits as litgpt's adapter_v2 for the same values, zero-init exactness with images,
 early fusion, the demo, joint training that changes only each kind of batch's own parameters (and resumes), and
-folding. (Training, saving and loading every method, V2 among them: test_methods.py; the eval command: test_evaluation.py.)"""
+folding. Training, saving and loading every method, V2 among them: test_methods.py; the eval command with V2:
+test_evaluation.py."""
 
 import json
 
@@ -9,6 +10,7 @@ import torch
 from conftest import write_image
 from litgpt.adapter_v2 import GPT, Config
 from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+from test_methods import batch  # two rows of random tokens, the second left-padded
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llama_adapter import AdapterConfig, checkpoint, cli
@@ -33,14 +35,6 @@ def randomize(model: LlamaAdapterModel, seed: int = 0) -> None:
         for name, param in model.adapter_state().items():
             noise = torch.randn(param.shape, generator=generator)
             param.copy_(1 + 0.3 * noise if name.endswith("adapter_scale") else noise * (1 if "prompt" in name else 0.3))
-
-
-def ids_and_mask(tokenizer):
-    torch.manual_seed(7)
-    ids = torch.randint(4, len(tokenizer), (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # a left-padded row
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,7 +117,7 @@ def test_logits_equal_litgpt_adapter_v2_with_the_same_values(tokenizer, groups):
     )  # fmt: skip
     base = LlamaForCausalLM._from_config(config, attn_implementation="eager").eval().requires_grad_(False)
     ours = v2(base, tokenizer)  # prompts in the top two of three layers: the first layer has none in either
-    ids = ids_and_mask(tokenizer)[0][:1]
+    ids = batch(tokenizer)[0][:1]
     with torch.no_grad():
         torch.testing.assert_close(litgpt_copy(ours)(ids), ours(ids), rtol=0, atol=1e-5)  # at rest
         randomize(ours)
@@ -138,7 +132,7 @@ def test_the_prompts_cached_keys_follow_a_change_of_the_key_and_value_tuning_alo
     """Answering caches each prompt's keys and values; V2's k and v bias and scale make them, so they must renew it."""
     model = v2(make_base(initializer_range=0.2), tokenizer)
     randomize(model)
-    ids, mask = ids_and_mask(tokenizer)
+    ids, mask = batch(tokenizer)
     with torch.no_grad():
         before = model(ids, mask)  # caches
         model.method.bias_scales[model.method.linear_paths.index("layers.3.self_attn.v_proj")].adapter_bias.add_(1.0)
@@ -154,7 +148,7 @@ def test_the_prompts_cached_keys_follow_a_change_of_the_key_and_value_tuning_alo
 
 
 def test_a_fresh_multimodal_v2_is_exactly_the_base_with_or_without_images(make_base, tokenizer, tiny_clip, images):
-    ids, mask = ids_and_mask(tokenizer)
+    ids, mask = batch(tokenizer)
     expected = make_base()(input_ids=ids, attention_mask=mask).logits
     model = v2(make_base(), tokenizer, VisualConfig(clip_model=tiny_clip), adapter_layers=3, visual_layers=2)
     features = model.encode_images(images)
@@ -173,7 +167,7 @@ def test_the_image_reaches_only_the_first_v_adapted_layers(make_base, tokenizer,
     )
     assert {layer: prompt.takes_image for layer, prompt in model.prompts.items()} == {1: True, 2: True, 3: False}
     randomize(model)
-    ids, mask = ids_and_mask(tokenizer)
+    ids, mask = batch(tokenizer)
     features = model.encode_images(images)
     with torch.no_grad():
         assert (model(ids, mask, features) - model(ids, mask)).abs().max() > 1e-2
@@ -303,7 +297,7 @@ def test_folding_gives_a_plain_model_and_a_prompt_adapter_with_the_same_logits(t
     model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(**V2), device="cpu")
     randomize(model)
     model.save(tmp_path / "v2")
-    ids, mask = ids_and_mask(model.tokenizer)
+    ids, mask = batch(model.tokenizer)
     with torch.no_grad():
         expected = model(ids, mask)
         folded = model.folded()
@@ -325,7 +319,7 @@ def test_folding_gives_a_plain_model_and_a_prompt_adapter_with_the_same_logits(t
 def test_folding_a_multimodal_v2_keeps_its_early_fusion(make_base, tokenizer, tiny_clip, images):
     model = v2(make_base(), tokenizer, VisualConfig(clip_model=tiny_clip), adapter_layers=3, visual_layers=1)
     randomize(model)
-    ids, mask = ids_and_mask(tokenizer)
+    ids, mask = batch(tokenizer)
     features = model.encode_images(images)
     with torch.no_grad():
         folded = model.folded()
