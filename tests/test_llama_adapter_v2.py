@@ -176,6 +176,22 @@ def test_the_image_reaches_only_the_first_v_adapted_layers(make_base, tokenizer,
         torch.testing.assert_close(model(ids, mask, features), model(ids, mask), rtol=0, atol=0)
 
 
+def test_a_multimodal_v2_round_trips_through_its_folder(tiny_base_dir, tiny_clip, images, tmp_path):
+    visual = VisualConfig(clip_model=tiny_clip)
+    model = LlamaAdapterModel.from_base(
+        str(tiny_base_dir), AdapterConfig(**V2, visual_layers=2), device="cpu", visual=visual
+    )
+    randomize(model)
+    model.save(tmp_path / "v2")
+    loaded = LlamaAdapterModel.load(tmp_path / "v2", device="cpu")
+    assert loaded.config == model.config  # L = 30 clamped to the tiny base's 4 layers; V = 2 of them see the image
+    assert [prompt.takes_image for prompt in loaded.prompts.values()] == [True, True, False, False]
+    ids, mask = batch(model.tokenizer)
+    features = model.encode_images(images)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, features), model(ids, mask, features), rtol=0, atol=0)
+
+
 def test_the_demo_answers_about_an_image_with_a_v2_adapter(make_base, tokenizer, tiny_clip, images):
     from llama_adapter import demo  # imports gradio: only here
 
