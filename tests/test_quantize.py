@@ -112,7 +112,7 @@ def test_quantize_refusals(tiny_base_dir, rows_file, tmp_path, monkeypatch):
 
     lora = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="lora", lora_rank=2), device="cpu")
     lora.save(tmp_path / "lora")
-    with pytest.raises(SystemExit, match="merge folds LoRA into full-precision weights; leave out --quantize"):
+    with pytest.raises(SystemExit, match="merge folds into full-precision weights; leave out --quantize"):
         cli.main(["merge", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "m"), "--quantize", "nf4"])
     assert not (tmp_path / "m").exists()
 
