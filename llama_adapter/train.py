@@ -250,7 +250,6 @@ def _train(
     text_steps = cfg.epochs * steps_per_epoch
     total_steps = min(math.inf if cfg.max_steps is None else cfg.max_steps, text_steps + image_steps_due(text_steps))
     state = model.adapter_state()
-    params = list(state.values())
     image_names = model.image_parameter_names() if image_set is not None else set()
     text_params = [p for name, p in state.items() if name not in image_names]
     image_params = [p for name, p in state.items() if name in image_names]
@@ -303,15 +302,13 @@ def _train(
             image_groups[turn] = step_groups(image_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed - 1 - turn)
         return [[image_set[i] for i in batch] for batch in image_groups[turn][position]]
 
-    def optimizer_step(group, trained: list[torch.nn.Parameter]) -> float:
-        """One step on `group`'s batches that changes only the `trained` parameters; returns its loss."""
+    def optimizer_step(group, trained: list[torch.nn.Parameter], idle: list[torch.nn.Parameter]) -> float:
+        """One step on `group`'s batches that changes the `trained` parameters and leaves the `idle` ones (in joint
+        training, the other kind of batch's) as they are; returns its loss."""
         model.method.begin_step(progress.step + 1)
         loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
-        if len(trained) < len(params):  # joint training: the other kind of batch owns the rest
-            kept = {id(p) for p in trained}
-            for p in params:
-                if id(p) not in kept:
-                    p.grad = None  # AdamW leaves a parameter without a gradient as it is, moments included
+        for p in idle:
+            p.grad = None  # AdamW leaves a parameter without a gradient as it is, moments included
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm=1.0)
         stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
         optimizer.step()
@@ -340,12 +337,14 @@ def _train(
             groups = step_groups(train_set, cfg.batch_size, cfg.grad_accum, seed=cfg.seed + epoch, packs=packs)
             for indices in groups[progress.group :]:
                 before = progress.step
-                optimizer_step([[fetch(train_set, member) for member in batch] for batch in indices], text_params)
+                optimizer_step(
+                    [[fetch(train_set, member) for member in batch] for batch in indices], text_params, image_params
+                )
                 progress.group += 1
                 while progress.step < total_steps and progress.image_steps < image_steps_due(
                     progress.step - progress.image_steps
                 ):
-                    optimizer_step(next_image_group(), image_params)
+                    optimizer_step(next_image_group(), image_params, text_params)
                     progress.image_steps += 1
                 if progress.step >= total_steps:
                     break
