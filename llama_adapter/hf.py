@@ -260,7 +260,7 @@ def folded_copy(
                 )
             setattr(config, switch, True)
     folded = type(model)._from_config(config, dtype=model.dtype)
-    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    state = dict(model.state_dict())  # load_state_dict copies; the entries changed below are new tensors anyway
     prefix = next(name for name, module in model.named_modules() if module is decoder(model))
     for path, scale in scales.items():
         weight, bias = state[f"{prefix}.{path}.weight"], state.get(f"{prefix}.{path}.bias")
