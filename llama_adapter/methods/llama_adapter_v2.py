@@ -32,13 +32,13 @@ class AdaptionPromptsV2(AdaptionPrompts):
         for layer, prompt in self.layer_prompts().items():
             prompt.takes_image = layer in early
         device = base.get_input_embeddings().weight.device
-        linears = hf.all_linear_paths(base)
-        self.linear_paths, self.norm_paths = list(linears), list(hf.norm_epsilons(base))
+        linears, epsilons = hf.all_linear_paths(base), hf.norm_epsilons(base)
+        self.linear_paths, self.norm_paths = list(linears), list(epsilons)
         self.bias_scales = nn.ModuleList(BiasScale(linear.out_features).to(device) for linear in linears.values())
         self.norm_shifts = nn.ModuleList(
-            NormShift(base.config.hidden_size, eps).to(device) for eps in hf.norm_epsilons(base).values()
+            NormShift(base.config.hidden_size, eps).to(device) for eps in epsilons.values()
         )
-        tuned = dict(zip(self.linear_paths, self.bias_scales))
+        tuned = self._tuned()
         for layer, prompt in self.layer_prompts().items():  # the prompts' keys and values go through these too
             prompt.projection_tuning = tuple(tuned[path] for path in hf.key_value_paths(layer))
 
