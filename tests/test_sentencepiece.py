@@ -82,3 +82,15 @@ def test_train_chat_and_eval_through_base_on_a_sentencepiece_folder(tmp_path, ca
     out = tmp_path / "preds.jsonl"
     cli.main(["eval", "scienceqa", "--data", str(sqa), "--adapter", str(run), "--base", folder, "--out", str(out)])
     assert len(out.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [('{"tokenizer_class": "LlamaTokenizer",\n "add_bos_token": }', r"line 2, column 19"), ("[1, 2]", r"found list")],
+    ids=["malformed", "not an object"],
+)
+def test_a_bad_tokenizer_config_is_named(tmp_path, settings, message):
+    folder = sentencepiece_llama(tmp_path / "llama", tokenizer_config=False)
+    (folder / "tokenizer_config.json").write_text(settings)
+    with pytest.raises(ValueError, match=rf"tokenizer_config\.json: .*{message}"):
+        hf.load_tokenizer(str(folder))
