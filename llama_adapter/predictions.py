@@ -18,6 +18,7 @@ def settings_path(out: str | Path) -> Path:
 def check_resume_settings(out: str | Path, settings: dict) -> None:
     """Refuse to add to a predictions file made with other settings; record the settings of a new one."""
     path = settings_path(out)
+    settings = json.loads(json.dumps(settings))  # as the file gives them back: tuples become lists
     if Path(out).exists() and path.exists():
         before = files.read_json(path)
         changed = {key: (before.get(key), value) for key, value in settings.items() if before.get(key) != value}

@@ -9,7 +9,7 @@ from conftest import write_image
 from PIL import Image
 from test_scienceqa import sqa_dir  # noqa: F401 - the ScienceQA fixture folder
 
-from llama_adapter import cli, data, scienceqa
+from llama_adapter import AdapterConfig, LlamaAdapterModel, cli, data, scienceqa
 from llama_adapter.config import SamplingConfig, VisualConfig
 from llama_adapter.evaluation import evaluate_problems
 from llama_adapter.generation import generate_batch
@@ -78,6 +78,16 @@ def test_evaluation_resumes_and_scores_every_problem_once(make_model, sqa_dir, t
     assert len(asked) == len(problems) - 2  # only the problems not predicted before
     assert scores["count"]["Avg"] == len(problems)
     assert len(read_predictions(out)) == len(problems)
+
+
+def test_a_lora_adapters_predictions_resume(make_base, tokenizer, sqa_dir, tmp_path):  # noqa: F811
+    """Its config holds a tuple (the target modules), which the settings file gives back as a list."""
+    model = LlamaAdapterModel(make_base(), tokenizer, AdapterConfig(method="lora"))
+    problems, _ = scienceqa.load_problems(sqa_dir, "test", missing_images="text-only")
+    out = tmp_path / "preds.jsonl"
+    evaluate_problems(model, problems[:2], out, scoring="likelihood")
+    scores = evaluate_problems(model, problems, out, scoring="likelihood")
+    assert scores["count"]["Avg"] == len(problems)
 
 
 def test_the_library_refuses_to_mix_scoring_modes_in_one_predictions_file(make_model, sqa_dir, tmp_path):  # noqa: F811
