@@ -8,7 +8,6 @@ resumes where it stopped, and refuses to go on with other settings; stage two is
 - likelihood: the option whose "The answer is X." the model finds most likely; no parsing, never unparsed.
 """
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,11 +123,16 @@ def evaluate_problems(
     image_context: str = "none",
     max_new_tokens: int = 16,
     settings: dict | None = None,
+    explanation: str = "none",
 ) -> dict:
     """Predict every problem not yet in `out`, append the predictions, and return the scores of all of them.
 
     `settings`: what else decides the answers (the questions' source, the adapter's folder), recorded with `out`.
+    `explanation`: where the adapter's training targets put the lecture and solution (likelihood scoring compares
+    the options as those targets begin).
     """
+    if scoring == "likelihood" and problems:
+        scienceqa.option_targets(problems[0], explanation)  # an explanation-first adapter is refused before any work
     cache = model.feature_cache()
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
@@ -144,11 +148,12 @@ def evaluate_problems(
         if scoring == "generate":
             outputs = generate_batch(model, prompts, sampling, **images)
         else:
-            outputs = _most_likely_answers(model, chunk, prompts, images)
+            outputs = _most_likely_answers(model, chunk, prompts, images, explanation)
         return [scienceqa.prediction_record(*answered) for answered in zip(chunk, prompts, outputs)]
 
     asked = {"scoring": scoring, "image_context": image_context}
     asked |= {"max_new_tokens": max_new_tokens} if scoring == "generate" else {}
+    asked |= {"explanation": explanation} if explanation != "none" else {}  # files of before it resume as they were
     records = predict(
         model, problems, out, (settings or {}) | asked, answer, scienceqa.PREDICTION_FIELDS, batch_size,
         f"eval ({scoring})", encode_images if cache else None,
@@ -179,15 +184,18 @@ def evaluate_questions(
     return llm_adapters.score(records, datasets)
 
 
-def _most_likely_answers(model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict):
-    """Each problem's most likely answer among "The answer is A." ...; the question's prompt runs once for all."""
+def _most_likely_answers(
+    model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict, explanation: str
+):
+    """Each problem's most likely answer among "The answer is A." ... (as the adapter's targets begin: see
+    `scienceqa.option_targets`); the question's prompt runs once for all."""
     answers = []
     for row, (problem, prompt) in enumerate(zip(problems, prompts)):
-        options = [scienceqa.answer_text(dataclasses.replace(problem, answer=i)) for i in range(len(problem.choices))]
+        options, whole = scienceqa.option_targets(problem, explanation)
         features = None
         if images and images["has_image"][row]:
             features = images["image_features"][row : row + 1]
-        scores = model.continuation_logprobs(prompt, options, features)
+        scores = model.continuation_logprobs(prompt, options, features, eos=whole)
         answers.append(options[int(scores.argmax())])
     return answers
 

@@ -296,14 +296,15 @@ class LlamaAdapterModel(nn.Module):
 
     @torch.no_grad()
     def continuation_logprobs(
-        self, prompt: str, continuations: list[str], image_features: torch.Tensor | None = None
+        self, prompt: str, continuations: list[str], image_features: torch.Tensor | None = None, eos: bool = True
     ) -> torch.Tensor:
-        """(n,) log-probability of each continuation text (plus EOS) after a formatted prompt; the prompt runs once.
+        """(n,) log-probability of each continuation text (plus EOS, with `eos`: the text is all the response)
+        after a formatted prompt; the prompt runs once.
 
         `image_features` (1, clip_dim) for a multimodal adapter; the same image serves every continuation.
         """
         prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        tokens = [data.response_ids(self.tokenizer, text) for text in continuations]
+        tokens = [data.response_ids(self.tokenizer, text)[: None if eos else -1] for text in continuations]
         with self.running(image_features) as images:
             inputs = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids)) | images
             return hf.continuation_logprobs(self.base, inputs, tokens).cpu()

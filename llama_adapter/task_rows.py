@@ -1,6 +1,7 @@
 """A training task as rows, and rows as the examples and batches a run trains on.
 
-`--task alpaca` reads Alpaca rows as they are; `--task scienceqa` turns ScienceQA's train split into Alpaca rows.
+`--task alpaca` reads Alpaca rows as they are; `--task scienceqa` turns ScienceQA's train split (and the problems of
+`--extra-train`) into Alpaca rows.
 Images are checked (and encoded into the feature cache) before the first step, so a bad one stops the run, or is
 left out with its row, before any work is done.
 """
@@ -43,7 +44,10 @@ def load_task_rows(
         print(
             f"{missing} of {len(problems)} training problems lack their image file: trained without it", file=sys.stderr
         )
-    return data.as_rows(scienceqa.to_rows(problems, sqa.image_context, cfg.cot))
+    rows = scienceqa.to_rows(problems, sqa.image_context, cfg.explanation)
+    for path in cfg.extra_train:  # no lecture or solution there: answer-only targets
+        rows += scienceqa.to_rows(scienceqa.load_choice_problems(path))
+    return data.as_rows(rows)
 
 
 def rows_hash(rows: datasets.Dataset) -> str:

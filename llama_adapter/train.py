@@ -60,7 +60,16 @@ class TrainConfig(Checked):
     out: str = option("output folder for the adapter, checkpoints, metrics.csv and loss.png")
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     task: Literal["alpaca", "scienceqa"] = option("what --data holds", "alpaca")
-    cot: bool = option("scienceqa: train the answer followed by its lecture and solution (chain of thought)", False)
+    explanation: Literal["none", "after", "before"] = option(
+        "scienceqa: the target's lecture and solution (chain of thought): none, after the answer (the paper's "
+        "order) or before it (then only --scoring generate can evaluate it)",
+        "none",
+    )
+    extra_train: tuple[str, ...] = option(
+        "scienceqa: more training problems, from LLM-Adapters' multiple-choice train.json files (ARC-Easy, "
+        "ARC-Challenge, openbookqa), asked in ScienceQA's prompt shape with answer-only targets",
+        (),
+    )
     lr: float | None = option(
         f"peak learning rate (default: the method's; LLaMA-Adapter's is {methods.PAPER_BASE_LR} x batch-size x "
         "grad-accum / 256, as the paper; docs/methods.md lists the others)",
@@ -116,6 +125,8 @@ class TrainConfig(Checked):
     def __post_init__(self):
         super().__post_init__()
         data.parse_columns(self.columns)  # a malformed mapping stops the run before anything loads
+        if self.task != "scienceqa" and (self.extra_train or self.explanation != "none"):
+            raise ValueError("--extra-train and --explanation shape ScienceQA's rows: they need --task scienceqa")
 
     def learning_rate(self, method: str) -> float:
         """--lr, or the default of `method` for this effective batch."""
@@ -431,7 +442,18 @@ def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> N
 
 
 # Settings added after runs began saving theirs, with the value every run before them had.
-SETTINGS_ADDED = {"eos_weight": 1.0, "image_data": None, "image_ratio": 1.0}
+SETTINGS_ADDED = {"eos_weight": 1.0, "image_data": None, "image_ratio": 1.0, "extra_train": []}
+# Settings renamed since: the old name, the new one, and what each old value reads as now.
+SETTINGS_RENAMED = {"cot": ("explanation", {False: "none", True: "after"})}
+
+
+def settings_of_today(saved: dict) -> dict:
+    """A checkpoint's saved settings in today's names, with every setting added since at the value it had then."""
+    saved = dict(saved)
+    for old, (new, values) in SETTINGS_RENAMED.items():
+        if old in saved:
+            saved[new] = values[saved.pop(old)]
+    return SETTINGS_ADDED | saved
 
 
 def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
@@ -439,8 +461,7 @@ def find_resume_point(cfg: TrainConfig, settings: dict) -> Path | None:
     last = checkpoint.latest(cfg.out)
     if last is None or not cfg.resume:
         return None
-    before = checkpoint.read_state(last)["settings"]
-    before = SETTINGS_ADDED | before
+    before = settings_of_today(checkpoint.read_state(last)["settings"])
     changed = {
         key: (before.get(key), value)
         for key, value in settings.items()

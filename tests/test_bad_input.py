@@ -195,6 +195,22 @@ def sqa_copy(ws: Workspace, here: Path, edit: Callable[[dict], None]) -> str:
     return str(folder)
 
 
+def sqa_to_train_on(ws: Workspace, here: Path) -> str:
+    """A copy of the ScienceQA folder whose problem 1 is in the train split."""
+    folder = sqa_copy(ws, here, lambda problems: None)
+    Path(folder, "pid_splits.json").write_text(json.dumps({"train": ["1"], "test": ["2"]}))
+    return folder
+
+
+ARC_ROW = {
+    "instruction": "Please choose the correct answer to the question: Which is a gas?\n\nAnswer1: steam "
+    "Answer2: ice\n\nAnswer format: answer1/answer2",
+    "input": "",
+    "output": "the correct answer is answer1",
+    "answer": "answer1",
+}
+
+
 def eval_on(ws: Workspace, data: str) -> list[str]:
     return ["eval", "scienceqa", "--data", data, "--base", ws.base, "--out", ws.predictions]
 
@@ -280,6 +296,10 @@ CASES = [
          r"--image-data trains a multimodal adapter's image side apart from its text side: it needs --method llama-adapter-v2 and --clip-model \(got --method llama-adapter\)"),
     Case("train", "--image-data row without an image", lambda ws, h: train_on(ws, ws.rows, "--image-data", image_rows(h, write_png(h)), "--method", "llama-adapter-v2", "--clip-model", "tiny-test-clip"),
          r"rows.jsonl: row 1 has no image; every --image-data row needs one"),
+    Case("train", "--extra-train without --task scienceqa", lambda ws, h: train_on(ws, ws.rows, "--extra-train", write(h, "train.json", json.dumps([ARC_ROW]))),
+         r"--extra-train and --explanation shape ScienceQA's rows: they need --task scienceqa"),
+    Case("train", "--extra-train row that is no choice question", lambda ws, h: train_on(ws, sqa_to_train_on(ws, h), "--task", "scienceqa", "--extra-train", write(h, "train.json", json.dumps([ARC_ROW, ARC_ROW | {"answer": "answer3"}]))),
+         r"train.json: row 1: field 'answer' is 'answer3', expected one of answer1..answer2"),
     Case("train", "--out is an existing file", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", write(h, "taken", "x")],
          r"--out .*taken: a file, expected a folder"),
     Case("train", "--out where nothing can be written", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", "/sys/llama-adapter-run"],

@@ -352,10 +352,17 @@ def test_answer_text_and_rows(sqa_dir):
     three, one, *_ = text_only(sqa_dir)
     assert sqa.answer_text(one) == "The answer is A."
     assert (
-        sqa.answer_text(one, cot=True) == "The answer is A.\nBECAUSE: Maps have a compass rose. Ohio is farthest north."
+        sqa.answer_text(one, explanation="after")
+        == "The answer is A.\nBECAUSE: Maps have a compass rose. Ohio is farthest north."
     )
-    with pytest.raises(ValueError, match="problem 3 has no lecture or solution"):
-        sqa.answer_text(three, cot=True)
+    assert (
+        sqa.answer_text(one, explanation="before")
+        == "Maps have a compass rose. Ohio is farthest north.\nThe answer is A."
+    )
+    for explanation in ("after", "before"):  # nothing to explain with: the answer alone
+        assert sqa.answer_text(three, explanation=explanation) == "The answer is A."
+    with pytest.raises(ValueError, match="explanation must be one of"):
+        sqa.answer_text(one, explanation="first")
     rows = sqa.to_rows([three, one], image_context="ocr")
     assert rows[0] == {
         "instruction": sqa.question_prompt(three)[0],
@@ -545,7 +552,7 @@ def test_real_mmcot_subset(real):
         real, "train", "problems_mmcot_subset150.json", "pid_splits_mmcot_subset150.json", "text-only"
     )
     assert (len(train), missing) == (50, 22)
-    rows = sqa.to_rows(problems, image_context="captions", cot=True)
+    rows = sqa.to_rows(problems, image_context="captions", explanation="after")
     assert all(row["output"].startswith("The answer is ") and "\nBECAUSE: " in row["output"] for row in rows)
 
 

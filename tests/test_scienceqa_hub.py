@@ -129,8 +129,8 @@ def same_problems(hub_problems, official_problems, split):
 
 
 def same_rows(hub_problems, official_problems, image_context="none"):
-    for cot in (False, True):
-        ours, theirs = (sqa.to_rows(p, image_context, cot) for p in (hub_problems, official_problems))
+    for explanation in sqa.EXPLANATIONS:
+        ours, theirs = (sqa.to_rows(p, image_context, explanation) for p in (hub_problems, official_problems))
         assert [row | {"image": bool(row["image"])} for row in ours] == [
             row | {"image": bool(row["image"])} for row in theirs
         ]

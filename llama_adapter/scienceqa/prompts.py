@@ -2,10 +2,12 @@
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .load import LETTERS, Problem
 
 IMAGE_CONTEXTS = ("none", "captions", "ocr")
+EXPLANATIONS = ("none", "after", "before")  # where the target puts the lecture and solution
 
 
 def format_options(choices: Iterable[str]) -> str:
@@ -37,23 +39,44 @@ def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str,
     return instruction, "\n".join(context)
 
 
-def answer_text(problem: Problem, cot: bool = False) -> str:
-    """The target response: 'The answer is B.', and with `cot` the lecture and solution after 'BECAUSE:'."""
+def answer_text(problem: Problem, explanation: str = "none") -> str:
+    """The target response: 'The answer is B.', with its lecture and solution (MM-CoT's rationale) "after" it, as
+    'The answer is B.\nBECAUSE: ...' (the paper's answer-first order), or "before" it, as '...\nThe answer is B.'
+    (the model reasons before it answers; only generation can score that). A problem with neither is answered
+    alone."""
+    if explanation not in EXPLANATIONS:
+        raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
     answer = f"The answer is {LETTERS[problem.answer]}."
-    if not cot:
+    if explanation == "none":
         return answer
     because = f"{problem.lecture} {problem.solution}".strip()
-    if not because:
-        raise ValueError(f"problem {problem.pid} has no lecture or solution to explain its answer with")
-    return f"{answer}\nBECAUSE: {because}"
+    if not because:  # a few problems have neither (14 of the 1,041 train problems here)
+        return answer
+    return f"{answer}{_BECAUSE} {because}" if explanation == "after" else f"{because}\n{answer}"
 
 
-def to_rows(problems: Iterable[Problem], image_context: str = "none", cot: bool = False) -> list[dict]:
+_BECAUSE = "\nBECAUSE:"
+
+
+def option_targets(problem: Problem, explanation: str = "none") -> tuple[list[str], bool]:
+    """What likelihood scoring compares: each option's target up to where the targets of `explanation` part ways
+    with the answer, and whether that is their end (then the EOS after it counts too).
+
+    Answer-first targets are cut after '\nBECAUSE:', so the answer's tokens are those training saw ('.' and '\n'
+    may be one token). Explanation-first targets give their answer only after the explanation: generate instead.
+    """
+    if explanation == "before":
+        raise ValueError("an explanation-first target answers after its explanation: score it with generation")
+    letters = [answer_text(replace(problem, answer=i)) for i in range(len(problem.choices))]
+    return ([text + _BECAUSE for text in letters], False) if explanation == "after" else (letters, True)
+
+
+def to_rows(problems: Iterable[Problem], image_context: str = "none", explanation: str = "none") -> list[dict]:
     """Alpaca rows {instruction, input, output, image}, image being the image file's path or None."""
     rows = []
     for problem in problems:
         instruction, input = question_prompt(problem, image_context)
-        output = answer_text(problem, cot)
+        output = answer_text(problem, explanation)
         image = str(problem.image) if problem.image is not None else None
         rows.append({"instruction": instruction, "input": input, "output": output, "image": image})
     return rows

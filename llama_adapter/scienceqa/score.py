@@ -2,6 +2,8 @@
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from .load import LETTERS, SUBJECTS, Problem
 from .prompts import parse_answer
 
@@ -45,6 +47,37 @@ def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
     A record whose "correct" disagrees with its "pred" and the problem's answer was made against other problems
     (a different problems file), so it is an error rather than a number to average.
     """
+    return _percent_by_column(_credits(records, problems_by_pid))
+
+
+def bootstrap_intervals(
+    records: Iterable[dict], problems_by_pid: dict[str, Problem], resamples: int = 1000, seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:  # fmt: skip
+    """Each column's percentile-bootstrap confidence interval, in percent (None for a column with no problems).
+
+    The problems are drawn with replacement `resamples` times and every column is scored on each draw, so a
+    column's interval reflects how few problems it has: on ScienceQA's 361 problems with metadata, an accuracy
+    near 50 is known to about +-5 points.
+    """
+    credits = _credits(records, problems_by_pid)
+    correct = np.array([credit for _, credit, _ in credits])
+    member = np.array([[column in _columns_of(problem) for column in COLUMNS] for problem, _, _ in credits])
+    draws = np.random.default_rng(seed).integers(0, len(credits), size=(resamples, len(credits)))
+    columns = [i for i in range(len(COLUMNS)) if member[:, i].any()]
+    member = member[:, columns]
+    counts = member[draws].sum(axis=1)  # (resamples, columns with problems)
+    hits = np.einsum("rn,rnc->rc", correct[draws], member[draws])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a small column may be missing from a draw
+        accuracy = np.where(counts > 0, 100 * hits / counts, np.nan)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(accuracy, [tail, 100 - tail], axis=0)
+    intervals = {COLUMNS[i]: (float(lo), float(hi)) for i, lo, hi in zip(columns, low, high)}
+    return {column: intervals.get(column) for column in COLUMNS}
+
+
+def _credits(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> list[tuple[Problem, float, bool]]:
+    """(problem, 1.0 if right else 0.0, unparsed) of each record, checked against the problems."""
     credits = []
     seen = set()
     for record in records:
@@ -61,7 +94,9 @@ def score(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> dict:
                 f"and the answer is {problem.answer}"
             )
         credits.append((problem, float(record["correct"]), record["pred"] is None))
-    return _percent_by_column(credits)
+    if not credits:
+        raise ValueError("nothing to score: no prediction of any of these problems")
+    return credits
 
 
 def chance(problems: Iterable[Problem]) -> dict:

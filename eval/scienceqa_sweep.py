@@ -1,0 +1,233 @@
+"""ScienceQA recipes on the embedded SmolLM2-135M-Instruct: what each ingredient buys, chosen on val, tested once.
+
+    python eval/scienceqa_sweep.py                  # every recipe, in order; writes eval/results/scienceqa_sweep.*
+    python eval/scienceqa_sweep.py --recipes v1 v1+captions     # only these (the others' results are kept)
+
+Each recipe trains a fresh adapter on the 1,041 train problems of ../shared/data/scienceqa (text-only: no train
+images exist here), for the same budget of optimizer steps unless it says otherwise, and is scored on the 371
+validation problems. The recipe with the best validation Avg, and the base model (zero gates) beside it, are then
+scored on the 361 test problems with metadata (the nine columns) and on all 4241 test questions (Avg), each score
+with its 95% bootstrap interval. The test questions are never used to choose anything.
+
+Ingredients: the method (LLaMA-Adapter v1 and V2, LoRA, series and parallel bottlenecks) and its learning rate; the
+images' machine captions as context ("captions"); targets with the lecture and solution after the answer ("after",
+the paper's order; scored by likelihood) or before it ("before", MM-CoT's reasoning first; scored by generating);
+LLM-Adapters' ARC-Easy, ARC-Challenge and OpenBookQA train sets as more problems (`--extra-train`).
+
+Everything resumes: a finished adapter or predictions file is reused, a stopped run goes on from its checkpoint.
+The visual encoder plays no part: every recipe is text-only (CLIP has no pretrained weights here).
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llama_adapter import AdapterConfig, LlamaAdapterModel, files, scienceqa
+from llama_adapter.config import ScienceQAConfig
+from llama_adapter.evaluation import evaluate_problems
+from llama_adapter.predictions import read_predictions
+from llama_adapter.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data")
+PROBLEMS = "problems_think_partial.json"  # the 1,773 problems with metadata: train 1041, val 371, test 361
+RESULTS = REPO / "eval" / "results" / "scienceqa_sweep"
+EXTRA = ("ARC-Easy", "ARC-Challenge", "openbookqa")
+STEPS = 130  # one pass over the train problems in batches of 8
+BASE = "base model (zero gates)"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: str = "llama-adapter"
+    lr: float = 9e-3
+    steps: int = STEPS
+    image_context: str = "none"
+    explanation: str = "none"
+    extra: tuple[str, ...] = ()  # LLM-Adapters train sets
+
+    @property
+    def scoring(self) -> str:
+        return "generate" if self.explanation == "before" else "likelihood"
+
+
+# Most telling first, so that a sweep cut short has measured what matters.
+RECIPES = [
+    Recipe("v1"),
+    Recipe("v1+captions", image_context="captions"),
+    Recipe("lora+captions", method="lora", lr=1e-3, image_context="captions"),
+    Recipe("v1+captions+extra", image_context="captions", extra=EXTRA, steps=2 * STEPS),
+    Recipe("v2+captions", method="llama-adapter-v2", lr=1e-3, image_context="captions"),
+    Recipe("v1+captions+explanation-after", image_context="captions", explanation="after"),
+    Recipe("series+captions", method="series", lr=1e-3, image_context="captions"),
+    Recipe("parallel+captions", method="parallel", lr=1e-3, image_context="captions"),
+    Recipe("v1+captions+explanation-before", image_context="captions", explanation="before"),
+]
+
+
+@dataclass
+class Splits:
+    train: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+    test361: list = field(default_factory=list)
+    test4241: list = field(default_factory=list)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = [recipe.name for recipe in RECIPES]
+    parser.add_argument("--recipes", nargs="+", choices=names, default=names, help="which recipes to run")
+    parser.add_argument("--runs", default="runs/scienceqa_sweep", help="adapters and predictions files")
+    parser.add_argument("--no-test", action="store_true", help="stop after validation (choose later)")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    splits = load_splits()
+    results = read_results()
+    results["settings"] = {"problems": PROBLEMS, "batch_size": 8, "extra_train": list(EXTRA)}
+    results["chance"] = {
+        "val": scienceqa.chance(splits.val)["Avg"],
+        "test361": scienceqa.chance(splits.test361),
+        "test4241": scienceqa.chance(splits.test4241)["Avg"],
+    }
+    recipes = {recipe.name: recipe for recipe in RECIPES}
+    base = results["recipes"].setdefault(BASE, {})
+    base["val"] = scored(LlamaAdapterModel.from_base(), Recipe(BASE), splits.val, runs / "base" / "val.jsonl")
+    write_results(results)
+    for name in args.recipes:
+        recipe = recipes[name]
+        cell = results["recipes"].setdefault(name, {})
+        cell["recipe"] = asdict(recipe)
+        model = trained(recipe, splits, runs / name, cell)
+        cell["val"] = scored(model, recipe, splits.val, runs / name / "val.jsonl")
+        write_results(results)
+        print(f"{name}: val Avg {cell['val']['Avg']:.2f} {cell['val']['interval']['Avg']}")
+    if args.no_test:
+        return
+    best = max((n for n in results["recipes"] if n != BASE), key=lambda n: results["recipes"][n]["val"]["Avg"])
+    results["chosen"] = best
+    for name, folder in ((BASE, runs / "base"), (best, runs / best)):
+        recipe = recipes.get(name, Recipe(BASE))
+        model = LlamaAdapterModel.from_base() if name == BASE else trained(recipe, splits, folder, {})
+        for split in ("test361", "test4241"):
+            results["recipes"][name][split] = scored(model, recipe, getattr(splits, split), folder / f"{split}.jsonl")
+            write_results(results)
+    keep_predictions(runs / best / "test4241.jsonl", splits.test4241)
+    write_results(results)
+
+
+def load_splits() -> Splits:
+    folder = DATA / "scienceqa"
+    splits = Splits()
+    for split in ("train", "val"):
+        setattr(splits, split, scienceqa.load_problems(folder, split, PROBLEMS, missing_images="text-only")[0])
+    splits.test361 = scienceqa.load_problems(folder, "test", PROBLEMS, missing_images="text-only")[0]
+    splits.test4241 = scienceqa.load_llava_questions(folder / "llava_test_CQM-A.json", folder)
+    return splits
+
+
+def trained(recipe: Recipe, splits: Splits, folder: Path, cell: dict) -> LlamaAdapterModel:
+    """The recipe's adapter: trained in `folder` (going on from a checkpoint there), or the one finished before."""
+    model = LlamaAdapterModel.from_base(config=AdapterConfig(method=recipe.method))
+    summary_file = folder / "adapter" / "summary.json"
+    if summary_file.is_file():
+        model.load_adapter_weights(folder / "adapter" / "adapter.safetensors")
+        cell["train"] = json.loads(summary_file.read_text())
+        return model
+    cfg = TrainConfig(
+        data=str(DATA / "scienceqa"), out=str(folder / "adapter"), task="scienceqa", explanation=recipe.explanation,
+        extra_train=tuple(str(DATA / "llm-adapters" / name / "train.json") for name in recipe.extra), lr=recipe.lr,
+        epochs=1000, max_steps=recipe.steps, batch_size=8, warmup=0.1, max_len=512, val_fraction=0.0, save_every=10,
+    )  # fmt: skip
+    sqa = ScienceQAConfig(problems=PROBLEMS, image_context=recipe.image_context, missing_images="text-only")
+    summary = train(cfg, model.config, model, sqa_cfg=sqa)
+    files.write_json(summary_file, summary)
+    cell["train"] = summary
+    return model
+
+
+def scored(model: LlamaAdapterModel, recipe: Recipe, problems: list, out: Path) -> dict:
+    """The recipe's scores on `problems` with their 95% bootstrap intervals; predictions go on in `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    scores = evaluate_problems(
+        model, problems, out, recipe.scoring, batch_size=8, image_context=recipe.image_context,
+        max_new_tokens=512 if recipe.scoring == "generate" else 16, explanation=recipe.explanation,
+    )  # fmt: skip
+    records = read_predictions(out, scienceqa.PREDICTION_FIELDS).values()
+    interval = scienceqa.bootstrap_intervals(records, {p.pid: p for p in problems}, seed=0)
+    return scores | {"interval": interval, "eval_wall_time_s": round(time.perf_counter() - started)}
+
+
+def keep_predictions(predictions: Path, problems: list) -> None:
+    """The chosen recipe's answers to all 4241 test questions, small enough to commit: pid, predicted and right
+    letters. `scienceqa.score` re-scores them against llava_test_CQM-A.json."""
+    letters = scienceqa.LETTERS
+    answers = {p.pid: p.answer for p in problems}
+    lines = [
+        json.dumps({"pid": pid, "pred_letter": record["pred_letter"], "answer": letters[answers[pid]]})
+        for pid, record in read_predictions(predictions, scienceqa.PREDICTION_FIELDS).items()
+    ]
+    files.write_text(RESULTS.with_name("scienceqa_sweep_test4241.jsonl"), "\n".join(lines) + "\n")
+
+
+def read_results() -> dict:
+    path = RESULTS.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else {"recipes": {}}
+
+
+def write_results(results: dict) -> None:
+    """After every stage: a sweep that stops keeps what it measured."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(RESULTS.with_suffix(".json"), results)
+    files.write_text(RESULTS.with_suffix(".md"), markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The validation table of every recipe, then the test table of the chosen one and the base model."""
+    lines = [
+        "| recipe | method | lr | context | explanation | extra problems | steps | train tokens | train time "
+        + "| val Avg (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| random guess (expected) | | | | | | | | | {results['chance']['val']:.2f} |",
+    ]
+    for name, cell in results["recipes"].items():
+        recipe, summary = cell.get("recipe"), cell.get("train")
+        if "val" not in cell:
+            continue
+        setup = ["–"] * 5 if recipe is None else [
+            recipe["method"], f"{recipe['lr']:g}", recipe["image_context"], recipe["explanation"],
+            ", ".join(recipe["extra"]) or "–",
+        ]  # fmt: skip
+        budget = ["–"] * 3 if summary is None else [
+            str(summary["steps"]), f"{summary['train_tokens']:,}", f"{summary['wall_time_s'] / 60:.0f} min",
+        ]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(setup + budget) + f" | {with_interval(cell['val'], 'Avg')} |")
+    tested = [name for name, cell in results["recipes"].items() if "test361" in cell]
+    if tested:
+        columns = scienceqa.COLUMNS
+        lines += ["", "| test | " + " | ".join(columns) + " | Avg, all 4241 |", "|---|" + "---|" * (len(columns) + 1)]
+        chance = results["chance"]
+        cells = [f"{chance['test361'][c]:.2f}" for c in columns] + [f"{chance['test4241']:.2f}"]
+        lines.append("| random guess (expected) | " + " | ".join(cells) + " |")
+        for name in tested:
+            cell = results["recipes"][name]
+            cells = [with_interval(cell["test361"], c) for c in columns]
+            cells.append(with_interval(cell["test4241"], "Avg") if "test4241" in cell else "–")
+            label = f"{name} (chosen on val)" if name == results.get("chosen") else name
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def with_interval(scores: dict, column: str) -> str:
+    if scores[column] is None:
+        return "–"
+    low, high = scores["interval"][column]
+    return f"{scores[column]:.2f} ({low:.1f}–{high:.1f})"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Issue 25's ingredients: more science problems (ARC, OpenBookQA) in ScienceQA's shape, targets with the
+explanation before or after the answer, likelihood scoring of answer-first targets, and bootstrap intervals."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_scienceqa import sqa_dir, text_only  # noqa: F401 - the ScienceQA fixture folder
+
+from llama_adapter import cli, data, scienceqa
+from llama_adapter.data import DataError
+from llama_adapter.evaluation import evaluate_problems
+from llama_adapter.predictions import read_predictions
+from llama_adapter.train import settings_of_today
+
+ARC_ROW = {
+    "instruction": "Please choose the correct answer to the question: Which gas do plants take in?\n\n"
+    "Answer1: oxygen Answer2: carbon dioxide Answer3: helium\n\nAnswer format: answer1/answer2/answer3",
+    "input": "",
+    "output": "the correct answer is answer2",
+    "answer": "answer2",
+}
+
+
+def write_rows(tmp_path, rows, folder="ARC-Easy"):
+    path = tmp_path / folder / "train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_a_choice_row_becomes_a_scienceqa_problem_and_prompt(tmp_path):
+    five = ARC_ROW | {
+        "instruction": "Please choose the correct answer to the question: Pick one.\n\nAnswer1: a Answer2: b "
+        "Answer3: c Answer4: d Answer5: an Answer that says e\n\nAnswer format: answer1/answer2/answer3/answer4/"
+        "answer5",
+        "answer": "answer5",
+    }
+    problems = scienceqa.load_choice_problems(write_rows(tmp_path, [ARC_ROW, five]))
+    assert problems[0] == scienceqa.Problem(
+        pid="ARC-Easy:0", question="Which gas do plants take in?", choices=("oxygen", "carbon dioxide", "helium"),
+        answer=1, hint="", image=None, names_image=False, subject=None, grade=None, split="train",
+    )  # fmt: skip
+    assert problems[1].choices == ("a", "b", "c", "d", "an Answer that says e") and problems[1].answer == 4
+    assert scienceqa.to_rows(problems[:1]) == [
+        {
+            "instruction": "Question: Which gas do plants take in?\nOptions: (A) oxygen (B) carbon dioxide (C) helium\n"
+            "Answer with the letter of the correct option.",
+            "input": "",
+            "output": "The answer is B.",
+            "image": None,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (ARC_ROW | {"instruction": "Which gas do plants take in?"}, "field 'instruction' is not"),
+        (ARC_ROW | {"answer": "answer4"}, r"field 'answer' is 'answer4', expected one of answer1..answer3"),
+        (ARC_ROW | {"answer": "B"}, r"field 'answer' is 'B'"),
+        ({"instruction": ARC_ROW["instruction"]}, "string fields 'instruction' and 'answer'"),
+        (ARC_ROW | {"instruction": ARC_ROW["instruction"].replace("Answer3", "Answer4")}, "numbered Answer1"),
+        (ARC_ROW | {"instruction": ARC_ROW["instruction"].replace("/answer3", "")}, "names answer1/answer2 but"),
+        (ARC_ROW | {"instruction": ARC_ROW["instruction"].replace("helium", "")}, "non-empty"),
+    ],
+    ids=["not a question", "answer past the options", "a letter", "no answer", "skipped number", "format", "empty"],
+)
+def test_a_bad_choice_row_is_named_by_file_and_row(tmp_path, row, message):
+    path = write_rows(tmp_path, [ARC_ROW, row])
+    with pytest.raises(DataError, match=rf"ARC-Easy/train\.json: row 1: .*{message}"):
+        scienceqa.load_choice_problems(path)
+
+
+@pytest.mark.parametrize(("content", "message"), [("{}", "expected a JSON list"), ("[]", "no rows"), ("[", "JSON")])
+def test_a_bad_choice_file_is_named(tmp_path, content, message):
+    path = tmp_path / "train.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"train\.json: .*{message}"):
+        scienceqa.load_choice_problems(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "rows", "options"),
+    [("ARC-Easy", 2251, {3: 6, 4: 2241, 5: 4}), ("ARC-Challenge", 1119, {3: 1, 4: 1117, 5: 1}),
+     ("openbookqa", 4957, {4: 4957})],
+)  # fmt: skip
+def test_the_real_train_sets_convert_row_for_row(data_dir, name, rows, options):
+    path = data_dir / "llm-adapters" / name / "train.json"
+    problems = scienceqa.load_choice_problems(path)
+    assert len(problems) == rows
+    assert {n: sum(len(p.choices) == n for p in problems) for n in options} == options
+    for problem, row in zip(problems, json.loads(path.read_text())):
+        assert f"Answer{problem.answer + 1}: {problem.choices[problem.answer]}" in row["instruction"]
+        assert row["output"] == f"the correct answer is answer{problem.answer + 1}"
+
+
+def test_option_targets_follow_the_training_targets(sqa_dir):  # noqa: F811
+    _, one, *_ = text_only(sqa_dir)
+    assert scienceqa.option_targets(one) == (["The answer is A.", "The answer is B.", "The answer is C."], True)
+    targets, whole = scienceqa.option_targets(one, "after")
+    assert not whole and targets[1] == "The answer is B.\nBECAUSE:"
+    assert scienceqa.answer_text(one, "after").startswith(targets[0])
+    with pytest.raises(ValueError, match="score it with generation"):
+        scienceqa.option_targets(one, "before")
+
+
+def test_answer_first_scoring_leaves_out_the_eos_the_targets_never_had(
+    make_model,
+    randomize_adapter,
+    sqa_dir,  # noqa: F811
+    tmp_path,
+):
+    model = make_model(adapter_len=4, adapter_layers=3)
+    randomize_adapter(model)
+    problems = text_only(sqa_dir)
+    evaluate_problems(model, problems, tmp_path / "p.jsonl", scoring="likelihood", explanation="after")
+    records = read_predictions(tmp_path / "p.jsonl")
+    for problem in problems:  # each pick is the option whose cut target, with no EOS after it, is most likely
+        instruction, input = scienceqa.question_prompt(problem)
+        targets, _ = scienceqa.option_targets(problem, "after")
+        with torch.no_grad():
+            scores = []
+            for target in targets:
+                batch = data.collate(
+                    [
+                        data.encode(
+                            model.tokenizer, {"instruction": instruction, "input": input, "output": target}, 10**4
+                        )
+                    ],
+                    model.tokenizer.pad_token_id,
+                )
+                batch["labels"][0, -1] = -100  # the EOS encode appends
+                scores.append(model.response_logprobs(**batch).item())
+        assert records[problem.pid]["pred"] == int(np.argmax(scores))
+    with pytest.raises(ValueError, match="score it with generation"):
+        evaluate_problems(model, problems, tmp_path / "q.jsonl", scoring="likelihood", explanation="before")
+    assert not (tmp_path / "q.jsonl").exists()
+
+
+def records_with(problems, correct):
+    return [
+        {"pid": p.pid, "pred": p.answer if right else (p.answer + 1) % len(p.choices), "correct": right}
+        for p, right in zip(problems, correct)
+    ]
+
+
+def numbered(problem, count):
+    return [dataclasses.replace(problem, pid=str(i)) for i in range(count)]
+
+
+def test_bootstrap_intervals(sqa_dir):  # noqa: F811
+    fixtures = text_only(sqa_dir)
+    problems = numbered(fixtures[0], 180) + numbered(
+        fixtures[4], 181
+    )  # 361 problems: NAT and LAN, grades 1-6, no context
+    problems = [dataclasses.replace(p, pid=f"{p.subject}{p.pid}") for p in problems]
+    by_pid = {p.pid: p for p in problems}
+    correct = [i % 2 == 0 for i in range(180)] + [True] * 181  # NAT half right, LAN all right
+    records = records_with(problems, correct)
+    intervals = scienceqa.bootstrap_intervals(records, by_pid, seed=0)
+    assert intervals == scienceqa.bootstrap_intervals(records, by_pid, seed=0)  # a fixed seed, a fixed interval
+    assert intervals != scienceqa.bootstrap_intervals(records, by_pid, seed=1)
+    assert intervals["LAN"] == (100.0, 100.0)  # each column from its own problems: LAN's are all right
+    assert intervals["SOC"] is None and intervals["TXT"] is None  # no problems there
+    point = scienceqa.score(records, by_pid)
+    for column in ("NAT", "Avg", "NO", "G1-6"):
+        low, high = intervals[column]
+        assert low < point[column] < high
+    # Close to the normal approximation: 1.96 standard errors either side, in percent.
+    half = 100 * 1.96 * math.sqrt(0.5 * 0.5 / 180)
+    low, high = intervals["NAT"]
+    assert abs((high - low) / 2 - half) < 1.0 and abs((high + low) / 2 - 50) < 1.0
+    avg = point["Avg"] / 100
+    assert abs((intervals["Avg"][1] - intervals["Avg"][0]) / 2 - 100 * 1.96 * math.sqrt(avg * (1 - avg) / 361)) < 1.0
+
+
+def test_bootstrap_refuses_what_score_refuses(sqa_dir):  # noqa: F811
+    problems = text_only(sqa_dir)
+    records = records_with(problems, [True] * len(problems))
+    records[0]["correct"] = False
+    with pytest.raises(ValueError, match="correct=False but pred"):
+        scienceqa.bootstrap_intervals(records, {p.pid: p for p in problems})
+    with pytest.raises(ValueError, match="nothing to score"):
+        scienceqa.bootstrap_intervals([], {p.pid: p for p in problems})
+
+
+def test_extra_train_joins_the_scienceqa_rows_and_the_run_records_it(tmp_path, sqa_dir, make_base, tokenizer, capsys):  # noqa: F811
+    base_dir = tmp_path / "base"
+    make_base().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    extra = write_rows(tmp_path, [ARC_ROW] * 3)
+    out = tmp_path / "run"
+    flags = ["--max-steps", "1", "--batch-size", "4", "--val-fraction", "0", "--adapter-layers", "2"]
+    cli.main(["train", "--task", "scienceqa", "--data", str(sqa_dir), "--base", str(base_dir), "--out", str(out),
+              "--extra-train", str(extra), *flags])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 1
+    assert json.loads((out / "train_config.json").read_text())["extra_train"] == [str(extra)]
+    # 1 ScienceQA train problem + 3 ARC rows: one step of 4 rows saw them all.
+    assert summary["train_tokens"] > 3 * len(tokenizer("Which gas do plants take in?")["input_ids"])
+
+
+def test_a_checkpoint_saved_with_cot_reads_as_explanation():
+    assert settings_of_today({"cot": True, "lr": 0.1})["explanation"] == "after"
+    assert settings_of_today({"cot": False})["explanation"] == "none"
+    assert "cot" not in settings_of_today({"cot": False})
+    assert settings_of_today({})["extra_train"] == []
