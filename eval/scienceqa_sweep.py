@@ -12,7 +12,9 @@ with its 95% bootstrap interval. The test questions are never used to choose any
 Ingredients: the method (LLaMA-Adapter v1 and V2, LoRA, series and parallel bottlenecks) and its learning rate; the
 images' machine captions as context ("captions"); targets with the lecture and solution after the answer ("after",
 the paper's order; scored by likelihood) or before it ("before", MM-CoT's reasoning first; scored by generating);
-LLM-Adapters' ARC-Easy, ARC-Challenge and OpenBookQA train sets as more problems (`--extra-train`).
+targets that name the option by its own text instead of its letter ("text": 'The answer is carbon dioxide.');
+LLM-Adapters' ARC-Easy, ARC-Challenge and OpenBookQA train sets as more problems (`--extra-train`: 1,041 of their
+rows, as many as the ScienceQA train problems, a third from each set, trained for twice the steps).
 
 Everything resumes: a finished adapter or predictions file is reused, a stopped run goes on from its checkpoint.
 The visual encoder plays no part: every recipe is text-only (CLIP has no pretrained weights here).
@@ -21,9 +23,12 @@ The visual encoder plays no part: every recipe is text-only (CLIP has no pretrai
 import argparse
 import json
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, files, scienceqa
 from llama_adapter.config import ScienceQAConfig
@@ -36,6 +41,7 @@ DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "da
 PROBLEMS = "problems_think_partial.json"  # the 1,773 problems with metadata: train 1041, val 371, test 361
 RESULTS = REPO / "eval" / "results" / "scienceqa_sweep"
 EXTRA = ("ARC-Easy", "ARC-Challenge", "openbookqa")
+EXTRA_ROWS = 1041  # as many as the ScienceQA train problems, drawn from the three sets alike (seed 0)
 STEPS = 130  # one pass over the train problems in batches of 8
 BASE = "base model (zero gates)"
 
@@ -48,7 +54,8 @@ class Recipe:
     steps: int = STEPS
     image_context: str = "none"
     explanation: str = "none"
-    extra: tuple[str, ...] = ()  # LLM-Adapters train sets
+    answer_form: str = "letter"
+    extra: bool = False  # EXTRA_ROWS more problems from LLM-Adapters' EXTRA train sets
 
     @property
     def scoring(self) -> str:
@@ -60,12 +67,30 @@ RECIPES = [
     Recipe("v1"),
     Recipe("v1+captions", image_context="captions"),
     Recipe("lora+captions", method="lora", lr=1e-3, image_context="captions"),
-    Recipe("v1+captions+extra", image_context="captions", extra=EXTRA, steps=2 * STEPS),
+    Recipe("lora+captions+text", method="lora", lr=1e-3, image_context="captions", answer_form="text"),
+    Recipe("v1+captions+text", image_context="captions", answer_form="text"),
+    Recipe("v1+captions+extra", image_context="captions", extra=True, steps=2 * STEPS),
     Recipe("v2+captions", method="llama-adapter-v2", lr=1e-3, image_context="captions"),
     Recipe("v1+captions+explanation-after", image_context="captions", explanation="after"),
     Recipe("series+captions", method="series", lr=1e-3, image_context="captions"),
     Recipe("parallel+captions", method="parallel", lr=1e-3, image_context="captions"),
     Recipe("v1+captions+explanation-before", image_context="captions", explanation="before"),
+]
+
+
+# What each ingredient bought: (the ingredient, the recipe with it, the recipe without it), compared on val.
+COMPARISONS = [
+    ("training LLaMA-Adapter v1", "v1", BASE),
+    ("the captions as context", "v1+captions", "v1"),
+    ("LoRA instead of v1", "lora+captions", "v1+captions"),
+    ("naming the option by its text (LoRA)", "lora+captions+text", "lora+captions"),
+    ("naming the option by its text (v1)", "v1+captions+text", "v1+captions"),
+    ("as many ARC and OpenBookQA problems (and twice the steps)", "v1+captions+extra", "v1+captions"),
+    ("V2 instead of v1", "v2+captions", "v1+captions"),
+    ("the lecture and solution after the answer", "v1+captions+explanation-after", "v1+captions"),
+    ("a series bottleneck instead of v1", "series+captions", "v1+captions"),
+    ("a parallel bottleneck instead of v1", "parallel+captions", "v1+captions"),
+    ("the lecture and solution before the answer", "v1+captions+explanation-before", "v1+captions"),
 ]
 
 
@@ -87,7 +112,10 @@ def main() -> None:
     runs = Path(args.runs)
     splits = load_splits()
     results = read_results()
-    results["settings"] = {"problems": PROBLEMS, "batch_size": 8, "extra_train": list(EXTRA)}
+    results["settings"] = {
+        "problems": PROBLEMS, "batch_size": 8, "extra_train": list(EXTRA), "extra_rows": EXTRA_ROWS, "precision": "fp32",
+        "device": f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    }  # fmt: skip
     results["chance"] = {
         "val": scienceqa.chance(splits.val)["Avg"],
         "test361": scienceqa.chance(splits.test361),
@@ -103,6 +131,8 @@ def main() -> None:
         cell["recipe"] = asdict(recipe)
         model = trained(recipe, splits, runs / name, cell)
         cell["val"] = scored(model, recipe, splits.val, runs / name / "val.jsonl")
+        write_results(results)
+        results["ingredients"] = ingredients(results, runs, splits.val)
         write_results(results)
         print(f"{name}: val Avg {cell['val']['Avg']:.2f} {cell['val']['interval']['Avg']}")
     if args.no_test:
@@ -139,7 +169,8 @@ def trained(recipe: Recipe, splits: Splits, folder: Path, cell: dict) -> LlamaAd
         return model
     cfg = TrainConfig(
         data=str(DATA / "scienceqa"), out=str(folder / "adapter"), task="scienceqa", explanation=recipe.explanation,
-        extra_train=tuple(str(DATA / "llm-adapters" / name / "train.json") for name in recipe.extra), lr=recipe.lr,
+        answer_form=recipe.answer_form,
+        extra_train=(str(extra_rows(folder.parent)),) if recipe.extra else (), lr=recipe.lr,
         epochs=1000, max_steps=recipe.steps, batch_size=8, warmup=0.1, max_len=512, val_fraction=0.0, save_every=10,
     )  # fmt: skip
     sqa = ScienceQAConfig(problems=PROBLEMS, image_context=recipe.image_context, missing_images="text-only")
@@ -149,6 +180,18 @@ def trained(recipe: Recipe, splits: Splits, folder: Path, cell: dict) -> LlamaAd
     return model
 
 
+def extra_rows(runs: Path) -> Path:
+    """EXTRA_ROWS rows of LLM-Adapters' EXTRA train sets, a third from each, in one file `--extra-train` reads."""
+    path = runs / "extra_train.json"
+    if not path.is_file():
+        rng, rows = random.Random(0), []
+        for index, name in enumerate(EXTRA):
+            share = EXTRA_ROWS // len(EXTRA) + (index < EXTRA_ROWS % len(EXTRA))
+            rows += rng.sample(json.loads((DATA / "llm-adapters" / name / "train.json").read_text()), share)
+        files.write_json(path, rows)
+    return path
+
+
 def scored(model: LlamaAdapterModel, recipe: Recipe, problems: list, out: Path) -> dict:
     """The recipe's scores on `problems` with their 95% bootstrap intervals; predictions go on in `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,10 +199,30 @@ def scored(model: LlamaAdapterModel, recipe: Recipe, problems: list, out: Path) 
     scores = evaluate_problems(
         model, problems, out, recipe.scoring, batch_size=8, image_context=recipe.image_context,
         max_new_tokens=512 if recipe.scoring == "generate" else 16, explanation=recipe.explanation,
+        answer_form=recipe.answer_form,
     )  # fmt: skip
     records = read_predictions(out, scienceqa.PREDICTION_FIELDS).values()
     interval = scienceqa.bootstrap_intervals(records, {p.pid: p for p in problems}, seed=0)
     return scores | {"interval": interval, "eval_wall_time_s": round(time.perf_counter() - started)}
+
+
+def ingredients(results: dict, runs: Path, problems: list) -> list[dict]:
+    """Each measured comparison's val difference in Avg points, with its paired 95% bootstrap interval."""
+    by_pid, found = {p.pid: p for p in problems}, []
+    for ingredient, recipe, reference in COMPARISONS:
+        if not all("val" in results["recipes"].get(name, {}) for name in (recipe, reference)):
+            continue
+        ours, theirs = (
+            read_predictions(runs / ("base" if name == BASE else name) / "val.jsonl", scienceqa.PREDICTION_FIELDS)
+            for name in (recipe, reference)
+        )
+        interval = scienceqa.bootstrap_difference(ours.values(), theirs.values(), by_pid, seed=0)
+        difference = results["recipes"][recipe]["val"]["Avg"] - results["recipes"][reference]["val"]["Avg"]
+        found.append(
+            {"ingredient": ingredient, "recipe": recipe, "reference": reference, "difference": difference}
+            | {"interval": interval}
+        )
+    return found
 
 
 def keep_predictions(predictions: Path, problems: list) -> None:
@@ -189,23 +252,32 @@ def write_results(results: dict) -> None:
 def markdown(results: dict) -> str:
     """The validation table of every recipe, then the test table of the chosen one and the base model."""
     lines = [
-        "| recipe | method | lr | context | explanation | extra problems | steps | train tokens | train time "
+        "| recipe | method | lr | context | answer | explanation | extra problems | steps | train tokens | train time "
         + "| val Avg (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| random guess (expected) | | | | | | | | | {results['chance']['val']:.2f} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| random guess (expected) | | | | | | | | | | {results['chance']['val']:.2f} |",
     ]
     for name, cell in results["recipes"].items():
         recipe, summary = cell.get("recipe"), cell.get("train")
         if "val" not in cell:
             continue
-        setup = ["–"] * 5 if recipe is None else [
-            recipe["method"], f"{recipe['lr']:g}", recipe["image_context"], recipe["explanation"],
-            ", ".join(recipe["extra"]) or "–",
+        setup = ["–"] * 6 if recipe is None else [
+            recipe["method"], f"{recipe['lr']:g}", recipe["image_context"], recipe.get("answer_form", "letter"),
+            recipe["explanation"],
+            f"{EXTRA_ROWS:,} ARC, OBQA" if recipe["extra"] else "–",
         ]  # fmt: skip
         budget = ["–"] * 3 if summary is None else [
             str(summary["steps"]), f"{summary['train_tokens']:,}", f"{summary['wall_time_s'] / 60:.0f} min",
         ]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(setup + budget) + f" | {with_interval(cell['val'], 'Avg')} |")
+    if results.get("ingredients"):
+        lines += ["", "| what it adds | recipe | against | val Avg difference (paired 95% CI) |", "|---|---|---|---|"]
+        for found in results["ingredients"]:
+            low, high = found["interval"]
+            lines.append(
+                f"| {found['ingredient']} | {found['recipe']} | {found['reference']} | "
+                f"{found['difference']:+.2f} ({low:+.1f} to {high:+.1f}) |"
+            )
     tested = [name for name, cell in results["recipes"].items() if "test361" in cell]
     if tested:
         columns = scienceqa.COLUMNS

@@ -38,7 +38,7 @@ from .evaluation import (
 from .generation import stream_conversation
 from .methods import AdapterConfig
 from .model import LlamaAdapterModel, load_model, load_models
-from .train import TrainConfig, TrainingStopped, train
+from .train import TrainConfig, TrainingStopped, settings_of_today, train
 
 
 @dataclass
@@ -168,6 +168,14 @@ def run_train(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def trained_targets(adapter: str | None) -> dict:
+    """How the adapter's training targets were written (`TrainConfig.explanation` and `answer_form`), as the run's
+    train_config.json beside it says; ScienceQA's plain targets for the base alone or an adapter without one."""
+    saved = None if adapter is None else shelf.resolve(adapter) / "train_config.json"
+    settings = settings_of_today(files.read_json(saved)) if saved is not None and saved.is_file() else {}
+    return {"explanation": settings.get("explanation", "none"), "answer_form": settings.get("answer_form", "letter")}
+
+
 def run_eval(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(EvalConfig, args), from_arguments(ModelConfig, args)
     test = from_arguments(EVAL_QUESTIONS[args.benchmark], args)
@@ -187,8 +195,9 @@ def run_eval(args: argparse.Namespace) -> None:
         model = load_model(model_cfg, cfg.adapter)
         with own(out):
             scores = evaluate_problems(
-                model, problems, cfg.out, test.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens, settings
-            )
+                model, problems, cfg.out, test.scoring, cfg.batch_size, sqa.image_context, cfg.max_new_tokens, settings,
+                **trained_targets(cfg.adapter),
+            )  # fmt: skip
         print(f"ScienceQA, {scores['count']['Avg']} questions, scoring: {test.scoring}, unparsed: {scores['unparsed']}")
         print(scienceqa.format_table(scores))
     else:  # math, commonsense: the same loop; the test set decides how an answer is read

@@ -124,15 +124,19 @@ def evaluate_problems(
     max_new_tokens: int = 16,
     settings: dict | None = None,
     explanation: str = "none",
+    answer_form: str = "letter",
 ) -> dict:
     """Predict every problem not yet in `out`, append the predictions, and return the scores of all of them.
 
     `settings`: what else decides the answers (the questions' source, the adapter's folder), recorded with `out`.
-    `explanation`: where the adapter's training targets put the lecture and solution (likelihood scoring compares
-    the options as those targets begin).
+    `explanation` and `answer_form`: where the adapter's training targets put the lecture and solution, and how
+    they name the option (likelihood scoring compares the options as those targets begin; generated answers are
+    read as they name it).
     """
-    if scoring == "likelihood" and problems:
-        scienceqa.option_targets(problems[0], explanation)  # an explanation-first adapter is refused before any work
+    if problems:  # bad settings, or an explanation-first adapter scored by likelihood: refused before any work
+        scienceqa.answer_text(problems[0], explanation, answer_form)
+        if scoring == "likelihood":
+            scienceqa.option_targets(problems[0], explanation, answer_form)
     cache = model.feature_cache()
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
@@ -148,12 +152,14 @@ def evaluate_problems(
         if scoring == "generate":
             outputs = generate_batch(model, prompts, sampling, **images)
         else:
-            outputs = _most_likely_answers(model, chunk, prompts, images, explanation)
-        return [scienceqa.prediction_record(*answered) for answered in zip(chunk, prompts, outputs)]
+            outputs = _most_likely_answers(model, chunk, prompts, images, explanation, answer_form)
+        return [scienceqa.prediction_record(*answered, answer_form) for answered in zip(chunk, prompts, outputs)]
 
     asked = {"scoring": scoring, "image_context": image_context}
     asked |= {"max_new_tokens": max_new_tokens} if scoring == "generate" else {}
-    asked |= {"explanation": explanation} if explanation != "none" else {}  # files of before it resume as they were
+    # Files made before these settings existed resume as they were.
+    asked |= {"explanation": explanation} if explanation != "none" else {}
+    asked |= {"answer_form": answer_form} if answer_form != "letter" else {}
     records = predict(
         model, problems, out, (settings or {}) | asked, answer, scienceqa.PREDICTION_FIELDS, batch_size,
         f"eval ({scoring})", encode_images if cache else None,
@@ -185,13 +191,14 @@ def evaluate_questions(
 
 
 def _most_likely_answers(
-    model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict, explanation: str
-):
+    model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict, explanation: str,
+    answer_form: str,
+):  # fmt: skip
     """Each problem's most likely answer among "The answer is A." ... (as the adapter's targets begin: see
     `scienceqa.option_targets`); the question's prompt runs once for all."""
     answers = []
     for row, (problem, prompt) in enumerate(zip(problems, prompts)):
-        options, whole = scienceqa.option_targets(problem, explanation)
+        options, whole = scienceqa.option_targets(problem, explanation, answer_form)
         features = None
         if images and images["has_image"][row]:
             features = images["image_features"][row : row + 1]

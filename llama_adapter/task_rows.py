@@ -44,9 +44,9 @@ def load_task_rows(
         print(
             f"{missing} of {len(problems)} training problems lack their image file: trained without it", file=sys.stderr
         )
-    rows = scienceqa.to_rows(problems, sqa.image_context, cfg.explanation)
+    rows = scienceqa.to_rows(problems, sqa.image_context, cfg.explanation, cfg.answer_form)
     for path in cfg.extra_train:  # no lecture or solution there: answer-only targets
-        rows += scienceqa.to_rows(scienceqa.load_choice_problems(path))
+        rows += scienceqa.to_rows(scienceqa.load_choice_problems(path), answer_form=cfg.answer_form)
     return data.as_rows(rows)
 
 

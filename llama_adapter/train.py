@@ -65,6 +65,11 @@ class TrainConfig(Checked):
         "order) or before it (then only --scoring generate can evaluate it)",
         "none",
     )
+    answer_form: Literal["letter", "text"] = option(
+        "scienceqa: the target names the option by its letter ('The answer is B.') or by its own text ('The answer "
+        "is carbon dioxide.'), which small models learn far better",
+        "letter",
+    )
     extra_train: tuple[str, ...] = option(
         "scienceqa: more training problems, from LLM-Adapters' multiple-choice train.json files (ARC-Easy, "
         "ARC-Challenge, openbookqa), asked in ScienceQA's prompt shape with answer-only targets",
@@ -125,8 +130,12 @@ class TrainConfig(Checked):
     def __post_init__(self):
         super().__post_init__()
         data.parse_columns(self.columns)  # a malformed mapping stops the run before anything loads
-        if self.task != "scienceqa" and (self.extra_train or self.explanation != "none"):
-            raise ValueError("--extra-train and --explanation shape ScienceQA's rows: they need --task scienceqa")
+        if self.task != "scienceqa" and (
+            self.extra_train or self.explanation != "none" or self.answer_form != "letter"
+        ):
+            raise ValueError(
+                "--extra-train, --explanation and --answer-form shape ScienceQA's rows: they need --task scienceqa"
+            )
 
     def learning_rate(self, method: str) -> float:
         """--lr, or the default of `method` for this effective batch."""
@@ -442,7 +451,7 @@ def stop_unless_finite(loss: float, grad_norm: float, step: int, out: Path) -> N
 
 
 # Settings added after runs began saving theirs, with the value every run before them had.
-SETTINGS_ADDED = {"eos_weight": 1.0, "image_data": None, "image_ratio": 1.0, "extra_train": []}
+SETTINGS_ADDED = {"eos_weight": 1.0, "image_data": None, "image_ratio": 1.0, "extra_train": [], "answer_form": "letter"}
 # Settings renamed since: the old name, the new one, and what each old value reads as now.
 SETTINGS_RENAMED = {"cot": ("explanation", {False: "none", True: "after"})}
 

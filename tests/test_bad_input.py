@@ -297,7 +297,7 @@ CASES = [
     Case("train", "--image-data row without an image", lambda ws, h: train_on(ws, ws.rows, "--image-data", image_rows(h, write_png(h)), "--method", "llama-adapter-v2", "--clip-model", "tiny-test-clip"),
          r"rows.jsonl: row 1 has no image; every --image-data row needs one"),
     Case("train", "--extra-train without --task scienceqa", lambda ws, h: train_on(ws, ws.rows, "--extra-train", write(h, "train.json", json.dumps([ARC_ROW]))),
-         r"--extra-train and --explanation shape ScienceQA's rows: they need --task scienceqa"),
+         r"--extra-train, --explanation and --answer-form shape ScienceQA's rows: they need --task scienceqa"),
     Case("train", "--extra-train row that is no choice question", lambda ws, h: train_on(ws, sqa_to_train_on(ws, h), "--task", "scienceqa", "--extra-train", write(h, "train.json", json.dumps([ARC_ROW, ARC_ROW | {"answer": "answer3"}]))),
          r"train.json: row 1: field 'answer' is 'answer3', expected one of answer1..answer2"),
     Case("train", "--out is an existing file", lambda ws, h: train_on(ws, ws.rows)[:-5] + ["--out", write(h, "taken", "x")],

@@ -109,7 +109,43 @@ def test_option_targets_follow_the_training_targets(sqa_dir):  # noqa: F811
         scienceqa.option_targets(one, "before")
 
 
+def test_text_form_targets_name_the_option_by_its_text(sqa_dir):  # noqa: F811
+    _, one, *_ = text_only(sqa_dir)
+    assert scienceqa.answer_text(one, answer_form="text") == "The answer is Ohio."
+    assert scienceqa.answer_text(one, "before", "text").endswith(".\nThe answer is Ohio.")
+    assert scienceqa.option_targets(one, "after", "text") == (
+        ["The answer is Ohio.\nBECAUSE:", "The answer is Utah.\nBECAUSE:", "The answer is Texas.\nBECAUSE:"],
+        False,
+    )
+    with pytest.raises(ValueError, match="answer_form must be one of"):
+        scienceqa.answer_text(one, answer_form="word")
+    rows = scienceqa.to_rows([one], answer_form="text")
+    assert rows[0]["output"] == "The answer is Ohio." and "(A) Ohio" in rows[0]["instruction"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is cat food.", 1),  # the longest option that fits, not 'cat'
+        ("The answer is cat.", 0),
+        ("the answer is cat", 0),
+        ("The answer is Dear Pablo,.", 2),  # case counts
+        ("The answer is dear Pablo,.", 3),
+        ("The answer is Love,\nZoe.", 4),  # an option over two lines
+        ("The answer is cats.", None),
+        ("Because it purrs.\nThe answer is cat.", 0),
+        ("The answer is B.", None),  # a letter is no option's text
+        ("cat", None),
+    ],
+)
+def test_parse_option_text(text, expected):
+    choices = ("cat", "cat food", "Dear Pablo,", "dear Pablo,", "Love,\nZoe")
+    assert scienceqa.parse_option_text(text, choices) == expected
+
+
+@pytest.mark.parametrize("form", scienceqa.ANSWER_FORMS)
 def test_answer_first_scoring_leaves_out_the_eos_the_targets_never_had(
+    form,
     make_model,
     randomize_adapter,
     sqa_dir,  # noqa: F811
@@ -118,11 +154,11 @@ def test_answer_first_scoring_leaves_out_the_eos_the_targets_never_had(
     model = make_model(adapter_len=4, adapter_layers=3)
     randomize_adapter(model)
     problems = text_only(sqa_dir)
-    evaluate_problems(model, problems, tmp_path / "p.jsonl", scoring="likelihood", explanation="after")
+    evaluate_problems(model, problems, tmp_path / "p.jsonl", "likelihood", explanation="after", answer_form=form)
     records = read_predictions(tmp_path / "p.jsonl")
     for problem in problems:  # each pick is the option whose cut target, with no EOS after it, is most likely
         instruction, input = scienceqa.question_prompt(problem)
-        targets, _ = scienceqa.option_targets(problem, "after")
+        targets, _ = scienceqa.option_targets(problem, "after", form)
         with torch.no_grad():
             scores = []
             for target in targets:
@@ -179,6 +215,25 @@ def test_bootstrap_intervals(sqa_dir):  # noqa: F811
     assert abs((intervals["Avg"][1] - intervals["Avg"][0]) / 2 - 100 * 1.96 * math.sqrt(avg * (1 - avg) / 361)) < 1.0
 
 
+def test_bootstrap_difference_is_paired(sqa_dir):  # noqa: F811
+    problems = [dataclasses.replace(p, pid=f"{p.pid}-{i}") for i in range(60) for p in text_only(sqa_dir)]
+    by_pid = {p.pid: p for p in problems}
+    rng = np.random.default_rng(7)
+    first = records_with(problems, rng.random(len(problems)) < 0.5)
+    assert scienceqa.bootstrap_difference(first, first, by_pid) == (0.0, 0.0)  # the same answers: no difference
+    # Ten answers turned from wrong to right: +10/360 of the problems, whichever are drawn; never below zero.
+    wrong = [i for i, record in enumerate(first) if not record["correct"]][:10]
+    better = [records_with([problems[i]], [True])[0] if i in wrong else record for i, record in enumerate(first)]
+    low, high = scienceqa.bootstrap_difference(better, first, by_pid, seed=3)
+    assert 0 <= low < 100 * 10 / 360 < high
+    assert (low, high) == scienceqa.bootstrap_difference(better, first, by_pid, seed=3)
+    # Unpaired, the two models' own intervals overlap almost entirely.
+    ours, theirs = (scienceqa.bootstrap_intervals(r, by_pid)["Avg"] for r in (better, first))
+    assert ours[0] < theirs[1]
+    with pytest.raises(ValueError, match="answer different problems"):
+        scienceqa.bootstrap_difference(first[1:], first, by_pid)
+
+
 def test_bootstrap_refuses_what_score_refuses(sqa_dir):  # noqa: F811
     problems = text_only(sqa_dir)
     records = records_with(problems, [True] * len(problems))
@@ -209,4 +264,26 @@ def test_a_checkpoint_saved_with_cot_reads_as_explanation():
     assert settings_of_today({"cot": True, "lr": 0.1})["explanation"] == "after"
     assert settings_of_today({"cot": False})["explanation"] == "none"
     assert "cot" not in settings_of_today({"cot": False})
-    assert settings_of_today({})["extra_train"] == []
+    assert settings_of_today({})["extra_train"] == [] and settings_of_today({})["answer_form"] == "letter"
+
+
+def test_eval_scores_an_adapter_as_its_targets_begin(tmp_path, sqa_dir, make_base, tokenizer, capsys):  # noqa: F811
+    base_dir = tmp_path / "base"
+    make_base().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    flags = ["--max-steps", "1", "--batch-size", "1", "--val-fraction", "0", "--adapter-layers", "2"]
+    for explanation in ("after", "before"):
+        cli.main(["train", "--task", "scienceqa", "--data", str(sqa_dir), "--base", str(base_dir),
+                  "--out", str(tmp_path / explanation), "--explanation", explanation, "--answer-form", "text",
+                  *flags])  # fmt: skip
+    evaluate = ["eval", "scienceqa", "--data", str(sqa_dir), "--scoring", "likelihood", "--missing-images", "text-only"]
+    out = tmp_path / "after.jsonl"
+    cli.main([*evaluate, "--adapter", str(tmp_path / "after"), "--out", str(out)])
+    settings = json.loads(out.with_suffix(".settings.json").read_text())
+    assert (settings["explanation"], settings["answer_form"]) == ("after", "text")
+    problems = {p.pid: p for p in text_only(sqa_dir)}
+    for pid, record in read_predictions(out).items():  # each output names an option by its text, and is read so
+        assert record["output"] == f"The answer is {problems[pid].choices[record['pred']]}.\nBECAUSE:"
+    with pytest.raises(SystemExit, match="score it with generation"):
+        cli.main([*evaluate, "--adapter", str(tmp_path / "before"), "--out", str(tmp_path / "before.jsonl")])
+    assert not (tmp_path / "before.jsonl").exists()

@@ -9,20 +9,32 @@ records and the problems, with ScienceQA's official categories.
 from .extra import load_choice_problems
 from .load import LETTERS, MISSING_IMAGES, SUBJECTS, Problem, load_llava_questions, load_problems
 from .prompts import (
+    ANSWER_FORMS,
     EXPLANATIONS,
     IMAGE_CONTEXTS,
     answer_text,
     format_options,
     option_targets,
     parse_answer,
+    parse_option_text,
     question_instruction,
     question_prompt,
     to_rows,
 )
-from .score import COLUMNS, PREDICTION_FIELDS, bootstrap_intervals, chance, format_table, prediction_record, score
+from .score import (
+    COLUMNS,
+    PREDICTION_FIELDS,
+    bootstrap_difference,
+    bootstrap_intervals,
+    chance,
+    format_table,
+    prediction_record,
+    score,
+)
 
 __all__ = [
-    "COLUMNS", "EXPLANATIONS", "IMAGE_CONTEXTS", "LETTERS", "MISSING_IMAGES", "PREDICTION_FIELDS", "SUBJECTS", "Problem",
-    "answer_text", "bootstrap_intervals", "chance", "format_options", "format_table", "load_choice_problems", "load_llava_questions", "load_problems",
-    "option_targets", "parse_answer", "prediction_record", "question_instruction", "question_prompt", "score", "to_rows",
+    "ANSWER_FORMS", "COLUMNS", "EXPLANATIONS", "IMAGE_CONTEXTS", "LETTERS", "MISSING_IMAGES", "PREDICTION_FIELDS", "SUBJECTS",
+    "Problem", "answer_text", "bootstrap_difference", "bootstrap_intervals", "chance", "format_options",
+    "format_table", "load_choice_problems", "load_llava_questions", "load_problems", "option_targets",
+    "parse_answer", "parse_option_text", "prediction_record", "question_instruction", "question_prompt", "score", "to_rows",
 ]  # fmt: skip

@@ -8,6 +8,7 @@ from .load import LETTERS, Problem
 
 IMAGE_CONTEXTS = ("none", "captions", "ocr")
 EXPLANATIONS = ("none", "after", "before")  # where the target puts the lecture and solution
+ANSWER_FORMS = ("letter", "text")  # how the target names the option: 'The answer is B.' or by the option's own text
 
 
 def format_options(choices: Iterable[str]) -> str:
@@ -39,14 +40,17 @@ def question_prompt(problem: Problem, image_context: str = "none") -> tuple[str,
     return instruction, "\n".join(context)
 
 
-def answer_text(problem: Problem, explanation: str = "none") -> str:
-    """The target response: 'The answer is B.', with its lecture and solution (MM-CoT's rationale) "after" it, as
-    'The answer is B.\nBECAUSE: ...' (the paper's answer-first order), or "before" it, as '...\nThe answer is B.'
-    (the model reasons before it answers; only generation can score that). A problem with neither is answered
-    alone."""
+def answer_text(problem: Problem, explanation: str = "none", answer_form: str = "letter") -> str:
+    """The target response: 'The answer is B.' (or with `answer_form` "text", the option's own text: 'The answer is
+    carbon dioxide.'), with its lecture and solution (MM-CoT's rationale) "after" it, as 'The answer is B.\nBECAUSE:
+    ...' (the paper's answer-first order), or "before" it, as '...\nThe answer is B.' (the model reasons before it
+    answers; only generation can score that). A problem with neither is answered alone."""
     if explanation not in EXPLANATIONS:
         raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
-    answer = f"The answer is {LETTERS[problem.answer]}."
+    if answer_form not in ANSWER_FORMS:
+        raise ValueError(f"answer_form must be one of {ANSWER_FORMS}, got {answer_form!r}")
+    named = LETTERS[problem.answer] if answer_form == "letter" else problem.choices[problem.answer]
+    answer = f"The answer is {named}."
     if explanation == "none":
         return answer
     because = f"{problem.lecture} {problem.solution}".strip()
@@ -58,7 +62,7 @@ def answer_text(problem: Problem, explanation: str = "none") -> str:
 _BECAUSE = "\nBECAUSE:"
 
 
-def option_targets(problem: Problem, explanation: str = "none") -> tuple[list[str], bool]:
+def option_targets(problem: Problem, explanation: str = "none", answer_form: str = "letter") -> tuple[list[str], bool]:
     """What likelihood scoring compares: each option's target up to where the targets of `explanation` part ways
     with the answer, and whether that is their end (then the EOS after it counts too).
 
@@ -67,16 +71,18 @@ def option_targets(problem: Problem, explanation: str = "none") -> tuple[list[st
     """
     if explanation == "before":
         raise ValueError("an explanation-first target answers after its explanation: score it with generation")
-    letters = [answer_text(replace(problem, answer=i)) for i in range(len(problem.choices))]
-    return ([text + _BECAUSE for text in letters], False) if explanation == "after" else (letters, True)
+    answers = [answer_text(replace(problem, answer=i), answer_form=answer_form) for i in range(len(problem.choices))]
+    return ([text + _BECAUSE for text in answers], False) if explanation == "after" else (answers, True)
 
 
-def to_rows(problems: Iterable[Problem], image_context: str = "none", explanation: str = "none") -> list[dict]:
+def to_rows(
+    problems: Iterable[Problem], image_context: str = "none", explanation: str = "none", answer_form: str = "letter"
+) -> list[dict]:
     """Alpaca rows {instruction, input, output, image}, image being the image file's path or None."""
     rows = []
     for problem in problems:
         instruction, input = question_prompt(problem, image_context)
-        output = answer_text(problem, explanation)
+        output = answer_text(problem, explanation, answer_form)
         image = str(problem.image) if problem.image is not None else None
         rows.append({"instruction": instruction, "input": input, "output": output, "image": image})
     return rows
@@ -108,3 +114,15 @@ def parse_answer(text: str, num_choices: int) -> int | None:
     else:
         letter = None
     return LETTERS.index(letter) if letter is not None and LETTERS.index(letter) < num_choices else None
+
+
+def parse_option_text(text: str, choices: tuple[str, ...]) -> int | None:
+    """The option a text-form answer names: the first 'The answer is ' followed by an option's exact text and then
+    '.', a line break or the end (the longest such option, so 'cat food' is not read as 'cat'); else None. Case
+    counts: ScienceQA asks which capitalisation is right ('Dear Pablo,' or 'dear Pablo,')."""
+    for found in re.finditer(r"the answer is ", text, re.IGNORECASE):
+        rest = text[found.end() :]
+        named = [i for i, choice in enumerate(choices) if re.match(re.escape(choice) + r"(?:\.|\n|$)", rest)]
+        if named:
+            return max(named, key=lambda i: len(choices[i]))
+    return None

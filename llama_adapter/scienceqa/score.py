@@ -5,15 +5,19 @@ from collections.abc import Iterable
 import numpy as np
 
 from .load import LETTERS, SUBJECTS, Problem
-from .prompts import parse_answer
+from .prompts import parse_answer, parse_option_text
 
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 PREDICTION_FIELDS = ("pid", "prompt", "output", "pred", "pred_letter", "answer", "correct")
 
 
-def prediction_record(problem: Problem, prompt: str, output: str) -> dict:
-    """The record of one generated answer: the raw output, its parse, and whether it is right."""
-    pred = parse_answer(output, len(problem.choices))
+def prediction_record(problem: Problem, prompt: str, output: str, answer_form: str = "letter") -> dict:
+    """The record of one generated answer: the raw output, its parse (by letter, or by the option's text), and
+    whether it is right."""
+    if answer_form == "text":
+        pred = parse_option_text(output, problem.choices)
+    else:
+        pred = parse_answer(output, len(problem.choices))
     return {
         "pid": problem.pid,
         "prompt": prompt,
@@ -74,6 +78,23 @@ def bootstrap_intervals(
     low, high = np.nanpercentile(accuracy, [tail, 100 - tail], axis=0)
     intervals = {COLUMNS[i]: (float(lo), float(hi)) for i, lo, hi in zip(columns, low, high)}
     return {column: intervals.get(column) for column in COLUMNS}
+
+
+def bootstrap_difference(
+    records: Iterable[dict], baseline: Iterable[dict], problems_by_pid: dict[str, Problem], resamples: int = 1000,
+    seed: int = 0, level: float = 0.95,
+) -> tuple[float, float]:  # fmt: skip
+    """The percentile-bootstrap interval of Avg(`records`) - Avg(`baseline`) in points, both answering the same
+    problems, drawn together (paired): where two models mostly agree, far narrower than their two intervals."""
+    ours = {problem.pid: credit for problem, credit, _ in _credits(records, problems_by_pid)}
+    theirs = {problem.pid: credit for problem, credit, _ in _credits(baseline, problems_by_pid)}
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"the two predictions answer different problems ({len(ours)} and {len(theirs)})")
+    gain = np.array([ours[pid] - theirs[pid] for pid in ours])
+    draws = np.random.default_rng(seed).integers(0, len(gain), size=(resamples, len(gain)))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(100 * gain[draws].mean(axis=1), [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def _credits(records: Iterable[dict], problems_by_pid: dict[str, Problem]) -> list[tuple[Problem, float, bool]]:
