@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 import random
-import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,6 +122,7 @@ def main() -> None:
         "test4241": scienceqa.chance(splits.test4241)["Avg"],
     }
     recipes = {recipe.name: recipe for recipe in RECIPES}
+    results["planned"] = list(recipes)
     base = results["recipes"].setdefault(BASE, {})
     base["val"] = scored(LlamaAdapterModel.from_base(), Recipe(BASE), splits.val, runs / "base" / "val.jsonl")
     write_results(results)
@@ -195,7 +196,6 @@ def extra_rows(runs: Path) -> Path:
 def scored(model: LlamaAdapterModel, recipe: Recipe, problems: list, out: Path) -> dict:
     """The recipe's scores on `problems` with their 95% bootstrap intervals; predictions go on in `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     scores = evaluate_problems(
         model, problems, out, recipe.scoring, batch_size=8, image_context=recipe.image_context,
         max_new_tokens=512 if recipe.scoring == "generate" else 16, explanation=recipe.explanation,
@@ -203,7 +203,8 @@ def scored(model: LlamaAdapterModel, recipe: Recipe, problems: list, out: Path) 
     )  # fmt: skip
     records = read_predictions(out, scienceqa.PREDICTION_FIELDS).values()
     interval = scienceqa.bootstrap_intervals(records, {p.pid: p for p in problems}, seed=0)
-    return scores | {"interval": interval, "eval_wall_time_s": round(time.perf_counter() - started)}
+    picked = Counter(str(record["pred_letter"]) for record in records)  # a letter's share shows a learnt prior
+    return scores | {"interval": interval, "picked": dict(picked.most_common())}
 
 
 def ingredients(results: dict, runs: Path, problems: list) -> list[dict]:
