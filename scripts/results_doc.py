@@ -18,9 +18,9 @@ WIDTH = 118  # prose is wrapped here; table rows are not
 # the first 12 hex digits of the file's SHA-256, so that a re-run, which writes a new file, drops its stale note.
 RUN_NOTES = {
     "eval/results/scienceqa_sweep.json": {
-        "e255fddf85e4": "The recipes ran at commits `a3e298d` to `628a560` (the later commits add recipes, the text "
-        "form and this table's columns; none changes what an earlier recipe computes); a last pass only re-scored "
-        "them from their predictions files. Train times are wall times "
+        "dda5ff7f36fa": "The first five recipes ran at commits `a3e298d` to `628a560` (the later commits add "
+        "recipes, the text form and this table's columns; none changes what an earlier recipe computes), and were "
+        "re-scored from their predictions files at `9430e3d`, where lora+captions+text+3-epochs ran alone. Train times are wall times "
         "on the shared 2-core machine: lora+captions, v1+captions+text and part of v1+captions ran beside other "
         "work (a one-thread trial of the text form, tests), at 190 to 230 training tokens/s against about 300 "
         "alone. A first v1+captions+extra run drew from all 8,327 ARC and OpenBookQA rows; it was stopped after about 50 "
