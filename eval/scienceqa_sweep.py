@@ -137,7 +137,6 @@ def main() -> None:
         cell["recipe"] = asdict(recipe)
         model = trained(recipe, splits, runs / name, cell)
         cell["val"] = scored(model, recipe, splits.val, runs / name / "val.jsonl")
-        write_results(results)
         results["ingredients"] = ingredients(results, runs, splits.val)
         write_results(results)
         print(f"{name}: val Avg {cell['val']['Avg']:.2f} {cell['val']['interval']['Avg']}")
