@@ -74,8 +74,9 @@ def run_summary(progress, elapsed: float, model, dropped: int, skipped, world: W
     """The summary a run prints and keeps in its last checkpoint."""
     return {
         "steps": progress.step,
-        "val_loss_before": progress.val_loss_before,
-        "val_loss_after": progress.val_loss,
+        # None, not NaN, when nothing was held out: the summary is written as strict JSON.
+        "val_loss_before": None if math.isnan(progress.val_loss_before) else progress.val_loss_before,
+        "val_loss_after": None if math.isnan(progress.val_loss) else progress.val_loss,
         "train_tokens": progress.tokens,
         "padding_share": 1 - progress.tokens / progress.padded if progress.padded else math.nan,
         "tokens_per_s": progress.tokens / elapsed,

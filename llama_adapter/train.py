@@ -373,7 +373,7 @@ def _train(
                     save_checkpoint()
             progress.val_loss = evaluate(model, val_set, cfg.batch_size, pad_id, cache, world)
             log.write(step=progress.step, epoch=epoch, val_loss=progress.val_loss)
-            if world.main:
+            if world.main and val_set:
                 bar.write(f"epoch {epoch}: validation loss {progress.val_loss:.4f}", file=sys.stderr)
             progress.epoch, progress.group = epoch + 1, 0
             progress.done = progress.step >= total_steps or epoch == cfg.epochs

@@ -85,6 +85,17 @@ def test_max_steps_stops_early(make_model, rows_file, tmp_path):
     assert train(cfg, model.config, model)["steps"] == 3
 
 
+def test_a_run_without_validation_rows_says_so_in_valid_json(make_model, rows_file, tmp_path, capsys):
+    """val_fraction 0 holds nothing out: the summary says null (strict JSON has no NaN) and no 'loss nan' is printed."""
+    model = make_model()
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(rows_file), out=str(out), epochs=1, batch_size=2, max_steps=2, val_fraction=0.0)
+    summary = train(cfg, model.config, model)
+    assert summary["val_loss_before"] is None and summary["val_loss_after"] is None
+    json.dumps(summary, allow_nan=False)
+    assert "nan" not in capsys.readouterr().err
+
+
 def test_zero_gates_validation_loss_is_the_base_models(make_model, tokenizer, rows_file, tmp_path):
     """Before training, the adapter model's loss is exactly the frozen base's, as the paper's zero-init promises."""
     model = make_model()
