@@ -292,6 +292,15 @@ def check_architecture(model: PreTrainedModel) -> None:
         )
 
 
+def copy_base(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen copy of a full-precision base as `load_base` gave it, made from its weights in memory: a second
+    model that must change the base's own modules gets one in a second, where reading a GGUF file again takes 20."""
+    copy = folded_copy(model, {}, {}, {})
+    copy.generation_config = model.generation_config
+    copy.name_or_path = model.name_or_path
+    return copy.requires_grad_(False)
+
+
 def base_identity(model: PreTrainedModel) -> dict:
     """What an adapter checkpoint records about the base it was trained on, to refuse any other base."""
     config = model.config

@@ -75,6 +75,15 @@ class LlamaAdapterModel(nn.Module):
     def device(self) -> torch.device:
         return self.base.device
 
+    def can_lend_a_copy(self, base: str, dtype: torch.dtype, device, quantize: str) -> bool:
+        """Whether a copy of this model's base (`hf.copy_base`) is what loading `base` would give: the same base,
+        dtype and device, in full precision, with modules this model's method leaves alone."""
+        return (
+            self.method.shares_base and quantize == "none" and hf.quantization(self.base) == "none"
+            and self.base.name_or_path == base and self.base.dtype == dtype
+            and torch.device(device or default_device()) == self.device
+        )  # fmt: skip
+
     @property
     def context_length(self) -> int:
         """Positions the base handles: a prompt and its answer together must fit."""
@@ -131,13 +140,14 @@ class LlamaAdapterModel(nn.Module):
         if clip_weights:
             visual = dataclasses.replace(visual, clip_weights=clip_weights)
         sharing = alongside is not None and alongside.shared.can_take(methods.get(config.method))
+        name = saved["base"]["name"] if base is None else base
         if sharing:
             model, tokenizer = alongside.base, alongside.tokenizer
+        elif alongside is not None and alongside.can_lend_a_copy(name, dtype, device, quantize):
+            model, tokenizer, device = hf.copy_base(alongside.base), alongside.tokenizer, alongside.device
         else:
             device = torch.device(device or default_device())
-            model, tokenizer = hf.load_base(
-                saved["base"]["name"] if base is None else base, dtype, None, quantize, device
-            )
+            model, tokenizer = hf.load_base(name, dtype, None, quantize, device)
         adapter_files.check_same_base(saved["base"], hf.base_identity(model), where)
         try:
             loaded = cls(model, tokenizer, config, visual)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llama_adapter import AdapterConfig, cli
+from llama_adapter import AdapterConfig, cli, hf
 from llama_adapter.config import ModelConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel, load_model
 from llama_adapter.train import TrainConfig, train
@@ -255,7 +255,7 @@ def test_only_lora_and_v2_merge(tiny_base_dir, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
-def test_bottleneck_and_prompt_adapters_share_a_base_and_peft_ones_get_their_own(tiny_base_dir, tmp_path):
+def test_bottleneck_and_prompt_adapters_share_a_base_and_peft_ones_get_their_own(tiny_base_dir, tmp_path, monkeypatch):
     ids, mask = batch(LlamaAdapterModel.from_base(str(tiny_base_dir), device="cpu").tokenizer)
     alone = {}
     for seed, method in enumerate(METHODS):
@@ -265,7 +265,9 @@ def test_bottleneck_and_prompt_adapters_share_a_base_and_peft_ones_get_their_own
         alone[method] = model(ids, mask)
     cfg = ModelConfig(base=str(tiny_base_dir), precision="fp32")
     first = load_model(cfg, str(tmp_path / "llama-adapter"))
-    models = {m: load_model(cfg, str(tmp_path / m), alongside=first) for m in METHODS[1:]}
+    with monkeypatch.context() as patch:  # the others get a copy of first's base, not one read from disk again
+        patch.setattr(hf, "load_base", lambda *args: pytest.fail(f"load_base{args}: a base read again"))
+        models = {m: load_model(cfg, str(tmp_path / m), alongside=first) for m in METHODS[1:]}
     assert {m for m, model in models.items() if model.base is first.base} == SHARING - {"llama-adapter"}
     for _ in range(2):  # taking turns, in both orders
         for method, model in [("llama-adapter", first), *models.items()]:
