@@ -18,13 +18,21 @@ WIDTH = 118  # prose is wrapped here; table rows are not
 # the first 12 hex digits of the file's SHA-256, so that a re-run, which writes a new file, drops its stale note.
 RUN_NOTES = {
     "eval/results/scienceqa_sweep.json": {
-        "dda5ff7f36fa": "The first five recipes ran at commits `a3e298d` to `628a560` (the later commits add "
-        "recipes, the text form and this table's columns; none changes what an earlier recipe computes), and were "
-        "re-scored from their predictions files at `9430e3d`, where lora+captions+text+3-epochs ran alone. Train times are wall times "
-        "on the shared 2-core machine: lora+captions, v1+captions+text and part of v1+captions ran beside other "
-        "work (a one-thread trial of the text form, tests), at 190 to 230 training tokens/s against about 300 "
-        "alone. A first v1+captions+extra run drew from all 8,327 ARC and OpenBookQA rows; it was stopped after about 50 "
-        "steps when the recipe changed to a sample as large as the ScienceQA train split, and it is not in the table.",
+        "1ee1448f78bf": (
+            "The first five recipes ran at commits `a3e298d` to `628a560` (later commits add recipes, the text "
+            "form and columns; none changes what an earlier recipe computes) and were re-scored from their "
+            "predictions files at `9430e3d`, where lora+captions+text+3-epochs ran alone. The extra, "
+            "explanation-after, V2, series and parallel recipes ran at `7696b27`, in that order, alone but for "
+            "tests during the extra run's first ten minutes; the base scored by text, v2+captions+text+3-epochs "
+            "and the test stage ran at `59c4482`, alone. Train times are wall times on the shared 2-core machine: "
+            "lora+captions, v1+captions+text and part of v1+captions ran beside other work (a one-thread trial of "
+            "the text form, tests), at 190 to 230 training tokens/s against about 280 alone; explanation-after's "
+            "130 steps hold two and a half times the tokens (the lecture and solution), so they took 35 minutes. "
+            "A first v1+captions+extra run drew from all 8,327 ARC and OpenBookQA rows; it was stopped after "
+            "about 50 steps when the recipe changed to a sample as large as the ScienceQA train split, and it is "
+            "not in the table. Summaries written before `6d5d0f5` held NaN for the validation loss of runs with "
+            "nothing held out; the file now holds null there."
+        ),
     },
     "bench/results/v2.json": {
         "95c91c5a22d8": "The four commands ran in that order while commits `89a1d3e` to `e1d7a46` were made, none of "

@@ -1,6 +1,7 @@
 """The generated documentation is up to date: docs/cli.md from the config dataclasses, docs/results.md from the results
 files, README's tables from the method registry and the benchmark results; and README stays a front door."""
 
+import json
 import sys
 
 import pytest
@@ -40,3 +41,15 @@ def test_the_readme_is_a_front_door():
     assert "bash scripts/setup.sh && .venv/bin/python -m pytest" in ci  # CI runs the README's test command
     for link in ("cli", "training", "methods", "evaluation", "demo", "results", "architecture", "testing"):
         assert (REPO_ROOT / "docs" / f"{link}.md").is_file() and f"(docs/{link}.md)" in "\n".join(readme)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(REPO_ROOT.glob("*/results/*.json")), ids=lambda path: str(path.relative_to(REPO_ROOT))
+)
+def test_results_files_are_strict_json(path):
+    """Python writes NaN and Infinity, which JSON lacks: other readers (jq, a browser) refuse such a file."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{path.relative_to(REPO_ROOT)} holds {constant}: write null for a value not measured")
+
+    json.loads(path.read_text(), parse_constant=refuse)

@@ -1,6 +1,7 @@
 """The shelf: adapters shipped inside the package, named wherever an adapter folder is taken."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_adapters_lists_the_shelf(shelved, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # The adapters the package ships, on the real embedded SmolLM2
 
-SHIPPED = ("alpaca", "shapes")
+SHIPPED = ("alpaca", "scienceqa", "shapes")
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +79,19 @@ def shipped() -> dict[str, LlamaAdapterModel]:
     return {"alpaca": alpaca, "shapes": LlamaAdapterModel.load("shapes", alongside=alpaca)}
 
 
-def test_the_shelf_ships_alpaca_and_shapes_each_with_its_card():
+def test_the_shelf_ships_its_adapters_each_with_its_card_and_the_command_that_made_it():
     assert shelf.names() == list(SHIPPED) == shelf.for_base(DEFAULT_BASE)
     for name in SHIPPED:
         folder = shelf.FOLDER / name
-        assert sorted(path.name for path in folder.iterdir()) == sorted(["README.md", CONFIG_NAME, WEIGHTS_NAME])
-        assert (folder / WEIGHTS_NAME).stat().st_size < 2_000_000
-        assert f"python train/shelf_{name}.py" in (folder / "README.md").read_text()
+        # train_config.json: how a ScienceQA adapter's targets name the option, which `eval` needs to score it.
+        extra = ["train_config.json"] if name == "scienceqa" else []
+        assert sorted(path.name for path in folder.iterdir()) == sorted(
+            ["README.md", CONFIG_NAME, WEIGHTS_NAME, *extra]
+        )
+        parameters = adapter_files.read_config(folder)["trainable_parameters"]
+        assert 4 * parameters < (folder / WEIGHTS_NAME).stat().st_size < 4 * parameters + 100_000  # fp32, adapter only
+        script = re.search(r"`python ((?:train|eval)/\w+\.py)", (folder / "README.md").read_text())
+        assert script and (REPO / script[1]).is_file(), f"{name}'s card names no script of this repo that made it"
 
 
 @pytest.mark.slow
@@ -116,3 +123,21 @@ def test_shapes_answers_held_out_images_from_the_image(shipped, tmp_path):
     answers = generation.generate_batch(model, prompts, SamplingConfig(24), features)
     assert [scienceqa.parse_answer(text, 3) for text in answers] == [problem.answer for problem in problems]
     assert len({problem.answer for problem in problems}) > 1  # not one letter for every image
+
+
+@pytest.mark.slow
+def test_scienceqa_gives_its_committed_answers_through_eval_which_reads_its_answer_form(data_dir, tmp_path):
+    """The card's numbers come from these weights: `eval` on the shelf name (which must read the text answer form from
+    the shelf's train_config.json) answers the first test questions as the committed predictions file says."""
+    lines = (REPO / "eval" / "results" / "scienceqa_sweep_test4241.jsonl").read_text().splitlines()
+    committed = {row["pid"]: row["pred_letter"] for row in map(json.loads, lines)}
+    out = tmp_path / "sqa.jsonl"
+    folder = data_dir / "scienceqa"
+    cli.main([
+        "eval", "scienceqa", "--adapter", "scienceqa", "--data", str(folder), "--llava", str(folder / "llava_test_CQM-A.json"),
+        "--image-context", "captions", "--missing-images", "text-only", "--scoring", "likelihood", "--limit", "8",
+        "--out", str(out),
+    ])  # fmt: skip
+    answered = {row["pid"]: row["pred_letter"] for row in map(json.loads, out.read_text().splitlines())}
+    assert len(answered) == 8
+    assert answered == {pid: committed[pid] for pid in answered}
