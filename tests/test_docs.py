@@ -2,6 +2,7 @@
 files, README's tables from the method registry and the benchmark results; and README stays a front door."""
 
 import json
+import shlex
 import sys
 
 import pytest
@@ -53,3 +54,18 @@ def test_results_files_are_strict_json(path):
         raise ValueError(f"{path.relative_to(REPO_ROOT)} holds {constant}: write null for a value not measured")
 
     json.loads(path.read_text(), parse_constant=refuse)
+
+
+def readme_commands() -> list[str]:
+    """The `llama-adapter ...` lines of README's code blocks, without their trailing comments."""
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    return [line.split("  #")[0].strip() for line in lines if line.startswith("llama-adapter ")]
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_parses(command):
+    """A flag renamed or dropped since the quick start was written would greet a new user with an error."""
+    from llama_adapter.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.command == command.split()[1]
