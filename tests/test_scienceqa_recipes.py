@@ -143,6 +143,34 @@ def test_parse_option_text(text, expected):
     assert scienceqa.parse_option_text(text, choices) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # What the explanation-before adapter of eval/scienceqa_sweep.py wrote for val problems: each names one
+        # option beyond doubt without copying all of it.
+        ("The answer is circular reasoning.", 0),  # the option's words before its colon
+        ("...a logical fallacy. The answer is circular reasoning. It assumes", 0),
+        ("The answer is Rosa's father has brown eyes..", 2),  # the first of the option's two sentences
+        ("The answer is the Cape vulture.", 4),  # with an article before it
+        ("The answer is below.", None),  # opens two options
+        ("The answer is Massachusetts.", None),  # no option at all
+        ("The answer is circular.", None),  # a word, not the whole of what comes before the colon
+        ("The answer is Rosa's father.", None),
+    ],
+)
+def test_parse_option_text_reads_an_answer_that_names_an_option_by_its_opening(text, expected):
+    choices = (
+        "circular reasoning: an argument that supports a claim with the claim itself",
+        "guilt by association: a negative association intended to discredit someone",
+        "Rosa's father has brown eyes. He passed this trait down to Rosa.",
+        "Rosa's hair is the same color as her brown eyes.",
+        "Cape vulture",
+        "below . . . the ground shakes",
+        "below . . . the ground gets colder",
+    )
+    assert scienceqa.parse_option_text(text, choices) == expected
+
+
 @pytest.mark.parametrize("form", scienceqa.ANSWER_FORMS)
 def test_answer_first_scoring_leaves_out_the_eos_the_targets_never_had(
     form,

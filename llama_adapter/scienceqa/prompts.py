@@ -117,12 +117,24 @@ def parse_answer(text: str, num_choices: int) -> int | None:
 
 
 def parse_option_text(text: str, choices: tuple[str, ...]) -> int | None:
-    """The option a text-form answer names: the first 'The answer is ' followed by an option's exact text and then
-    '.', a line break or the end (the longest such option, so 'cat food' is not read as 'cat'); else None. Case
-    counts: ScienceQA asks which capitalisation is right ('Dear Pablo,' or 'dear Pablo,')."""
+    """The option a text-form answer names, after the first 'The answer is ' that names one; else None.
+
+    An answer names an option by its exact text followed by '.', a line break or the end (the longest such option,
+    so 'cat food' is not read as 'cat'), or, failing that, by its opening alone: its words up to the answer's first
+    '.' (after an optional 'the '), where the option goes on with '.' or ':' ('circular reasoning' for 'circular
+    reasoning: an argument that ...', the first sentence of a two-sentence option) and no other option opens so.
+    Case counts: ScienceQA asks which capitalisation is right ('Dear Pablo,' or 'dear Pablo,')."""
     for found in re.finditer(r"the answer is ", text, re.IGNORECASE):
         rest = text[found.end() :]
         named = [i for i, choice in enumerate(choices) if re.match(re.escape(choice) + r"(?:\.|\n|$)", rest)]
         if named:
             return max(named, key=lambda i: len(choices[i]))
+        said = re.match(r"(?:the )?([^.\n]*)", rest).group(1).strip()
+        opened = [
+            i
+            for i, choice in enumerate(choices)
+            if said and re.fullmatch(re.escape(said) + r"(?:[.:].*)?", choice, re.DOTALL)
+        ]
+        if len(opened) == 1:
+            return opened[0]
     return None
