@@ -110,7 +110,11 @@ COMPARISONS = [
     ("a parallel bottleneck instead of LoRA", "parallel+captions+text", "lora+captions+text"),
     ("three epochs instead of one (V2)", "v2+captions+text+3-epochs", "v2+captions+text"),
     ("V2 instead of LoRA, three epochs", "v2+captions+text+3-epochs", "lora+captions+text+3-epochs"),
-    ("the lecture and solution before the answer", "lora+captions+text+explanation-before", "lora+captions+text"),
+    (
+        "the lecture and solution before the answer (generated, then the answer read from the text)",
+        "lora+captions+text+explanation-before",
+        "lora+captions+text",
+    ),
 ]
 
 
@@ -367,9 +371,9 @@ def markdown(results: dict) -> str:
     """The validation table of every recipe, then the test table of the chosen one and the base model."""
     lines = [
         "| recipe | method | lr | context | answer | explanation | extra problems | steps | train tokens | train time "
-        + "| val Avg (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| random guess (expected) | | | | | | | | | | {results['chance']['val']:.2f} |",
+        + "| scored by | val Avg (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| random guess (expected) | | | | | | | | | | | {results['chance']['val']:.2f} |",
     ]
     for name, cell in results["recipes"].items():
         recipe, summary = cell.get("recipe"), cell.get("train")
@@ -383,7 +387,10 @@ def markdown(results: dict) -> str:
         budget = ["–"] * 3 if summary is None else [
             str(summary["steps"]), f"{summary['train_tokens']:,}", f"{summary['wall_time_s'] / 60:.0f} min",
         ]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(setup + budget) + f" | {with_interval(cell['val'], 'Avg')} |")
+        scored = "generating the answer" if cell["val"]["scoring"] == "generate" else "the likeliest option"
+        lines.append(
+            f"| {name} | " + " | ".join([*setup, *budget, scored]) + f" | {with_interval(cell['val'], 'Avg')} |"
+        )
     if results.get("ingredients"):
         lines += ["", "| what it adds | recipe | against | val Avg difference (paired 95% CI) |", "|---|---|---|---|"]
         for found in results["ingredients"]:

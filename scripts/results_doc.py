@@ -18,7 +18,7 @@ WIDTH = 118  # prose is wrapped here; table rows are not
 # the first 12 hex digits of the file's SHA-256, so that a re-run, which writes a new file, drops its stale note.
 RUN_NOTES = {
     "eval/results/scienceqa_sweep.json": {
-        "1ee1448f78bf": (
+        "3840c959c08a": (
             "The first five recipes ran at commits `a3e298d` to `628a560` (later commits add recipes, the text "
             "form and columns; none changes what an earlier recipe computes) and were re-scored from their "
             "predictions files at `9430e3d`, where lora+captions+text+3-epochs ran alone. The extra, "
@@ -31,7 +31,11 @@ RUN_NOTES = {
             "A first v1+captions+extra run drew from all 8,327 ARC and OpenBookQA rows; it was stopped after "
             "about 50 steps when the recipe changed to a sample as large as the ScienceQA train split, and it is "
             "not in the table. Summaries written before `6d5d0f5` held NaN for the validation loss of runs with "
-            "nothing held out; the file now holds null there."
+            "nothing held out; the file now holds null there. The explanation-before recipe trained and generated "
+            "its 371 validation answers at `612d9b9` (31 minutes of training, 33 of generating, beside a few "
+            "short test runs); its answers were then re-read, unchanged, at `0208874`, whose parser also takes an "
+            "answer that names one option by its opening: 13 of the 371 changed, 143 right answers became 149, "
+            "and 62 answers still name no option."
         ),
     },
     "bench/results/v2.json": {
@@ -639,7 +643,10 @@ def scienceqa_sweep() -> list[str]:
             "Each recipe trains a fresh adapter on the embedded SmolLM2-135M-Instruct from the 1,041 train problems",
             f"of `{settings['problems']}` (text-only: no train images exist here, and CLIP would be random), in",
             f"batches of {settings['batch_size']}, and is scored on the {base['val']['count']['Avg']} validation",
-            "problems by the most likely option. The recipe with the best validation Avg, and the untrained base",
+            "problems by the most likely option; a recipe that puts the lecture and solution before the answer",
+            "generates them (up to 512 tokens) and is scored by the answer it then names, read from its text",
+            "(`scienceqa.parse_option_text`; an answer naming no option counts as wrong). The recipe with the",
+            "best validation Avg, and the untrained base",
             "beside it, are then scored once on the 361 test problems with metadata and on all 4241 test questions;",
             "the test questions choose nothing. Every score carries its 95% bootstrap interval (1,000 draws of the",
             "problems), and each ingredient's difference a paired one (both recipes' answers to the same draws).",
