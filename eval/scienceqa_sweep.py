@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, files, scienceqa
+from llama_adapter import AdapterConfig, LlamaAdapterModel, adapter_files, files, scienceqa
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.config import ScienceQAConfig
 from llama_adapter.evaluation import evaluate_problems
@@ -182,7 +182,6 @@ def main() -> None:
         write_results(results)
     keep_predictions(runs / best / "test4241.jsonl", splits.test4241)
     shelve(runs / best / "adapter", runs / "shelf.partial", results)
-    write_results(results)
 
 
 def folder_of(runs: Path, name: str) -> Path:
@@ -290,7 +289,7 @@ def shelve(adapter: Path, staging: Path, results: dict) -> None:
     settings["data"] = os.path.relpath(settings["data"], REPO)  # where this repo's data is, not the dev machine's
     settings["extra_train"] = [os.path.relpath(path, REPO) for path in settings["extra_train"]]
     files.write_json(staging / "train_config.json", settings)
-    files.write_text(staging / "README.md", card(results, files.read_json(adapter / CONFIG_NAME)["adapter"]))
+    files.write_text(staging / "README.md", card(results, adapter_files.read_config(adapter)["adapter"]))
     shutil.rmtree(SHELF, ignore_errors=True)
     staging.rename(SHELF)
 
@@ -312,12 +311,10 @@ def card(results: dict, adapter: dict) -> str:
          with_interval(cell["test4241"], "Avg")),
     ]  # fmt: skip
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    targets = ", ".join(adapter["lora_targets"]) if adapter["method"] == "lora" else ""
-    method = (
-        f"LoRA, rank {adapter['lora_rank']} (alpha {adapter['lora_alpha']:g}) on {targets} in every layer"
-        if adapter["method"] == "lora"
-        else adapter["method"]
-    )
+    method = adapter["method"]
+    if method == "lora":
+        targets = ", ".join(adapter["lora_targets"])
+        method = f"LoRA, rank {adapter['lora_rank']} (alpha {adapter['lora_alpha']:g}) on {targets} in every layer"
     return f"""# scienceqa: answers ScienceQA's multiple-choice science questions on the embedded SmolLM2-135M-Instruct
 
 Names the right option of a ScienceQA question (question, context, lettered options) by its text: "The answer is
