@@ -35,7 +35,7 @@ from common import (
     write_results,
 )
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, data
+from llama_adapter import AdapterConfig, LlamaAdapterModel, data, hf
 from llama_adapter.run_log import read_metrics
 from llama_adapter.train import TrainConfig, train
 
@@ -63,8 +63,9 @@ def main() -> None:
         measured[batching] = measure(args, batching == "packed", base, tokenizer, rows)
         print(f"{batching}: {measured[batching]}", flush=True)
     cfg = recipe(args, packing=False, out=".")
+    max_len = cfg.max_length(hf.context_length(base))  # what `train` trains at
 
-    examples, _ = data.encode_all(tokenizer, data.split_rows(rows, cfg.val_fraction, cfg.seed)[0], cfg.max_len)
+    examples, _ = data.encode_all(tokenizer, data.split_rows(rows, cfg.val_fraction, cfg.seed)[0], max_len)
     mean_tokens = sum(examples.lengths) / len(examples)
     scored_share = sum(example.response_tokens for example in examples) / sum(examples.lengths)
     for numbers in measured.values():
@@ -80,8 +81,8 @@ def main() -> None:
         "rows": len(rows),
         "train_rows": len(examples),
         "mean_tokens_per_row": mean_tokens,
-        "recipe": {key: getattr(cfg, key) for key in ("batch_size", "grad_accum", "max_len", "gradient_checkpointing")}
-        | {"max_steps": args.max_steps, "lr": cfg.learning_rate("llama-adapter")},
+        "recipe": {key: getattr(cfg, key) for key in ("batch_size", "grad_accum", "gradient_checkpointing")}
+        | {"max_len": max_len, "max_steps": args.max_steps, "lr": cfg.learning_rate("llama-adapter")},
         "batchings": measured,
         "padding_share_random_batches": random_batch_padding(examples, cfg.batch_size, cfg.seed),
         "alpaca52k_x5_projected_minutes": min(m["alpaca52k_x5_projected_minutes"] for m in measured.values()),

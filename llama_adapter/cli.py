@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapter_files, distributed, files, llm_adapters, methods, scienceqa, shelf
+from . import adapter_files, distributed, files, hf, llm_adapters, methods, scienceqa, shelf
 from .config import (
     DEFAULT_BASE,
     PRECISIONS,
@@ -179,6 +179,7 @@ def trained_targets(adapter: str | None) -> dict:
 def run_eval(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(EvalConfig, args), from_arguments(ModelConfig, args)
     test = from_arguments(EVAL_QUESTIONS[args.benchmark], args)
+    adapter = None if cfg.adapter is None else shelf.identity(cfg.adapter)  # as recorded: the same from any folder
     out = Path(cfg.out)
     files.check_can_write(out, "--out", folder=False)
     if args.benchmark == "scienceqa":
@@ -190,7 +191,7 @@ def run_eval(args: argparse.Namespace) -> None:
             if official
             else cfg.data + (f" ({test.data_config})" if test.data_config else "")
         )
-        settings = {"questions": test.llava or f"{where}:{test.split}", "adapter": cfg.adapter}
+        settings = {"questions": test.llava or f"{where}:{test.split}", "adapter": adapter}
         settings |= flat_dict(model_cfg)
         model = load_model(model_cfg, cfg.adapter)
         with own(out):
@@ -202,7 +203,7 @@ def run_eval(args: argparse.Namespace) -> None:
         print(scienceqa.format_table(scores))
     else:  # math, commonsense: the same loop; the test set decides how an answer is read
         questions = llm_adapters.load_questions(cfg.data, test.datasets, cfg.limit)
-        settings = {"data": cfg.data, "adapter": cfg.adapter} | flat_dict(model_cfg)
+        settings = {"data": cfg.data, "adapter": adapter} | flat_dict(model_cfg)
         model = load_model(model_cfg, cfg.adapter)
         with own(out):
             scores = evaluate_questions(
@@ -289,8 +290,9 @@ def run_merge(args: argparse.Namespace) -> None:
     cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
     files.check_can_write(cfg.out, "--out", folder=True)
     folder = shelf.resolve(cfg.adapter)
-    saved = adapter_files.read_config(folder)["adapter"]
-    method = methods.get(AdapterConfig.from_saved(saved, folder / adapter_files.CONFIG_NAME).method)
+    config = adapter_files.read_config(folder)
+    check_merge_reads_nothing_it_writes(cfg.out, folder, model_cfg.base or config["base"]["name"])
+    method = methods.get(AdapterConfig.from_saved(config["adapter"], folder / adapter_files.CONFIG_NAME).method)
     if not (method.can_merge or method.folds):  # refused before the base is loaded
         able = " and ".join(name for name, m in methods.REGISTRY.items() if m.can_merge or m.folds)
         raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only {able} fold into the base weights")
@@ -308,9 +310,19 @@ def run_merge(args: argparse.Namespace) -> None:
         f"{cfg.adapter} + {model.base.name_or_path} -> {cfg.out}: the base with {method.name} folded into its weights"
     )
     if method.folds:
-        merged.name_or_path = cfg.out  # what the prompts' adapter records as its base
+        merged.name_or_path = hf.base_name(cfg.out)  # what the prompts' adapter records as its base
         folded.save(Path(cfg.out) / "prompts")
         print(f"its prompts stay an adapter: --base {cfg.out} --adapter {Path(cfg.out) / 'prompts'}")
+
+
+def check_merge_reads_nothing_it_writes(out: str, adapter: Path, base: str) -> None:
+    """Refuse an --out that is, or is inside, the adapter's folder or the base's (the embedded default's cache, a
+    folder, the hub cache's copy): the merged model would overwrite what it is made of."""
+    inputs = {"the adapter's folder": adapter}
+    base_folder = hf.local_folder(hf.base_name(base))
+    if base_folder is not None:
+        inputs["the base model's folder"] = base_folder
+    files.check_outside(out, "--out", inputs)
 
 
 def run_adapters(args: argparse.Namespace) -> None:

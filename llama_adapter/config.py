@@ -74,12 +74,17 @@ def from_dict(config_class: type, values, where: str):
 def check_fields(config) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        problem = _problem(value, hints[f.name], f.metadata.get("limits", {}))
-        if value == "" and f.default != "":  # --out "" would write into the working folder, --base "" load a default
-            problem = "a non-empty string" + (" or left out" if f.default is None else "") + ", got ''"
-        if problem:
-            raise ValueError(f"{f.name} must be {problem}")
+        check_argument(f.name, getattr(config, f.name), hints[f.name], f.default, f.metadata.get("limits", {}))
+
+
+def check_argument(name: str, value, hint, default=dataclasses.MISSING, limits: dict | None = None) -> None:
+    """Refuse `value` where a config field `name` of type `hint`, with that `default` and `limits`, would refuse it:
+    the rules of the flags, for a Python call's argument."""
+    problem = _problem(value, hint, limits or {})
+    if value == "" and default != "":  # --out "" would write into the working folder, --base "" load a default
+        problem = "a non-empty string" + (" or left out" if default is None else "") + ", got ''"
+    if problem:
+        raise ValueError(f"{name} must be {problem}")
 
 
 def _problem(value, hint, limits: dict) -> str | None:
@@ -226,15 +231,23 @@ class ServeConfig(Checked):
 
 @dataclass
 class SamplingConfig(Checked):
-    """How `generate` picks tokens: greedy when temperature is 0."""
+    """How `generate` picks tokens: greedy when temperature is 0 (or nearly: below GREEDY_BELOW)."""
+
+    # Below this a sample is the argmax but for near-ties, and logits / temperature overflows to inf (then NaN
+    # probabilities) as temperature nears 0: such temperatures decode greedily, as vLLM's do.
+    GREEDY_BELOW: typing.ClassVar[float] = 1e-5
 
     max_new_tokens: int = option(
         "stop after this many new tokens (or at the end of the model's context)", 256, at_least=1
     )
-    temperature: float = option("0 = greedy decoding; > 0 samples", 0.0, at_least=0)
+    temperature: float = option(f"0 = greedy decoding (so is anything below {GREEDY_BELOW:g}); higher samples", 0.0, at_least=0)
     top_p: float = option(
         "nucleus sampling: keep the smallest token set with this much probability", 1.0, above=0, at_most=1
     )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < self.GREEDY_BELOW
 
 
 def default_precision() -> str:

@@ -1,6 +1,7 @@
 """Alpaca-format instruction data: reading, the prompt template, tokenisation with response-only labels, batching."""
 
 import bisect
+import csv
 import hashlib
 import json
 import os
@@ -83,15 +84,17 @@ def load_rows(
 
     `columns` maps our field names to the source's where they differ ({"instruction": "prompt"}). An image is a
     file path relative to the data's folder, or an image stored in the dataset; a text-only row's image is None.
-    A bad row -- a JSONL line that is not UTF-8 or not JSON, a missing, mistyped or empty field, more than
-    MAX_ROW_CHARS characters -- raises DataError naming the source and the row or line; given a `skipped` list, the
-    row is left out and (where, why) appended to it instead. A source that cannot be read as a whole always raises.
+    A bad row -- a JSONL line that is not UTF-8 or not JSON, a CSV row that is not UTF-8, not valid CSV or not as
+    many fields as the header, a missing, mistyped or empty field, more than MAX_ROW_CHARS characters -- raises
+    DataError naming the source and the row or line; given a `skipped` list, the row is left out and (where, why)
+    appended to it instead. A source that cannot be read as a whole always raises.
     The rows are a memory-mapped Arrow table: a large file is never held in memory (a JSON list is parsed whole
     once; JSONL, CSV and Parquet never are).
     """
     columns = check_columns(columns or {})
-    if sources.kind(source) == "json":
-        checked = _checked_json(Path(source), columns)
+    kind = sources.kind(source)
+    if kind in ("json", "csv"):
+        checked = _checked_file(Path(source), kind, columns)
     else:
         table = sources.undecoded_images(sources.open_table(source, split, config))
         if not len(table):
@@ -134,14 +137,20 @@ def parse_columns(text: str) -> dict[str, str]:
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _checked_json(path: Path, columns: dict[str, str]) -> datasets.Dataset:
-    """A JSON list or JSONL file, checked row by row into an Arrow table (cached: keyed by the file's content)."""
-    layout = _json_layout(path)
+def _checked_file(path: Path, kind: str, columns: dict[str, str]) -> datasets.Dataset:
+    """A JSON list, JSONL or CSV file, checked row by row into an Arrow table (cached: keyed by the file's content)."""
+    layout = _csv_layout(path, columns) if kind == "csv" else _json_layout(path)
     kwargs = {"path": str(path), "layout": layout, "columns": columns, "sha256": files.sha256(path), "checks": CHECKS}
     try:
-        return datasets.Dataset.from_generator(_json_records, gen_kwargs=kwargs, features=CHECKED)
+        return datasets.Dataset.from_generator(_file_records, gen_kwargs=kwargs, features=CHECKED)
     except datasets.exceptions.DatasetGenerationError as err:
         raise err.__cause__ if isinstance(err.__cause__, DataError) else err from None
+
+
+def _csv_layout(path: Path, columns: dict[str, str]) -> str:
+    """ "csv", refusing a file whose header lacks a column the rows need (a whole-file error, not one per row)."""
+    _check_has_columns(sources.csv_header(path), str(path), columns)
+    return "csv"
 
 
 def _json_layout(path: Path) -> str:
@@ -161,10 +170,11 @@ def _json_layout(path: Path) -> str:
     return "lines"
 
 
-def _json_records(path: str, layout: str, columns: dict[str, str], sha256: str, checks: str) -> Iterator[dict]:
+def _file_records(path: str, layout: str, columns: dict[str, str], sha256: str, checks: str) -> Iterator[dict]:
     """Each record of the file, checked (`sha256` and `checks` only key the cache)."""
     folder = Path(path).parent
-    for where, record in _json_list(Path(path)) if layout == "list" else _jsonl_records(Path(path)):
+    records = {"list": _json_list, "lines": _jsonl_records, "csv": _csv_records}[layout]
+    for where, record in records(Path(path)):
         yield _checked(record, where, folder, columns)
 
 
@@ -185,7 +195,7 @@ def _refuse_wrapped_rows(raw: bytes, path: Path) -> None:
 
 def _json_list(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for each element of a JSON list; a list that does not parse, or is empty, has no rows to keep
-    (a DataError, which `_checked_json` raises as it is)."""
+    (a DataError, which `_checked_file` raises as it is)."""
     raw = files.read_bytes(path, DataError).removeprefix(UTF8_BOM)
     records = files.parse_json(raw, path, DataError, text_only=False)  # each row's fields are checked: skippable
     if not records:
@@ -213,17 +223,39 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
                 yield where, DataError(f"{where}: invalid JSON: {err.msg}")
 
 
+def _csv_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each row below the header, its cells text keyed by the header's names; a row that is not
+    valid CSV, not as many fields as the header or not UTF-8 gets its DataError as the record. A header with no rows
+    below it is a DataError, which `_checked_file` raises as it is."""
+    records = sources.csv_records(path)
+    header = next(records)  # checked by `_csv_layout`
+    row = -1
+    for row, cells in enumerate(records):
+        where = f"{path}: row {row}"
+        yield where, _csv_record(cells, header, where)
+    if row < 0:
+        raise DataError(f"{path}: no rows")
+
+
+def _csv_record(cells: list[str] | csv.Error, header: list[str], where: str) -> dict | DataError:
+    if isinstance(cells, csv.Error):
+        unclosed = str(cells) == "unexpected end of data"  # how the csv module says the file ended inside quotes
+        return DataError(f"{where}: " + ("a quoted field that never closes" if unclosed else f"not valid CSV: {cells}"))
+    if len(cells) != len(header):
+        return DataError(f"{where}: {len(cells)} field(s) where the header names {len(header)}")
+    for name, cell in zip(header, cells):
+        at = sources.not_utf8(cell)
+        if at is not None:
+            return DataError(f"{where}: field '{name}': not UTF-8 text (byte {at} of the field)")
+    return dict(zip(header, cells))
+
+
 def _checked_table(
     table: datasets.Dataset, name: str, source: str | os.PathLike, columns: dict[str, str]
 ) -> datasets.Dataset:
     """A table's rows, checked; the result is cached in the datasets cache, never written beside the data."""
     folder = sources.relative_folder(source)
-    missing = {columns.get(field, field) for field in ("instruction", "output")} - set(table.column_names)
-    if missing:
-        raise DataError(
-            f"{name}: no column {' or '.join(sorted(missing))} (columns: {', '.join(table.column_names)}); "
-            "--columns maps the fields to yours, e.g. --columns instruction=prompt,output=completion"
-        )
+    _check_has_columns(table.column_names, name, columns)
     settings = {"name": name, "folder": str(folder), "columns": columns}
     fingerprint = files.digest(table._fingerprint, settings, CHECKS)
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "llama-adapter-rows" / f"{fingerprint}.arrow"
@@ -232,6 +264,15 @@ def _checked_table(
         _checked_batch, batched=True, with_indices=True, fn_kwargs=settings, remove_columns=table.column_names,
         features=CHECKED, cache_file_name=str(cache), new_fingerprint=fingerprint, desc="checking rows",
     )  # fmt: skip
+
+
+def _check_has_columns(names: list[str], source: str, columns: dict[str, str]) -> None:
+    missing = {columns.get(field, field) for field in ("instruction", "output")} - set(names)
+    if missing:
+        raise DataError(
+            f"{source}: no column {' or '.join(sorted(missing))} (columns: {', '.join(names)}); "
+            "--columns maps the fields to yours, e.g. --columns instruction=prompt,output=completion"
+        )
 
 
 def _checked_batch(batch: dict, indices: list[int], name: str, folder: str, columns: dict[str, str]) -> dict:
@@ -304,8 +345,9 @@ def _image(value, where: str, folder: Path) -> str | None:
     raise DataError(f"{where} must be a file path, got {type(value).__name__}")
 
 
-# The row checks' own code: a cached table checked by other checks is not reused.
-CHECKS = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+# The row checks' own code, and that of the readers and image checks they call: a cached table checked by other
+# checks is not reused.
+CHECKS = hashlib.sha256(Path(__file__).read_bytes() + Path(sources.__file__).read_bytes()).hexdigest()
 
 
 def split_rows(rows: datasets.Dataset, val_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -360,17 +402,17 @@ class Examples(Sequence[Example]):
 
 
 def encode(tokenizer, row: dict, max_len: int) -> Example | None:
-    """Prompt + response + EOS, with labels only on the response and EOS; None if truncation leaves no response.
+    """Prompt + response + EOS, with labels only on the response and EOS; None if what max_len keeps of it trains
+    nothing: no response token the loss scores, as when the prompt alone fills max_len.
 
     Prompt and response are tokenised separately so the boundary never merges into one token and the model is
     trained on exactly the prompt tokens it sees at generation time.
     """
     prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
-    if len(prompt) >= max_len:
-        return None
     response = response_ids(tokenizer, row["output"])
     labels = [IGNORE_INDEX] * len(prompt) + response
-    return Example((prompt + response)[:max_len], labels[:max_len], row.get("image"))
+    example = Example((prompt + response)[:max_len], labels[:max_len], row.get("image"))
+    return example if example.response_tokens else None  # a step of such rows alone would weigh its loss by 0 / 0
 
 
 def response_ids(tokenizer, text: str) -> list[int]:
@@ -380,7 +422,8 @@ def response_ids(tokenizer, text: str) -> list[int]:
 
 def encode_all(tokenizer, rows, max_len: int) -> tuple[Examples, int]:
     """Encode rows (a table, or a list of row dicts); returns the examples and how many rows were dropped because
-    their prompt fills max_len. Rows from a file are tokenised into the datasets cache, once per tokenizer."""
+    max_len leaves them no response token to train on (see `encode`). Rows from a file are tokenised into the datasets
+    cache, once per tokenizer."""
     rows = as_rows(rows)
     if not len(rows):  # (a validation set of none) `map` would drop the columns of an empty table
         return Examples(datasets.Dataset.from_dict({key: [] for key in ENCODED}, features=ENCODED)), 0

@@ -17,8 +17,7 @@ from pathlib import Path
 import gradio as gr
 from matplotlib.figure import Figure
 
-from . import shelf, synthetic
-from .adapter_files import read_config
+from . import synthetic
 from .config import DemoConfig, ModelConfig, SamplingConfig
 from .data import DataError, check_text
 from .generation import stream_conversation
@@ -173,7 +172,7 @@ class _Chat:
         model = self._model(choice)
         if choice == BASE_CHOICE:
             return f"**{BASE_CHOICE}**: {model.base.name_or_path}, no prompts take part (every gate is 0).", None, {}
-        saved = read_config(shelf.resolve(choice))
+        saved = model.saved_config()  # the model's own: read as a path, a shelf name could find another folder here
         summary = f"**{choice}**: {model.config.method}, {model.num_trainable_parameters():,} trainable parameters"
         if not model.prompts:  # gates, prompts and images are LLaMA-Adapter's alone
             return summary + ".", None, saved

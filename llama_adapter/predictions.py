@@ -28,6 +28,20 @@ def check_resume_settings(out: str | Path, settings: dict) -> None:
     files.write_json(path, settings)
 
 
+def first_repeat(pids: list[str]) -> tuple[int, int] | None:
+    """(where the first pid named a second time is, where it came first), as indices into `pids`; None if none is.
+
+    A file holds one record per pid (`read_predictions`): a question asked twice must be refused before it is
+    answered twice.
+    """
+    first: dict[str, int] = {}
+    for index, pid in enumerate(pids):
+        if pid in first:
+            return index, first[pid]
+        first[pid] = index
+    return None
+
+
 def read_predictions(path: str | Path, fields: tuple[str, ...] = ("pid",)) -> dict[str, dict]:
     """The records already written, by pid; {} when the file does not exist yet. Each must have `fields`.
 

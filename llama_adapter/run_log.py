@@ -97,7 +97,7 @@ def report_left_out(world: World, skipped: data.BadRows, total: int, dropped: in
         for where, why in skipped[:5]:
             say(world, f"  {where}: {why}")
     if dropped:
-        say(world, f"Dropped {dropped} training rows whose prompt alone fills max_len {max_len}")
+        say(world, f"Dropped {dropped} training rows that keep no response token within --max-len {max_len}")
 
 
 def say(world: World, message: str) -> None:

@@ -80,6 +80,8 @@ class SharedBase:
     def remove(self, name: str) -> None:
         """Take an adapter off the base; once none is left, the base is exactly the model that was loaded."""
         with self.lock:
+            if name not in self.adapters:
+                raise ValueError(f"no adapter named {name!r} is on this base: it has been taken off already (unload)")
             method = self.adapters.pop(name)
             if self._active is method:
                 self._activate(None)

@@ -1,8 +1,8 @@
 """Where data comes from. Every dataset is opened with Hugging Face `datasets`, as memory-mapped Arrow tables.
 
 A data source (`--data`) is one of
-- a local file, by its suffix: JSON (a list of rows) or JSONL, read row by row by data.py so that every bad row is
-  named; CSV (every column read as text) or Parquet, read by `datasets`;
+- a local file, by its suffix: JSON (a list of rows), JSONL or CSV (every cell text), read row by row by data.py so
+  that every bad row is named; Parquet, read by `datasets`;
 - a folder written by `save_to_disk`: a Dataset, or a DatasetDict whose split `split` names;
 - a folder of data files laid out as a hub dataset repository (a clone of one, say);
 - a hub dataset name such as `owner/name`, with a split and a configuration, when the hub can be reached.
@@ -14,6 +14,8 @@ written once to a content-addressed folder in the datasets cache, so that everyt
 import csv
 import hashlib
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -83,17 +85,54 @@ def _text_columns(path: Path, builder: str) -> dict:
     """CSV cells are text: "42" is an answer, not a number, and an empty cell is "", not a missing value."""
     if builder != "csv":
         return {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), None)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of the header)") from None
-    if not header:
+    features = datasets.Features({name: datasets.Value("string") for name in csv_header(path)})
+    return {"features": features, "na_filter": False, "encoding": "utf-8-sig"}
+
+
+def csv_records(path: Path) -> Iterator[list[str] | csv.Error]:
+    """A CSV file's records, the header first, read one at a time: each the list of its cells, or the csv.Error of
+    one that is not valid CSV. A blank line is no record.
+
+    A byte that is not UTF-8 is kept in its cell as a lone surrogate (PEP 383), so that `not_utf8` finds it in the
+    row that holds it: decoding the file as it is read fails wherever a read buffer happens to end.
+    """
+    csv.field_size_limit(2**31 - 1)  # the module's limit (process-wide) is 131,072 characters; data.py limits rows
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        reader = csv.reader(handle, strict=True)  # else a quote left open silently takes in the rest of the file
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # the reader goes on at the next line
+                yield err
+                continue
+            if cells:
+                yield cells
+
+
+def not_utf8(cell: str) -> int | None:
+    """The offset in bytes of the first byte that is not UTF-8 in a cell as `csv_records` reads it; None if none is."""
+    found = UNDECODED.search(cell)
+    return None if found is None else len(cell[: found.start()].encode())
+
+
+UNDECODED = re.compile("[\udc80-\udcff]")  # the lone surrogates that stand for undecodable bytes
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names on a CSV file's first line, checked: there, valid CSV, UTF-8, each name once."""
+    header = next(csv_records(path), None)
+    if header is None:
         raise DataError(f"{path}: no header line naming the columns")
+    if isinstance(header, csv.Error):
+        raise DataError(f"{path}: the header line is not valid CSV: {header}")
+    bad = next(((column, at) for column, name in enumerate(header, 1) if (at := not_utf8(name)) is not None), None)
+    if bad:
+        raise DataError(f"{path}: the header is not UTF-8 text (byte {bad[1]} of column {bad[0]})")
     if len(set(header)) < len(header):
         raise DataError(f"{path}: the header names a column twice: {header}")
-    features = datasets.Features({name: datasets.Value("string") for name in header})
-    return {"features": features, "na_filter": False, "encoding": "utf-8-sig"}
+    return header
 
 
 def _split_of(loaded, split: str, source) -> datasets.Dataset:

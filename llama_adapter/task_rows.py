@@ -71,14 +71,17 @@ def training_examples(
     cache: FeatureCache | None,
 ) -> tuple[data.Examples, data.Examples, int]:  # fmt: skip
     """The training and validation examples of `rows`, with the rows whose images cannot be used left out (or an
-    error), and how many training rows were dropped because their prompt alone fills max_len; reports both."""
+    error), and how many training rows were dropped because max_len leaves them no response token to train on (an
+    error if that is all of them); reports both."""
     rows = with_usable_images(rows, cache, skipped, world, source)
     train_rows, val_rows = data.split_rows(rows, val_fraction, seed)
     with distributed.main_first(world):  # one process tokenises into the datasets cache, the others read it
         train_set, dropped = data.encode_all(tokenizer, train_rows, max_len)
         val_set, _ = data.encode_all(tokenizer, val_rows, max_len)
     if not train_set:
-        raise data.DataError(f"{source}: every training row's prompt is longer than max_len {max_len}")
+        raise data.DataError(
+            f"{source}: no training row keeps a response token within --max-len {max_len}: nothing to train on"
+        )
     report_left_out(world, skipped or [], len(rows) + len(skipped or []), dropped, max_len)
     return train_set, val_set, dropped
 

@@ -38,6 +38,7 @@ from .visual import FeatureCache
 
 # Settings a resumed run may change: none of them changes what is computed.
 RESUMABLE_CHANGES = ("out", "resume", "save_every", "gradient_checkpointing")
+DEFAULT_MAX_LEN = 512  # tokens of prompt + response, as the paper trains Alpaca
 
 
 class TrainingStopped(RuntimeError):
@@ -85,8 +86,11 @@ class TrainConfig(Checked):
     batch_size: int = option("rows per forward pass, over all processes together", 4, at_least=1)
     grad_accum: int = option("forward passes per optimizer step", 1, at_least=1)
     max_steps: int | None = option("stop after this many optimizer steps (default: epochs' worth)", None, at_least=1)
-    max_len: int = option(
-        "truncate prompt + response to this many tokens (at most the base's context)", 512, at_least=1
+    max_len: int | None = option(
+        f"truncate prompt + response to this many tokens, at most the base's context (default: {DEFAULT_MAX_LEN}, or "
+        "the base's context where that is shorter)",
+        None,
+        at_least=1,
     )
     packing: bool = option(
         "lay whole rows end to end in sequences of up to --max-len tokens, each row seeing only itself: no compute "
@@ -140,6 +144,15 @@ class TrainConfig(Checked):
     def learning_rate(self, method: str) -> float:
         """--lr, or the default of `method` for this effective batch."""
         return self.lr if self.lr is not None else methods.get(method).learning_rate(self.batch_size * self.grad_accum)
+
+    def max_length(self, context: int) -> int:
+        """--max-len, or the default cut to a base's shorter `context`; a --max-len beyond the context is refused:
+        its rows would run past the positions the base knows."""
+        if self.max_len is None:
+            return min(DEFAULT_MAX_LEN, context)
+        if self.max_len > context:
+            raise ValueError(f"max_len must be <= {context} (the base's context), got {self.max_len}")
+        return self.max_len
 
 
 @dataclass
@@ -241,17 +254,16 @@ def _train(
                 hf.DEFAULT_BASE if cfg.model.base is None else cfg.model.base, adapter_cfg, PRECISIONS[cfg.model.precision],
                 distributed.load_device(world, fsdp), visual=visual_cfg, quantize=cfg.model.quantize,
             )  # fmt: skip
-    if cfg.max_len > model.context_length:  # longer rows would run past the positions the base knows
-        raise ValueError(f"max_len must be <= {model.context_length} (the base's context), got {cfg.max_len}")
+    max_len = cfg.max_length(model.context_length)
     distributed.seed(cfg.seed, world)  # and draws its own dropout masks
     cache = model.feature_cache()
     train_set, val_set, dropped = training_examples(
-        rows, model.tokenizer, cfg.val_fraction, cfg.seed, cfg.max_len, cfg.data, skipped, world, cache
+        rows, model.tokenizer, cfg.val_fraction, cfg.seed, max_len, cfg.data, skipped, world, cache
     )
     image_set = None
     if image_rows is not None:
         image_set, image_val, image_dropped = training_examples(
-            image_rows, model.tokenizer, cfg.val_fraction, cfg.seed, cfg.max_len, cfg.image_data, skipped, world, cache
+            image_rows, model.tokenizer, cfg.val_fraction, cfg.seed, max_len, cfg.image_data, skipped, world, cache
         )
         val_set, dropped = [*val_set, *image_val], dropped + image_dropped  # validation weighs both kinds
 
@@ -259,7 +271,7 @@ def _train(
         hf.enable_gradient_checkpointing(model.base)
     loss_fn = distributed.prepare(model, world, fsdp, cfg.eos_weight)
     weights_mib = round(distributed.weights_mib(model), 1)  # at rest: FSDP gathers layers only while they run
-    packs = data.packs(train_set.lengths, cfg.max_len, cfg.seed) if cfg.packing else None  # the same every epoch
+    packs = data.packs(train_set.lengths, max_len, cfg.seed) if cfg.packing else None  # the same every epoch
     steps_per_epoch = math.ceil(len(packs or train_set) / (cfg.batch_size * cfg.grad_accum))
     ratio = fractions.Fraction(repr(cfg.image_ratio)) if image_set is not None else 0  # exact: 0.3 x 10 is 3
 
@@ -516,6 +528,9 @@ def run_settings(cfg: TrainConfig, adapter_cfg: AdapterConfig, visual_cfg: Visua
     """Everything that decides what a run computes, as JSON (saved with the run, compared on resuming)."""
     settings = flat_dict(cfg) | {
         "lr": cfg.learning_rate(adapter_cfg.method),
+        # The length asked for, as every run saved it before the default followed a shorter context: with the base
+        # (saved too) it decides the length trained at.
+        "max_len": DEFAULT_MAX_LEN if cfg.max_len is None else cfg.max_len,
         "adapter": adapter_cfg.to_dict(),
         "visual": dataclasses.asdict(visual_cfg),
     }

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import files
 from .config import VisualConfig
 
 # CLIP sees 224x224 pixels; an image file decoding to more than this is far more likely a decompression bomb
@@ -28,8 +30,9 @@ from .config import VisualConfig
 MAX_PIXELS = 64_000_000
 
 
-def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
-    """An RGB image from a path or a PIL image (any format PIL reads: PNG, JPEG, GIF, WebP, ...), as a viewer shows it.
+def load_image(source: "str | os.PathLike | typing.BinaryIO | Image.Image") -> Image.Image:
+    """An RGB image from a path, an open binary file (the server's decoded upload) or a PIL image (any format PIL
+    reads: PNG, JPEG, GIF, WebP, ...), as a viewer shows it.
 
     Upright by its EXIF orientation, 16- and 32-bit integer grey scaled down to 8 bits, transparency composited
     onto white. Float ("F") images are left to PIL's conversion, which clips to 0..255: their range is not
@@ -37,6 +40,8 @@ def load_image(source: "str | os.PathLike | Image.Image") -> Image.Image:
     """
     if isinstance(source, Image.Image):
         return _as_shown(source)
+    if not hasattr(source, "read"):
+        files.check_path(source, "image")
     try:
         with warnings.catch_warnings():  # PIL warns of big images; ours is the stricter check, right below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -63,6 +63,13 @@ RUN_NOTES = {
         "checkpoints at steps 300, 325, 350 and 600, on 1 or 2 threads, so its last digits may differ from an "
         "unbroken run on 2. The second stage ran alone, unbroken, at commit `2cced3d` plus `--eos-weight`.",
     },
+    "train/results/shelf_shapes.json": {
+        "3712e06cf161": "The `shapes` adapter was trained at commit `1adfd1e`. Both accuracy cells were measured "
+        "again, without training, by `python train/shelf_shapes.py --score-only` at `753bcec` with issue 37's parser: "
+        'the untrained base answers every image "The correct answer is (B) ...", which `scienceqa.parse_answer` '
+        "used to read as no answer, so the first run put it at 0.0%. The same 200 answers read with the old parser "
+        "give 0/200 again; the trained adapter's give 200/200 with either.",
+    },
     "bench/results/methods.json": {
         "568c5bb278fe": "Run at commit `dadcadd` as `OMP_NUM_THREADS=1 taskset -c 0 <command>`, on one core of the "
         "2-core dev CPU with nothing else on it. Two flags were renamed since: `--math-limit` is `--limit`, "
@@ -416,7 +423,8 @@ def shelf() -> list[str]:
             f"{s['images']['train']} drawn images in {s['summary']['wall_time_s'] / 60:.0f} min, trained to name",
             'the colour before the letter ("The shape is red. The answer is B."): with the letter alone it stayed at',
             "chance. Untrained, the model answers in its own words whatever the image, most often",
-            f'"{before["most_common_answer"][0]}" ({before["most_common_answer"][1]} of {before["of"]}).',
+            f'"{before["most_common_answer"][0]}" ({before["most_common_answer"][1]} of {before["of"]}), and',
+            f"{picked_in_words(before['picked'])}.",
             f"**Its CLIP {s['visual']['clip_model']} is randomly initialised (seed {s['visual']['clip_seed']}) and",
             "frozen:** the adapter reads colour from random features; it does not understand pictures.",
             *(
@@ -429,9 +437,18 @@ def shelf() -> list[str]:
             ),
         ),
         *(para(run_note(paths["alpaca"])) if run_note(paths["alpaca"]) else []),
+        *(para(run_note(paths["shapes"])) if run_note(paths["shapes"]) else []),
         *para("The first three held-out instructions, greedy (long answers cut here, marked …):"),
         *table(["instruction", "base model", "`alpaca`"], samples),
     ]
+
+
+def picked_in_words(picked: dict[str, int]) -> str:
+    """How often each letter was picked, in words (`train/shelf_shapes.py`'s card says it the same way)."""
+    if len(picked) == 1 and "none" not in picked:
+        [letter] = picked
+        return f"it picked {letter} for every image, so it scored the share of images whose answer is {letter}"
+    return "the letters it picked: " + ", ".join(f"{letter} {count}" for letter, count in picked.items())
 
 
 def scienceqa_row(sweep: dict, chosen: dict, text_base: dict) -> list[str]:

@@ -22,7 +22,7 @@ from conftest import TINY_CLIP, build_tokenizer, register_tiny_clip, tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from llama_adapter import AdapterConfig, checkpoint, cli, demo
+from llama_adapter import DEFAULT_BASE, AdapterConfig, checkpoint, cli, demo
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.config import BaseModelConfig, VisualConfig
 from llama_adapter.data import MAX_ROW_CHARS
@@ -98,6 +98,12 @@ def write(here: Path, name: str, content: str | bytes) -> str:
 
 def jsonl(*rows) -> str:
     return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+
+
+def csv_rows(here: Path, *rows: str | bytes) -> str:
+    """rows.csv: an Alpaca header line, then each row on a line of its own."""
+    lines = [row if isinstance(row, bytes) else row.encode() for row in (b"instruction,input,output", *rows)]
+    return write(here, "rows.csv", b"".join(line + b"\n" for line in lines))
 
 
 def train_on(ws: Workspace, data: str, *more: str) -> list[str]:
@@ -229,6 +235,34 @@ def chat_about(ws: Workspace, image: str) -> list[str]:
     return ["chat", "--adapter", ws.visual_adapter, "--image", image, "What colour is it?"]
 
 
+def sqa_split(ws: Workspace, here: Path, pids: list[str]) -> str:
+    """A copy of the ScienceQA folder whose test split lists `pids`."""
+    folder = sqa_copy(ws, here, lambda problems: None)
+    Path(folder, "pid_splits.json").write_text(json.dumps({"test": pids}))
+    return folder
+
+
+def llava_twice(here: Path) -> str:
+    """LLaVA's test questions, one of them listed twice."""
+    entry = {"id": "7", "conversations": [{"from": "human", "value": "Is ice cold?\nA. yes\nB. no"},
+                                          {"from": "gpt", "value": "A"}]}  # fmt: skip
+    return write(here, "llava.json", json.dumps([entry, entry]))
+
+
+def lora_on_base(ws: Workspace, here: Path, base_name: str | None = None) -> str:
+    """A LoRA adapter on the workspace's base, which merge folds; `base_name`: the base its config names."""
+    model = LlamaAdapterModel.from_base(ws.base, AdapterConfig(method="lora", lora_rank=2), device="cpu")
+    model.save(here / "lora")
+    if base_name is not None:
+        edit_config(base={"name": base_name})(here / "lora")
+    return str(here / "lora")
+
+
+def linked(here: Path, target: str) -> str:
+    (here / "link").symlink_to(target)
+    return str(here / "link")
+
+
 class EvilPickle:
     """Unpickling this would run a command: what a malicious checkpoint does."""
 
@@ -274,6 +308,18 @@ CASES = [
          r"nowhere.json: no such file"),
     Case("train", "CSV row with an empty output", lambda ws, h: train_on(ws, write(h, "rows.csv", "instruction,input,output\nSay hi.,,hi\nSay bye.,,\n")),
          r"rows.csv: row 1: field 'output' is empty"),
+    Case("train", "CSV row with an extra field", lambda ws, h: train_on(ws, csv_rows(h, "Say hi.,,hi", "Say bye.,,bye,now")),
+         r"rows.csv: row 1: 4 field\(s\) where the header names 3"),
+    Case("train", "CSV row missing a field", lambda ws, h: train_on(ws, csv_rows(h, "Say hi.,,hi", "Say bye.,bye")),
+         r"rows.csv: row 1: 2 field\(s\) where the header names 3"),
+    Case("train", "CSV quote never closed", lambda ws, h: train_on(ws, csv_rows(h, "Say hi.,,hi", '"Say bye.,,bye', "Say yes.,,yes")),
+         r"rows.csv: row 1: a quoted field that never closes"),
+    Case("train", "CSV not UTF-8 in its first row", lambda ws, h: train_on(ws, csv_rows(h, b"Say h\xe9.,,hi")),
+         r"rows.csv: row 0: field 'instruction': not UTF-8 text \(byte 5 of the field\)"),
+    Case("train", "CSV not UTF-8 far into the file", lambda ws, h: train_on(ws, csv_rows(h, *["Say hi.,,hi"] * 2000, b"Say h\xe9.,,hi")),
+         r"rows.csv: row 2000: field 'instruction': not UTF-8 text \(byte 5 of the field\)"),
+    Case("train", "CSV of a header alone", lambda ws, h: train_on(ws, csv_rows(h)),
+         r"rows.csv: no rows"),
     Case("train", "Parquet without the columns", lambda ws, h: train_on(ws, parquet(h, [{"prompt": "Say hi.", "completion": "hi"}])),
          r"rows.parquet: no column instruction or output \(columns: prompt, completion\); --columns maps the fields"),
     Case("train", "--columns naming an unknown field", lambda ws, h: train_on(ws, ws.rows, "--columns", "question=prompt"),
@@ -308,6 +354,8 @@ CASES = [
          r"argument --lr: must be > 0, got 0"),
     Case("train", "--max-len beyond the base's context", lambda ws, h: train_on(ws, ws.rows, "--max-len", "100000"),
          r"max_len must be <= 512 \(the base's context\), got 100000"),
+    Case("train", "--max-len that cuts off every response", lambda ws, h: train_on(ws, ws.rows, "--max-len", "20"),
+         r"rows.json: no training row keeps a response token within --max-len 20"),
     Case("train", "--adapter-len far too large", lambda ws, h: train_on(ws, ws.rows, "--adapter-len", str(10**12)),
          r"adapter_len must be <= 512 on this base"),
     Case("train", "text no tokenizer can encode", lambda ws, h: train_on(ws, write(h, "rows.jsonl", '{"instruction": "a\\ud800", "output": "b"}\n')),
@@ -336,6 +384,10 @@ CASES = [
          r"1 image\(s\) cannot be used, e.g. .*images/test/2/image.png: not a readable image"),
     Case("eval", "torn predictions file", lambda ws, h: eval_on(ws, ws.sqa)[:-2] + ["--out", write(h, "p.jsonl", '{"pid": "1"}\n')],
          r"p.jsonl: line 1: not a prediction record: no prompt, output, pred, pred_letter, answer, correct"),
+    Case("eval", "ScienceQA split naming a problem twice", lambda ws, h: eval_on(ws, sqa_split(ws, h, ["1", "2", "1"]))[:-2] + ["--out", str(h / "p.jsonl")],
+         r"pid_splits.json: split 'test' names problem 1 twice"),
+    Case("eval", "LLaVA questions naming a problem twice", lambda ws, h: eval_on(ws, ws.sqa)[:-2] + ["--llava", llava_twice(h), "--out", str(h / "p.jsonl")],
+         r"llava.json: entry 1 \(id 7\): id 7 again \(entry 0 has it too\)"),
     Case("chat", "missing image", lambda ws, h: chat_about(ws, str(h / "gone.png")),
          r"gone.png: no such image file"),
     Case("chat", "truncated image", lambda ws, h: chat_about(ws, truncated_png(h)),
@@ -354,6 +406,8 @@ CASES = [
          r"adapter_config.json: this adapter was trained on a different base model .*hidden_size: adapter has 64, base has 32"),
     Case("chat", "missing base path", lambda ws, h: ["chat", "--base", str(h / "no-model"), "hi"],
          r"--base '.*no-model': no such folder"),
+    Case("chat", "adapter whose base is no folder here, offline", lambda ws, h: ["chat", "--adapter", adapter_copy(ws, h, edit_config(base={"name": "v2m"})), "hi"],
+         r"adapter_config.json: base 'v2m': no folder of that name in the working folder, no model of that name in the Hugging Face cache, and the hub cannot be reached"),
     Case("chat", "prompt longer than the base's context", lambda ws, h: ["chat", "--base", ws.base, "word " * 600],
          r"the prompt is [\d,]+ tokens; the model's context holds 512 with the answer"),
     Case("chat", "instruction that is not UTF-8", lambda ws, h: ["chat", "--base", ws.base, "hi \udcff"],
@@ -382,6 +436,12 @@ CASES = [
          r"--out .*taken: a file, expected a folder"),
     Case("merge", "not a LoRA or V2 adapter", lambda ws, h: ["merge", "--adapter", ws.adapter, "--out", str(h / "o"), "--base", ws.base],
          r"adapter: a llama-adapter adapter; only llama-adapter-v2 and lora fold into the base weights"),
+    Case("merge", "--out is the base", lambda ws, h: ["merge", "--adapter", lora_on_base(ws, h), "--base", ws.base, "--out", ws.base],
+         r"--out .*/base: is the base model's folder .*/base; choose a folder outside it"),
+    Case("merge", "--out is a link to the base", lambda ws, h: ["merge", "--adapter", lora_on_base(ws, h), "--base", ws.base, "--out", linked(h, ws.base)],
+         r"--out .*/link: is the base model's folder .*/base; choose a folder outside it"),
+    Case("merge", "--out inside the adapter", lambda ws, h: ["merge", "--adapter", lora_on_base(ws, h), "--base", ws.base, "--out", str(h / "lora" / "merged")],
+         r"--out .*/lora/merged: is inside the adapter's folder .*/lora; choose a folder outside it"),
     Case("demo", "corrupt adapter", lambda ws, h: ["demo", "--adapter", adapter_copy(ws, h, lambda a: truncate(a / WEIGHTS_NAME))],
          r"adapter.safetensors: not a readable safetensors file"),
     Case("demo", "not an adapter folder", lambda ws, h: ["demo", "--adapter", str(h / "empty")],
@@ -463,6 +523,16 @@ def test_the_command_exits_non_zero_with_one_line_and_no_traceback(workspace, tm
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == f"llama-adapter train: error: {rows}: line 2: missing field 'output'"
     assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_merge_never_writes_over_the_cached_default_base(workspace, tmp_path, monkeypatch):
+    """The embedded SmolLM2's cache is the base of every command run without --base: a merge into it ruins them all."""
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    argv = ["merge", "--adapter", lora_on_base(workspace, tmp_path, DEFAULT_BASE), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"--out .*SmolLM2-135M-Instruct: is the base model's folder .*; choose a"):
+        cli.main(argv)
+    assert not out.exists()
 
 
 def test_the_demo_listens_on_localhost_only_and_caps_uploads_by_default():

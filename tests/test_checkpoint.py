@@ -121,7 +121,7 @@ def test_load_refuses_a_different_base(saved, make_base, tokenizer, monkeypatch)
     """LlamaAdapterModel.load end to end, with the hub loader swapped for the tiny model."""
     original, out = saved
 
-    def fake_load_base(name, dtype, attn_implementation=None, quantize="none", device="cpu"):
+    def fake_load_base(name, dtype, attn_implementation=None, quantize="none", device="cpu", named_by="--base"):
         base = make_base(num_hidden_layers=4 if name == BASE_NAME else 2)
         base.name_or_path = name
         return base, tokenizer

@@ -45,6 +45,7 @@ def question(dataset, answer, pid=None):
         ("winogrande", "the correct answer is option2, not option1", "option2"),
         ("winogrande", "Option1: Sarah", None),
         ("ARC-Easy", "the correct answer is answer5", "answer5"),
+        ("ARC-Easy", "answer: answer2", "answer2"),  # any statement: the label is found wherever it stands
         ("ARC-Challenge", "answer4answer1", "answer4"),
         ("openbookqa", "I am not sure.", None),
         ("hellaswag", "the correct answer is ending4", "ending4"),

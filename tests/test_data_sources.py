@@ -120,6 +120,27 @@ def test_a_bad_row_is_named_in_every_format_and_can_be_skipped(tmp_path):
         assert skipped == [(f"{path}: row 1", "field 'output' is empty")]
 
 
+def test_a_malformed_csv_row_is_named_and_can_be_skipped(tmp_path):
+    """CSV is read row by row, as JSONL is: a row that is not valid CSV, UTF-8 or as wide as the header is named."""
+    lines = [
+        b"instruction,input,output", b"Say hi.,,hi", b"Say bye.,,bye,now", b"Say yes.,yes", b"Say h\xe9.,,hi",
+        b'"Say no." now,,no', b"", b"Say ok.,,ok", b'"Say never.,,never', b"Say more.,,more",
+    ]  # fmt: skip
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # the BOM a spreadsheet may start it with
+    with pytest.raises(DataError, match=rf"^{path}: row 1: 4 field\(s\) where the header names 3$"):
+        data.load_rows(path)
+    skipped = []
+    assert [row["output"] for row in data.load_rows(path, skipped)] == ["hi", "ok"]
+    assert skipped == [
+        (f"{path}: row 1", "4 field(s) where the header names 3"),
+        (f"{path}: row 2", "2 field(s) where the header names 3"),
+        (f"{path}: row 3", "field 'instruction': not UTF-8 text (byte 5 of the field)"),
+        (f"{path}: row 4", "not valid CSV: ',' expected after '\"'"),
+        (f"{path}: row 6", "a quoted field that never closes"),  # the rest of the file is inside its quotes
+    ]
+
+
 def test_nulls_and_types_in_a_table_are_named(tmp_path):
     path = tmp_path / "nulls.parquet"
     datasets.Dataset.from_list([ROWS[0], {"instruction": None, "input": None, "output": "x"}]).to_parquet(path)
@@ -163,8 +184,14 @@ def test_sources_that_cannot_be_read_are_named(tmp_path):
     with pytest.raises(DataError, match=r"empty.csv: no header line"):
         data.load_rows(tmp_path / "empty.csv")
     (tmp_path / "latin1.csv").write_bytes("instruction,output\nd\xe9j\xe0,vu\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.csv: "):
+    with pytest.raises(DataError, match=r"latin1.csv: row 0: field 'instruction': not UTF-8 text \(byte 1 of the"):
         data.load_rows(tmp_path / "latin1.csv")
+    (tmp_path / "latin1-header.csv").write_bytes("instrucci\xf3n,output\nhi,hi\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1-header.csv: the header is not UTF-8 text \(byte 9 of column 1\)"):
+        data.load_rows(tmp_path / "latin1-header.csv")
+    (tmp_path / "header.csv").write_text("instruction,input,output\n")
+    with pytest.raises(DataError, match=r"header.csv: no rows$"):
+        data.load_rows(tmp_path / "header.csv")
 
 
 def test_a_hub_name_offline_says_so_at_once():

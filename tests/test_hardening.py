@@ -625,3 +625,79 @@ def test_every_evaluation_refuses_a_limit_below_one(limit):
         EvalConfig(data="d", out="o", limit=limit)
     with pytest.raises(ValueError, match="limit must be >= 1"):
         load_questions("d", ("gsm8k",), limit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Python API: arguments of the wrong kind, empty paths, a model used twice over after unload
+
+API_MISUSE = {
+    "generate: input None": (lambda m: m.generate("hi", None), r"input must be a string, got NoneType None"),
+    "generate: instruction None": (lambda m: m.generate(None), r"instruction must be a string, got NoneType None"),
+    "generate: empty instruction": (lambda m: m.generate(""), r"instruction must be a non-empty string, got ''"),
+    "generate: sampling a dict": (lambda m: m.generate("hi", sampling={"max_new_tokens": 2}),
+                                  r"sampling must be a SamplingConfig, got dict"),
+    "stream: instruction a number": (lambda m: m.stream(5), r"instruction must be a string, got int 5"),
+    "save: ''": (lambda m: m.save(""), r"out_dir must be a non-empty string or path, got str ''"),
+    "save: None": (lambda m: m.save(None), r"out_dir must be a non-empty string or path, got NoneType None"),
+    "save: onto a file": (lambda m: m.save("taken"), r"out_dir taken: a file, expected a folder"),
+    "load: ''": (lambda m: LlamaAdapterModel.load(""), r"adapter must be a non-empty string or path, got str ''"),
+    "load: None": (lambda m: LlamaAdapterModel.load(None), r"adapter must be a non-empty string or path, got NoneType"),
+    "load: base ''": (lambda m: LlamaAdapterModel.load("adapter", ""), r"base must be a non-empty string or path"),
+    "from_base: None": (lambda m: LlamaAdapterModel.from_base(None), r"base must be a non-empty string or path"),
+    "load_adapter_weights: ''": (lambda m: m.load_adapter_weights(""), r"path must be a non-empty string or path"),
+    "unload twice": (lambda m: (m.unload(), m.unload()), r"no adapter named 'llama-adapter' is on this base"),
+    "continuation_logprobs: a string": (lambda m: m.continuation_logprobs("p", "ab"),
+                                        r"continuations must be a list, got str 'ab'"),
+    "continuation_logprobs: none": (lambda m: m.continuation_logprobs("p", []),
+                                     r"continuations must hold at least one text"),
+    "continuation_logprobs: prompt None": (lambda m: m.continuation_logprobs(None, ["a"]),
+                                           r"prompt must be a string, got NoneType None"),
+    "encode_images: one path": (lambda m: m.encode_images("red.png"), r"images must be a list, got str 'red.png'"),
+    "generate: image a number": (lambda m: m.generate("hi", image=5), r"image must be a non-empty string or path"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("misuse", API_MISUSE, ids=list(API_MISUSE))
+def test_the_api_refuses_misuse_with_a_value_error_naming_the_argument(misuse, multimodal, tmp_path, monkeypatch):
+    """None, a wrong type or an empty path for an argument of `LlamaAdapterModel`'s public methods; a second unload."""
+    call, message = API_MISUSE[misuse]
+    model = multimodal()
+    model.save(tmp_path / "adapter")
+    (tmp_path / "taken").write_text("a file of the user's")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before  # nothing written into the working folder
+
+
+def test_a_base_neither_here_nor_reachable_is_named_at_once(make_model, tmp_path, monkeypatch):
+    """Online but cut off (HF_HUB_OFFLINE unset, no network), transformers would retry the hub for a minute."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    class Unreachable:
+        def head(self, *args, **kwargs):
+            raise ConnectionError("no network")
+
+    make_model().save(tmp_path / "prompts")
+    config = json.loads((tmp_path / "prompts" / CONFIG_NAME).read_text())
+    config["base"]["name"] = "v2m"  # as `merge --out v2m` once recorded it: a folder relative to where it ran
+    (tmp_path / "prompts" / CONFIG_NAME).write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "get_session", Unreachable)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("asked the hub"))
+    message = r"prompts/adapter_config.json: base 'v2m': no folder of that name in the working folder, no model of "
+    with pytest.raises(FileNotFoundError, match=message + "that name in the Hugging Face cache, and the hub cannot be"):
+        LlamaAdapterModel.load(tmp_path / "prompts", device="cpu")
+
+
+def test_every_evaluation_refuses_questions_that_name_a_pid_twice_before_answering(make_model, tmp_path):
+    """Answered twice, a pid would be written twice: a predictions file that no resume could read."""
+    from llama_adapter import llm_adapters
+    from llama_adapter.evaluation import evaluate_questions
+
+    question = llm_adapters.Question("gsm8k/0", "gsm8k", "What is 1 and 1?", "", "2")
+    with pytest.raises(ValueError, match=r"questions: pid gsm8k/0 twice \(questions 0 and 1\)"):
+        evaluate_questions(make_model(), [question, question], tmp_path / "p.jsonl", ("gsm8k",), max_new_tokens=1)
+    assert not any(tmp_path.iterdir())

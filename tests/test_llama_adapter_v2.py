@@ -4,6 +4,7 @@ folding. Training, saving and loading every method, V2 among them: test_methods.
 test_evaluation.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,6 +331,16 @@ def test_folding_gives_a_plain_model_and_a_prompt_adapter_with_the_same_logits(t
     assert prompts.config.method == "llama-adapter"
     with torch.no_grad():
         torch.testing.assert_close(prompts(ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_records_the_merged_base_so_its_prompts_load_from_any_folder(tiny_base_dir, tmp_path, monkeypatch):
+    LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(**V2), device="cpu").save(tmp_path / "v2")
+    monkeypatch.chdir(tmp_path)
+    cli.main(["merge", "--adapter", "v2", "--out", "v2m"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    prompts = LlamaAdapterModel.load(tmp_path / "v2m" / "prompts", device="cpu")
+    assert Path(prompts.base.name_or_path) == (tmp_path / "v2m").resolve()  # as recorded: the folder, absolute
 
 
 def test_folding_a_multimodal_v2_keeps_its_early_fusion(make_base, tokenizer, tiny_clip, images):

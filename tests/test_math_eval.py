@@ -62,6 +62,7 @@ def test_parse_number_takes_the_last_number(text, expected):
         ("The answer is C.", "C"),
         ("Answer: (B) ... so D", "D"),
         ("Answer: (B)", "B"),
+        ("The correct answer is (B).", "B"),  # the statement's forms need no rule: the letter stands alone
         ("All Elephants Eat Bananas", None),
         ("no option at all", None),
         ("Options F and G", None),

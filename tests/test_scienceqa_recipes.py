@@ -146,6 +146,26 @@ def test_parse_option_text(text, expected):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
+        ("The correct answer is cat food.", 1),
+        ("the right answer is: cat", 0),
+        ("Answer: cat food", 1),
+        ("It purrs.\nAnswer: cat.", 0),
+        ("The correct answer is (B) cat food.", 1),  # the letter and the text agree
+        ("The correct answer is (A) cat food.", None),  # they disagree: no one option
+        ("The correct answer is (B).", None),  # a letter is no option's text
+        ("Hence the correct answer is cat.\nThe answer is cat food.", 1),  # the trained form first: what it read stays
+        ("The wrong answer is cat.", None),
+        ("My answer: cat", None),  # "answer:" is only a statement where it opens a line
+    ],
+)
+def test_parse_option_text_reads_the_common_forms_of_an_answer_statement(text, expected):
+    choices = ("cat", "cat food", "Dear Pablo,", "dear Pablo,", "Love,\nZoe")
+    assert scienceqa.parse_option_text(text, choices) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
         # What the explanation-before adapter of eval/scienceqa_sweep.py wrote for val problems: each names one
         # option beyond doubt without copying all of it.
         ("The answer is circular reasoning.", 0),  # the option's words before its colon

@@ -1,5 +1,6 @@
 """The shelf: adapters shipped inside the package, named wherever an adapter folder is taken."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -9,8 +10,8 @@ import torch
 
 from llama_adapter import DEFAULT_BASE, adapter_files, cli, data, generation, hf, scienceqa, shelf
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from llama_adapter.config import SamplingConfig, VisualConfig
-from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.config import ModelConfig, SamplingConfig, VisualConfig
+from llama_adapter.model import LlamaAdapterModel, load_models
 from llama_adapter.synthetic import make_colour_problems
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,45 @@ def test_an_unknown_name_lists_the_shelf(shelved, tmp_path, monkeypatch):
     ):
         shelf.resolve("nothing")
     assert shelf.resolve("runs/nothing").as_posix() == "runs/nothing"  # a path is left for the folder's own checks
+
+
+def test_a_data_folder_named_like_a_shelf_adapter_leaves_the_demo_and_server_theirs(
+    shelved, tiny_base_dir, tmp_path, monkeypatch
+):
+    """Started in a folder that holds data called `tiny/`, the demo and the server still offer the shelf's `tiny`."""
+    from llama_adapter.demo import _Chat
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "train.json").write_text("[]")
+    choices = load_models(ModelConfig(base=str(tiny_base_dir), precision="fp32"), (), "base")
+    assert list(choices) == ["base", "tiny"]
+    assert all(torch.equal(a, b) for a, b in zip(choices["tiny"].gates().values(), shelved.gates().values()))
+    summary, _, saved = _Chat(choices).describe("tiny")
+    assert summary.startswith("**tiny**: llama-adapter") and saved["adapter"] == shelved.config.to_dict()
+
+
+def test_an_evaluation_records_its_adapter_by_shelf_name_or_absolute_folder(
+    shelved, tiny_base_dir, tmp_path, monkeypatch
+):
+    """A predictions file started with `--adapter runs/a` in one folder is not resumed with another folder's runs/a."""
+    rows = [{"instruction": "What is 1 and 1?", "input": "", "output": "2", "answer": "2"}]
+    (tmp_path / "math" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "math" / "gsm8k" / "test.json").write_text(json.dumps(rows))
+    argv = ["eval", "math", "--data", str(tmp_path / "math"), "--datasets", "gsm8k", "--base", str(tiny_base_dir)]
+    argv += ["--max-new-tokens", "1", "--adapter"]
+    for folder in ("first", "second"):
+        shelved.save(tmp_path / folder / "runs" / "a")  # two runs of the same settings
+    monkeypatch.chdir(tmp_path / "first")
+    cli.main([*argv, "runs/a", "--out", str(tmp_path / "p.jsonl")])
+    monkeypatch.chdir(tmp_path / "second")
+    changed = r"p.jsonl was made with other settings \{'adapter': \('.*/first/runs/a', '.*/second/runs/a'\)"
+    with pytest.raises(SystemExit, match=changed):
+        cli.main([*argv, "runs/a", "--out", str(tmp_path / "p.jsonl")])
+    first = (tmp_path / "first" / "runs" / "a").resolve()
+    cli.main([*argv, str(first), "--out", str(tmp_path / "p.jsonl")])  # the same folder, named otherwise: resumed
+    cli.main([*argv, "tiny", "--out", str(tmp_path / "shelf.jsonl")])  # a shelf adapter: by its name, from anywhere
+    assert json.loads((tmp_path / "shelf.settings.json").read_text())["adapter"] == "tiny"
 
 
 def test_adapters_lists_the_shelf(shelved, capsys):
@@ -141,3 +181,16 @@ def test_scienceqa_gives_its_committed_answers_through_eval_which_reads_its_answ
     answered = {row["pid"]: row["pred_letter"] for row in map(json.loads, out.read_text().splitlines())}
     assert len(answered) == 8
     assert answered == {pid: committed[pid] for pid in answered}
+
+
+def test_the_shapes_card_is_its_results_file_and_reads_every_untrained_answer():
+    """The card is what train/shelf_shapes.py renders from its results file, and every held-out answer was read: the
+    untrained base's "The correct answer is (B) red." counts by its letter, not as no answer (issue 37)."""
+    spec = importlib.util.spec_from_file_location("shelf_shapes", REPO / "train" / "shelf_shapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = json.loads(script.RESULTS.read_text())
+    assert (REPO / "llama_adapter" / "shelf" / "shapes" / "README.md").read_text() == script.card(results)
+    for scored in results["accuracy"].values():
+        assert "none" not in scored["picked"] and sum(scored["picked"].values()) == scored["of"]
+        assert scienceqa.parse_answer(scored["most_common_answer"][0], 3) is not None

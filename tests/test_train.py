@@ -3,11 +3,14 @@
 import csv
 import json
 import math
+import string
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 
-from llama_adapter import cli, data
+from llama_adapter import AdapterConfig, cli, data
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.data import format_conversation
 from llama_adapter.generation import stream
@@ -17,7 +20,7 @@ from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
 
 def test_paper_defaults_scale_lr_with_the_batch(rows_file, tmp_path):
     cfg = TrainConfig(data=str(rows_file), out=str(tmp_path))
-    assert (cfg.epochs, cfg.max_len, cfg.weight_decay, cfg.model.precision) == (5, 512, 0.02, "fp32")
+    assert (cfg.epochs, cfg.max_length(2048), cfg.weight_decay, cfg.model.precision) == (5, 512, 0.02, "fp32")
     assert cfg.learning_rate("llama-adapter") == pytest.approx(9e-3 * 4 / 256)
     scaled = TrainConfig(data="x", out="y", batch_size=8, grad_accum=4)
     assert scaled.learning_rate("llama-adapter") == pytest.approx(9e-3 * 32 / 256)
@@ -83,6 +86,38 @@ def test_max_steps_stops_early(make_model, rows_file, tmp_path):
         data=str(rows_file), out=str(tmp_path / "run"), epochs=50, batch_size=2, max_steps=3, val_fraction=0.25
     )
     assert train(cfg, model.config, model)["steps"] == 3
+
+
+def test_the_default_max_len_follows_a_shorter_context_and_a_longer_one_asked_for_is_refused(make_model, tmp_path):
+    model = make_model(max_position_embeddings=256)  # shorter than the default --max-len, 512
+    long_prompt = {"instruction": "word " * 30, "input": "", "output": "hi"}  # a prompt of 291 tokens
+    rows = [{"instruction": "Say hi.", "input": "", "output": "hi"}] * 4 + [long_prompt]
+    cfg = TrainConfig(data="rows", out=str(tmp_path / "run"), max_steps=1, val_fraction=0.0)
+    assert train(cfg, model.config, model, rows=rows)["dropped_rows"] == 1  # it would fit 512, not 256
+    asked = TrainConfig(data="rows", out=str(tmp_path / "asked"), max_steps=1, max_len=257)
+    with pytest.raises(ValueError, match=r"max_len must be <= 256 \(the base's context\), got 257"):
+        train(asked, model.config, model, rows=rows)
+
+
+def digits_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer that knows only digits and adds no BOS: it leaves out what it cannot read, the whole prompt."""
+    specials = ["<pad>", "<s>", "</s>"]
+    core = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(specials + list(string.digits))}, merges=[]))
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_rows_whose_response_trains_nothing_are_left_out_before_training(make_base, tmp_path):
+    """A token is trained on by predicting it from the one before: a response that begins the sequence (here, after a
+    prompt of no tokens) trains from its second token on, and a response of one token (EOS) trains nothing."""
+    model = LlamaAdapterModel(make_base(), digits_tokenizer(), AdapterConfig(3, 2))
+    rows = [{"instruction": "Add.", "input": "", "output": answer} for answer in ("42", "no digits", "7", "none")]
+    cfg = TrainConfig(data="rows", out=str(tmp_path / "run"), epochs=1, batch_size=1, val_fraction=0.0)
+    summary = train(cfg, model.config, model, rows=rows)
+    assert (summary["steps"], summary["dropped_rows"]) == (2, 2)
+    none = TrainConfig(data="rows", out=str(tmp_path / "none"), epochs=1, batch_size=1, val_fraction=0.0)
+    with pytest.raises(data.DataError, match=r"rows: no training row keeps a response token within --max-len 512"):
+        train(none, model.config, model, rows=rows[1::2])
 
 
 def test_a_run_without_validation_rows_says_so_in_valid_json(make_model, rows_file, tmp_path, capsys):

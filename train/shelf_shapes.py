@@ -3,6 +3,8 @@ colour of a drawn shape, with the options in a random order per question.
 
     python train/shelf_shapes.py       # trains in runs/shelf-shapes (resumable), then writes llama_adapter/shelf/shapes/
                                        # and train/results/shelf_shapes.json
+    python train/shelf_shapes.py --score-only   # answers the held-out images again with the shelf's weights and
+                                                # the untrained base (no training): rewrites the accuracy and the card
 
 The task is llama_adapter.synthetic's: one red, green or blue square, circle or triangle on white, "What colour is the
 shape?", the three colours as options, shuffled per question so the letter says nothing by itself. The image encoder
@@ -38,9 +40,16 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=800, help="training images")
     parser.add_argument("--held-out", type=int, default=200, help="held-out images")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument(
+        "--score-only", action="store_true",
+        help="no training: the shelf's adapter and the untrained base answer the results file's held-out images again",
+    )  # fmt: skip
     args = parser.parse_args()
 
     out = Path(args.out)
+    if args.score_only:
+        score_again(out)
+        return
     train_problems = make_colour_problems(out / "images", args.train, seed=TRAIN_SEED, shuffle_choices=True)
     held_out = make_colour_problems(out / "images", args.held_out, seed=HELD_OUT_SEED, shuffle_choices=True)
     cfg = TrainConfig(
@@ -55,7 +64,7 @@ def main() -> None:
     results = {
         "command": "python train/shelf_shapes.py" + "".join(
             f" --{flag.replace('_', '-')} {value}" for flag, value in vars(args).items()
-            if flag != "out" and value != parser.get_default(flag)
+            if flag not in ("out", "score_only") and value != parser.get_default(flag)
         ),
         "images": {"train": args.train, "train_seed": TRAIN_SEED, "held_out": args.held_out, "held_out_seed": HELD_OUT_SEED},
         "adapter": model.config.to_dict(),
@@ -72,17 +81,46 @@ def main() -> None:
     print(json.dumps(results["accuracy"], indent=2))
 
 
+def score_again(out: Path) -> None:
+    """The untrained base and the shelf's adapter answer the held-out images of the results file again, as `main`
+    has them answered: its accuracy and the card are rewritten (when the parser changes, say), the weights not."""
+    results = json.loads(RESULTS.read_text())
+    images = results["images"]
+    held_out = make_colour_problems(out / "images", images["held_out"], images["held_out_seed"], shuffle_choices=True)
+    untrained = LlamaAdapterModel.from_base(config=AdapterConfig(), visual=VISUAL)
+    shapes = LlamaAdapterModel.load(SHELF, alongside=untrained)
+    results["accuracy"] = {
+        "untrained": score(untrained, held_out, out / "untrained.jsonl"),
+        "shapes": score(shapes, held_out, out / "trained.jsonl"),
+    }
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    (SHELF / "README.md").write_text(card(results))
+    print(json.dumps(results["accuracy"], indent=2))
+
+
 def score(model: LlamaAdapterModel, problems, out: Path) -> dict:
-    """Held-out accuracy (%) of the greedy answers, parsed as ScienceQA's are, and how many were right."""
+    """Held-out accuracy (%) of the greedy answers, parsed as ScienceQA's are, how many were right, the most common
+    answer (its first line) and how often each letter was picked ("none": no letter read)."""
     out.unlink(missing_ok=True)  # a fresh score: the adapter changes between the calls
     scores = evaluate_problems(model, problems, out, scoring="generate", batch_size=16, max_new_tokens=MAX_NEW_TOKENS)
-    answers = Counter(json.loads(line)["output"].strip().split("\n")[0] for line in out.read_text().splitlines())
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    answers = Counter(record["output"].strip().split("\n")[0] for record in records)
     return {
         "accuracy": scores["Avg"],
         "right": round(scores["Avg"] * scores["count"]["Avg"] / 100),
         "of": len(problems),
         "most_common_answer": answers.most_common(1)[0],
+        "picked": dict(sorted(Counter(record["pred_letter"] or "none" for record in records).items())),
     }
+
+
+def picks(scored: dict) -> str:
+    """The letters picked, in words: 'it picked B for every image, ...', or each letter's count."""
+    picked = scored["picked"]
+    if len(picked) == 1 and "none" not in picked:
+        [letter] = picked
+        return f"it picked {letter} for every image, so it scored the share of images whose answer is {letter}"
+    return "the letters it picked: " + ", ".join(f"{letter} {count}" for letter, count in picked.items())
 
 
 def card(results: dict) -> str:
@@ -117,9 +155,11 @@ image or question mean nothing. Loading rebuilds the same random encoder from th
 |---|---|---|
 | greedy answers whose letter is right | {before["accuracy"]:.1f}% ({before["right"]}/{before["of"]}) | **{after["accuracy"]:.1f}% ({after["right"]}/{after["of"]})** |
 
-Answers are greedy, at most {MAX_NEW_TOKENS} new tokens, and parsed as ScienceQA's are (`scienceqa.parse_answer`).
+Answers are greedy, at most {MAX_NEW_TOKENS} new tokens, and parsed as ScienceQA's are (`scienceqa.parse_answer`);
+`python train/shelf_shapes.py --score-only` measures both columns again from these weights, without training.
 Untrained, the model answers in its own words, whatever the image: its most common answer was
-"{before["most_common_answer"][0]}" ({before["most_common_answer"][1]} of {before["of"]}).
+"{before["most_common_answer"][0]}" ({before["most_common_answer"][1]} of {before["of"]}), and
+{picks(before)}.
 
 Validation loss {summary["val_loss_before"]:.3f} before training, {summary["val_loss_after"]:.4f} after. The
 predictions are in `runs/shelf-shapes/` when the script has run; the numbers in `train/results/shelf_shapes.json`.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
+from ..predictions import first_repeat
 from ..sources import DataError
 
 LETTERS = string.ascii_uppercase
@@ -125,7 +126,11 @@ def _split_pids(splits_path: Path, records: dict, problems_path: Path, split: st
         raise DataError(f"{splits_path}: expected an object mapping split name -> list of pids")
     if split not in splits:
         raise DataError(f"{splits_path}: unknown split '{split}'; available: {', '.join(splits)}")
-    return [str(pid) for pid in splits[split] if str(pid) in records]
+    pids = [str(pid) for pid in splits[split]]
+    repeat = first_repeat(pids)
+    if repeat is not None:
+        raise DataError(f"{splits_path}: split '{split}' names problem {pids[repeat[0]]} twice")
+    return [pid for pid in pids if pid in records]
 
 
 def _read_captions(path: Path) -> dict[str, str]:
@@ -267,6 +272,11 @@ def load_llava_questions(path: str | Path, data_dir: str | Path | None = None) -
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a list of questions, got {type(entries).__name__}")
     problems = [_problem_from_llava(entry, f"{path}: entry {i}") for i, entry in enumerate(entries)]
+    repeat = first_repeat([problem.pid for problem in problems])
+    if repeat is not None:
+        again, first = repeat
+        pid = problems[again].pid
+        raise DataError(f"{path}: entry {again} (id {pid}): id {pid} again (entry {first} has it too)")
     if data_dir is None:
         return problems
     data_dir = Path(data_dir).resolve()

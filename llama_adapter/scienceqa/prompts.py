@@ -88,53 +88,83 @@ def to_rows(
     return rows
 
 
+# Answer statements. First the form the targets train, "The answer is B.", read as it always was; only where there is
+# none, the other common forms: "The correct answer is (B) red.", "the answer is: option B", a line opening "Answer:"
+# ("my wrong answer: B" and "the wrong answer is B" are none). So these forms change no answer read before them;
+# only a second letter does ("The answer is B or C." names no one option).
+_STATEMENT = r"(?:\bthe (?:correct |right |final )?answer is:?|^[ \t]*(?:correct |final )?answer:)"
 # Capital letters only, here and below: "a" is the English article, so "a cat ..." must not read as option A.
 _ANSWER_IS = re.compile(r"the answer is\s*\(?([A-Z])\)?(?=$|[\s.,;:!])", re.IGNORECASE)
+_ANSWER_STATEMENT = re.compile(
+    _STATEMENT + r"\s*(?:option |choice )?\(?([A-Z])\)?(?=$|[\s.,;:!])", re.IGNORECASE | re.MULTILINE
+)
 _LEADING_LETTER = re.compile(r"\(([A-Z])\)|([A-Z])(?:[.)]|$)")
+_ANOTHER_LETTER = re.compile(r"\s*(?:,|/|\bor\b|\band\b)\s*\(?([A-Z])\)?(?=$|[\s.,;:!])")  # "B or C", "(A), (B)"
+_TEXT_ANSWER_IS = re.compile(r"the answer is ", re.IGNORECASE)
+_TEXT_ANSWER_STATEMENT = re.compile(_STATEMENT + " ", re.IGNORECASE | re.MULTILINE)
 
 
 def parse_answer(text: str, num_choices: int) -> int | None:
     """The option index a model's output picks, or None when it picks none clearly.
 
-    Accepted: a first line that is only a letter ("B"), a letter opening the text as "B.", "B)" or "(B)", and
-    "the answer is B" anywhere (any case, the letter optionally in parentheses). The letter must be a capital and
-    name one of the `num_choices` options. A bare capital word opening a sentence ("A cat is ...") is no answer.
+    Accepted: a first line that is only a letter ("B"), a letter opening the text as "B.", "B)" or "(B)"; else the
+    first "the answer is B" anywhere (any case, the letter optionally in parentheses); else the first other answer
+    statement: "The correct answer is (B) red.", "the answer is: option B", a line opening "Answer: (B)". The letter
+    must be a capital and name one of the `num_choices` options, and no second option may follow it ("B or C",
+    "(A), (B)"). A bare capital word opening a sentence ("A cat is ...") is no answer.
     """
     if not 1 <= num_choices <= len(LETTERS):
         raise ValueError(f"num_choices must be in 1..{len(LETTERS)}, got {num_choices}")
     text = text.strip()
     first_line = text.split("\n", 1)[0].strip()
-    leading = _LEADING_LETTER.match(first_line)
-    answer_is = _ANSWER_IS.search(text)
-    if leading:
-        letter = leading.group(1) or leading.group(2)
-    elif answer_is:
-        # IGNORECASE also lowers the letter class; check the case here so "the answer is a ..." stays unparsed.
-        letter = answer_is.group(1) if answer_is.group(1).isupper() else None
+    if leading := _LEADING_LETTER.match(first_line):
+        found, said = leading, first_line
     else:
-        letter = None
-    return LETTERS.index(letter) if letter is not None and LETTERS.index(letter) < num_choices else None
+        found, said = _ANSWER_IS.search(text) or _ANSWER_STATEMENT.search(text), text
+    if found is None:
+        return None
+    letter = next(group for group in found.groups() if group)
+    # IGNORECASE also lowers the letter class; check the case here so "the answer is a ..." stays unparsed.
+    if not letter.isupper() or LETTERS.index(letter) >= num_choices:
+        return None
+    another = _ANOTHER_LETTER.match(said, found.end())
+    if another and LETTERS.index(another.group(1)) < num_choices:
+        return None
+    return LETTERS.index(letter)
 
 
 def parse_option_text(text: str, choices: tuple[str, ...]) -> int | None:
-    """The option a text-form answer names, after the first 'The answer is ' that names one; else None.
+    """The option a text-form answer names, after the first 'The answer is ' that names one; else after the first
+    other answer statement that does ('The correct answer is ', a line opening 'Answer: ', any case); else None.
 
     An answer names an option by its exact text followed by '.', a line break or the end (the longest such option,
     so 'cat food' is not read as 'cat'), or, failing that, by its opening alone: its words up to the answer's first
     '.' (after an optional 'the '), where the option goes on with '.' or ':' ('circular reasoning' for 'circular
     reasoning: an argument that ...', the first sentence of a two-sentence option) and no other option opens so.
-    Case counts: ScienceQA asks which capitalisation is right ('Dear Pablo,' or 'dear Pablo,')."""
-    for found in re.finditer(r"the answer is ", text, re.IGNORECASE):
+    In the other statements a letter may come first ('(B) cat food'), but it must be that option's; a letter alone
+    names none. Case counts: ScienceQA asks which capitalisation is right ('Dear Pablo,' or 'dear Pablo,')."""
+    for found in _TEXT_ANSWER_IS.finditer(text):  # the form the targets train, read as it always was
+        named = _named_option(text[found.end() :], choices)
+        if named is not None:
+            return named
+    for found in _TEXT_ANSWER_STATEMENT.finditer(text):
         rest = text[found.end() :]
-        named = [i for i, choice in enumerate(choices) if re.match(re.escape(choice) + r"(?:\.|\n|$)", rest)]
-        if named:
-            return max(named, key=lambda i: len(choices[i]))
-        said = re.match(r"(?:the )?([^.\n]*)", rest).group(1).strip()
-        opened = [
-            i
-            for i, choice in enumerate(choices)
-            if said and re.fullmatch(re.escape(said) + r"(?:[.:].*)?", choice, re.DOTALL)
-        ]
-        if len(opened) == 1:
-            return opened[0]
+        lettered = re.match(r"\(([A-Z])\) ", rest)
+        named = _named_option(rest[lettered.end() :] if lettered else rest, choices)
+        if named is not None and (not lettered or lettered.group(1) == LETTERS[named]):
+            return named
     return None
+
+
+def _named_option(said: str, choices: tuple[str, ...]) -> int | None:
+    """The option `said` opens with: its whole text, else its opening alone (see parse_option_text); else None."""
+    whole = [i for i, choice in enumerate(choices) if re.match(re.escape(choice) + r"(?:\.|\n|$)", said)]
+    if whole:
+        return max(whole, key=lambda i: len(choices[i]))
+    opening = re.match(r"(?:the )?([^.\n]*)", said).group(1).strip()
+    opened = [
+        i
+        for i, choice in enumerate(choices)
+        if opening and re.fullmatch(re.escape(opening) + r"(?:[.:].*)?", choice, re.DOTALL)
+    ]
+    return opened[0] if len(opened) == 1 else None

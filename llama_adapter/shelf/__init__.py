@@ -2,14 +2,17 @@
 (adapter.safetensors, adapter_config.json and a model card, README.md), each made by one script under train/.
 
 Every command and `LlamaAdapterModel.load` take a shelf name wherever they take an adapter folder: a folder of that
-name in the working directory wins, and says so.
+name in the working directory wins, and says so. What the demo and the server offer of the shelf by themselves is
+loaded from the shelf's own folders, which no folder of the working directory shadows.
 """
 
 import itertools
+import os
 import re
 import sys
 from pathlib import Path
 
+from .. import files
 from ..adapter_files import CONFIG_NAME, read_config
 
 FOLDER = Path(__file__).parent
@@ -31,6 +34,7 @@ def resolve(adapter: str | Path) -> Path:
     A bare name (no folder part) that is neither is refused, listing the shelf; a path is returned as it is, for the
     adapter folder's own checks to name what is missing.
     """
+    files.check_path(adapter, "adapter")
     name, path = str(adapter), Path(adapter)
     if path.name != name or name.startswith((".", "~")):  # a path, not a name
         return path
@@ -45,6 +49,13 @@ def resolve(adapter: str | Path) -> Path:
         f"--adapter {name!r}: no such folder, and no adapter of that name on the shelf "
         f"({', '.join(names()) or 'none yet'}; `llama-adapter adapters` lists them)"
     )
+
+
+def identity(adapter: str | Path) -> str:
+    """How a record names the adapter `adapter` resolves to, so that it means the same from any working folder: its
+    shelf name, or its folder's absolute path."""
+    folder = resolve(adapter)
+    return folder.name if folder.parent == FOLDER else os.path.abspath(folder)
 
 
 def describe(name: str) -> dict:
