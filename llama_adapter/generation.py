@@ -157,7 +157,7 @@ def generation_kwargs(sampling: SamplingConfig, tokenizer, room: int) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": data.pad_id(tokenizer),
     }
-    if sampling.temperature > 0:
+    if not sampling.greedy:
         return kwargs | {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     return kwargs | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 

@@ -1,12 +1,16 @@
 """Write docs/bad-input.md: every bad-input case of tests/test_bad_input.py, its command and the message it gets,
-then the kinds of bad input tests/test_hardening.py generates, with how many cases each property test runs.
+the bad requests of tests/test_serve_faults.py and the answer the server gives each, then the kinds of bad input
+tests/test_hardening.py generates, with how many cases each property test runs.
 
 python scripts/bad_input_table.py     (about 20 s; the messages are the ones the tests check, run here again)
 """
 
+import json
 import re
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,8 +18,12 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import test_hardening
 from test_bad_input import CASES, build_workspace, run_case, snapshot
+from test_serve_faults import API_CASES, chat, completion
 
 from llama_adapter import demo
+from llama_adapter.config import ModelConfig
+from llama_adapter.model import load_models
+from llama_adapter.serve import ServerThread, build_app
 
 
 def main() -> None:
@@ -41,10 +49,54 @@ def main() -> None:
             shown = [_shown_argument(_short(arg, tmp)) for arg in argv]
             error = _short(message.split(": error: ", 1)[1], tmp)
             lines.append(f"| {case.entry} | {case.name} | `llama-adapter {' '.join(shown)}` | {_cell(error)} |")
+        lines += api_requests(ws)
     lines += generated_kinds()
     out = REPO / "docs" / "bad-input.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"{len(CASES)} cases -> {out}")
+
+
+def api_requests(ws) -> list[str]:
+    """The table of the server's bad requests: each sent to a server over the workspace's base, as the test does."""
+    lines = [
+        "",
+        "## Bad requests to `llama-adapter serve`",
+        "",
+        "Each request below, from `tests/test_serve_faults.py`, is refused alone with OpenAI's error JSON",
+        '(`{"error": {"message", "type", "param", "code"}}`); the requests beside it are answered as if it',
+        "had never come. `…` stands for a good request's fields (model, messages or prompt, max_tokens).",
+        "",
+        "| bad request | endpoint | body | status | param | message |",
+        "|---|---|---|---|---|---|",
+    ]
+    server = ServerThread(build_app(load_models(ModelConfig(base=ws.base, precision="fp32"), (), "base"), None, 8, 64))
+    try:
+        for case in API_CASES:
+            request = urllib.request.Request(server.url + case.path, case.body, {"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=60)
+                sys.exit(f"request {case.name!r} was answered, not refused")
+            except urllib.error.HTTPError as err:
+                status, error = err.code, json.load(err)["error"]
+            if (status, error["param"]) != (case.status, case.param) or case.says not in error["message"]:
+                sys.exit(f"request {case.name!r} did not fail as the tests expect: {status}, {error}")
+            body = _shown_body(case.body)
+            param = f"`{error['param']}`" if error["param"] else ""
+            lines.append(
+                f"| {case.name} | `{case.path}` | `{_cell(body)}` | {status} | {param} | {_cell(error['message'])} |"
+            )
+    finally:
+        server.stop()
+    return lines
+
+
+def _shown_body(body: bytes) -> str:
+    """A request's body as the table shows it: the fields every case shares as `…`, a long body cut short."""
+    text = body.decode()
+    for good in (chat(), completion()):
+        shared = good.decode()[:-1]
+        text = text.replace(shared + ", ", "{…, ").replace(shared + "}", "{…}")
+    return text if len(text) <= 80 else f"{text[:30]}... ({len(text):,} characters)"
 
 
 def generated_kinds() -> list[str]:

@@ -37,7 +37,7 @@ def test_a_batch_that_rows_join_and_leave_decodes_each_as_alone(tokenizer, model
         def emit(text, finish=None, completion_tokens=None):
             texts[i] += text
 
-        return Job("m", model.tokenizer(prompts[i])["input_ids"], lengths[i], emit)
+        return Job("m", model.tokenizer(prompts[i])["input_ids"], SamplingConfig(max_new_tokens=lengths[i]), emit)
 
     assert all(len(model.tokenizer(p)["input_ids"]) > 128 for p in prompts)
     batch = _Batch(model)
@@ -83,7 +83,7 @@ def run_row(tokenizer, tokens: list[int], stop=(), max_tokens=1000) -> tuple[lis
         (pieces if finish is None else finishes).append(text if finish is None else finish)
 
     finishes = finish
-    row = _Row(Job("m", [], max_tokens, emit, stop=tuple(stop)), tokenizer)
+    row = _Row(Job("m", [0], SamplingConfig(max_new_tokens=max_tokens), emit, stop=tuple(stop)), tokenizer)
     for token in tokens:
         row.take(token)
         if row.finish:

@@ -242,12 +242,13 @@ def test_images_come_inline_and_readable(api, served_folders, url, says):
 
 
 def test_too_large_bodies_and_images_are_refused_with_413(api, served_folders, monkeypatch):
+    from llama_adapter import api_request
     from llama_adapter import serve as serve_module
 
     monkeypatch.setattr(serve_module, "MAX_BODY", 4000)  # small: the whole body fits in the socket's buffers
     code, reply = api.post("/chat/completions", b" " * 4001)
     assert code == 413 and "over the limit of 4,000" in reply["error"]["message"]
-    monkeypatch.setattr(serve_module, "MAX_IMAGE", 100)
+    monkeypatch.setattr(api_request, "MAX_IMAGE", 100)
     big = "data:image/png;base64," + base64.b64encode(b"x" * 1000).decode()
     content = [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": big}}]
     with pytest.raises(openai.APIStatusError) as raised:
@@ -298,7 +299,9 @@ def test_the_serve_command_serves_the_base_and_adapters_it_is_given(served_folde
     from llama_adapter import serve as serve_module
 
     served = {}
-    monkeypatch.setattr(serve_module.uvicorn, "run", lambda app, host, port, **kw: served.update(host=host, port=port))
+    monkeypatch.setattr(
+        serve_module._Server, "run", lambda self: served.update(host=self.config.host, port=self.config.port)
+    )
     cli.main(
         [
             "serve",
