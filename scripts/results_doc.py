@@ -1404,6 +1404,56 @@ def serving() -> list[str]:
     ]
 
 
+def serving_faults() -> list[str]:
+    path = "bench/results/serve_faults.json"
+    r = load(path)
+    memory, ratios, goals = r["memory_mib"], r["ratios"], r["goals"]
+    phases = [
+        ["alone (clean)", r["clean"], memory["after_clean"] - memory["warm"]],
+        [f"beside {r['faulty_clients']} faulty clients", r["faulty"], memory["after_faulty"] - memory["after_clean"]],
+    ]
+    rows = [
+        [
+            label,
+            f"{phase['right']} of {r['requests']}",
+            seconds(phase["latency_s"]["p50"]),
+            seconds(phase["latency_s"]["p99"]),
+            f"{grown:+.0f}",
+        ]
+        for label, phase, grown in phases
+    ]
+    faults = [
+        [kind, str(sum(statuses.values())), ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))]
+        for kind, statuses in r["faulty"]["faults"].items()
+    ]
+    right = ratios["good_answers_right"] >= goals["good_answers_right"]
+    kept = ratios["memory_growth_mib"] <= goals["memory_growth_mib"]
+    return [
+        "### Serving beside faulty clients: `llama-adapter serve` keeps its answers and its memory",
+        "",
+        *provenance(path, r),
+        *para(
+            "`llama-adapter serve` (the embedded SmolLM2 and the shelf's adapters, `--max-batch 16`) in a process of",
+            f"its own; {r['clients']} good clients ask the last {r['requests']} Alpaca instructions, greedy, at most",
+            f"{r['max_tokens']} new tokens each, alone and then while {r['faulty_clients']} faulty clients send the",
+            "faults below the whole time. A good answer is right when it equals the library's own greedy answer to",
+            "the same prompt; latency is per good request, in seconds; memory is the server's resident set, after a",
+            "few quiet seconds, grown over the phase, in MiB. The faulty clients run on the same two cores, so the",
+            "latency beside them also pays for their CPU.",
+        ),
+        *table(["good clients", "answers right", "p50 latency", "p99 latency", "server memory grown"], rows),
+        *table(["fault", "sent", "what the client got (status: count)"], faults),
+        *para(
+            f"Goals: every good answer right: {ratios['good_answers_right']:.0%} ({'met' if right else 'missed'});",
+            f"the server's memory grown by at most {goals['memory_growth_mib']} MiB over the faulty phase:",
+            f"{ratios['memory_growth_mib']:+.0f} MiB ({'met' if kept else 'missed'}). The good requests' latency",
+            f"beside the faults: p50 {ratios['p50_faulty_over_clean']:.2f}×, p99 {ratios['p99_faulty_over_clean']:.2f}×",
+            f"of alone. Afterwards `/health` answered {r['health_after']}, and SIGTERM ended the server with status",
+            f"{r['exit_status_on_sigterm']}.",
+        ),
+    ]
+
+
 def generation() -> list[str]:
     path = "bench/results/generation.json"
     r = load(path)
@@ -1692,6 +1742,7 @@ def render() -> str:
         train_step(),
         generation(),
         serving(),
+        serving_faults(),
         finetune(),
         distributed(),
         demo_latency(),
