@@ -20,10 +20,10 @@ import openai
 import pytest
 import torch
 from conftest import free_port
-from test_serve import NEW, ask, expected, serve
+from test_serve import NEW, ask, expected, idle, serve
 
 from llama_adapter import SamplingConfig
-from llama_adapter.batcher import Batcher, Job
+from llama_adapter.batcher import Job
 from llama_adapter.data import format_prompt
 from llama_adapter.generation import generate_batch
 
@@ -213,7 +213,7 @@ def test_a_job_refuses_a_seed_no_generator_takes():
         Job(model="base", prompt=[5], sampling=SamplingConfig(temperature=1.0), emit=print, seed=2**64)
 
 
-def collect(batcher: Batcher, jobs: list[Job], results: dict, name: str, **fields) -> Job:
+def collect(results: dict, name: str, **fields) -> Job:
     """A job on `batcher` whose pieces and finish go to results[name]."""
     done = threading.Event()
     results[name] = {"text": "", "finish": None, "done": done}
@@ -224,9 +224,7 @@ def collect(batcher: Batcher, jobs: list[Job], results: dict, name: str, **field
             results[name]["finish"] = finish
             done.set()
 
-    job = Job(emit=emit, model="base", sampling=SamplingConfig(max_new_tokens=NEW), **fields)
-    jobs.append(job)
-    return job
+    return Job(emit=emit, model="base", sampling=SamplingConfig(max_new_tokens=NEW), **fields)
 
 
 def test_a_job_that_fails_at_prefill_fails_alone(served_folders):
@@ -235,10 +233,10 @@ def test_a_job_that_fails_at_prefill_fails_alone(served_folders):
     try:
         model = server.models["base"]
         tokens = model.tokenizer(format_prompt("Hi."))["input_ids"]
-        results, jobs = {}, []
+        results = {}
         with server.batcher.ready:  # admitted together, in one prefill
             for name, prompt in [("good", tokens), ("bad", tokens[:-1] + [10**6]), ("also good", tokens)]:
-                server.batcher.waiting["base"].append(collect(server.batcher, jobs, results, name, prompt=prompt))
+                server.batcher.waiting["base"].append(collect(results, name, prompt=prompt))
             server.batcher.ready.notify()
         assert all(r["done"].wait(30) for r in results.values())
         assert results["bad"]["finish"].startswith("error: ")
@@ -255,9 +253,9 @@ def test_a_row_whose_client_breaks_mid_answer_fails_alone(served_folders):
     try:
         model = server.models["base"]
         tokens = model.tokenizer(format_prompt("Hi."))["input_ids"]
-        results, jobs = {}, []
-        good = collect(server.batcher, jobs, results, "good", prompt=tokens)
-        broken = collect(server.batcher, jobs, results, "broken", prompt=tokens)
+        results = {}
+        good = collect(results, "good", prompt=tokens)
+        broken = collect(results, "broken", prompt=tokens)
         calls = []
 
         def emit_then_break(text, finish=None, completion_tokens=0):
@@ -273,10 +271,7 @@ def test_a_row_whose_client_breaks_mid_answer_fails_alone(served_folders):
         assert (
             results["good"]["text"] == expected(model, format_prompt("Hi.")) and results["good"]["finish"] == "length"
         )
-        deadline = time.time() + 5
-        while server.batcher.busy() and time.time() < deadline:
-            time.sleep(0.02)
-        assert server.batcher.busy() == 0 and len(calls) == 3  # the broken row left; nothing more was sent to it
+        assert idle(server.batcher, within=5) and len(calls) == 3  # the broken row left; nothing more was sent to it
         assert ask(server, "Hi.", "base").choices[0].finish_reason == "length"
     finally:
         server.stop()
@@ -329,10 +324,7 @@ def test_a_non_streamed_client_that_leaves_frees_its_row(served_folders):
             while not server.batcher.busy() and time.time() < deadline:
                 time.sleep(0.02)
             assert server.batcher.busy() == 1
-        deadline = time.time() + 3
-        while server.batcher.busy() and time.time() < deadline:
-            time.sleep(0.02)
-        assert server.batcher.busy() == 0, "the answer went on decoding after its client left"
+        assert idle(server.batcher, within=3), "the answer went on decoding after its client left"
     finally:
         slow.remove()
         server.stop()
