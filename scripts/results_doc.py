@@ -39,7 +39,7 @@ RUN_NOTES = {
         ),
     },
     "bench/results/v2.json": {
-        "95c91c5a22d8": "The four commands ran in that order while commits `89a1d3e` to `e1d7a46` were made, none of "
+        "0a5ba3571eca": "The first four commands ran in that order while commits `89a1d3e` to `e1d7a46` were made, none of "
         "which changes what they compute; the second was stopped during the shapes, whose scoring then changed from likelihood to "
         "greedy answers, and its shapes cells were measured again by the third. Tests ran beside the first two "
         "Alpaca runs at times, so their training-run tokens/s in the file are low; the table's tokens/s come from "
@@ -55,7 +55,10 @@ RUN_NOTES = {
         "answer this fast; the paper's early fusion was made for a pretrained CLIP and joint training on captions, "
         "which this run has neither of. On ScienceQA no row beats the untrained base (42.66) or chance (about 40%): "
         "on 361 problems differences under about 5 points are noise, and at this budget the 135M model does not "
-        "learn the task (issue 25 is about that).",
+        "learn the task (issue 25 is about that). The fifth command, at `a1562f2`, measured the base's shapes "
+        'cell again, alone: its greedy answers read "The correct answer is (B) red." and the like, which the parser '
+        "of the first four runs did not take (0.0); read now, the base always picks B, 33.0, chance. The trained "
+        "rows answer in the trained form, which both parsers read alike.",
     },
     "train/results/shelf_alpaca.json": {
         "04afef2df961": "The first stage ran beside the shapes script and tests at times, on one thread for a while, so "
