@@ -336,7 +336,15 @@ from llama_adapter.config import ModelConfig, ServeConfig
 from llama_adapter import serve
 from llama_adapter.model import load_models
 models = load_models(ModelConfig(base=sys.argv[1], precision="fp32"), (), "base")
-models["base"].base.register_forward_hook(lambda *args: time.sleep(0.1))
+
+
+def slowly_and_without_end(module, args, output):
+    time.sleep(0.1)
+    output.logits[..., :4] = float("-inf")  # <unk> <pad> <s> </s>: random weights must not end the answer early
+    return output
+
+
+models["base"].base.register_forward_hook(slowly_and_without_end)
 serve.GRACE = 2.0
 serve.serve(models, ServeConfig(port=int(sys.argv[2])))
 """
