@@ -142,7 +142,7 @@ def generation_speed(model: LlamaAdapterModel, new_tokens: int) -> float:
         "top_k": None,
     }
     best = float("inf")
-    with model.running():
+    with model.use():
         for run in range(3):  # the first run warms up (CUDA kernels, caches); the best of the other two counts
             synchronize()
             start = time.perf_counter()

@@ -71,7 +71,10 @@ class _Row:
         self.generator = None
         if not job.sampling.greedy:
             self.generator = torch.Generator()
-            self.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
+            if job.seed is None:
+                self.generator.seed()  # its own fresh seed: the process's random stream is not touched
+            else:
+                self.generator.manual_seed(job.seed)
         self.finish: str | None = None
 
     def advance(self, greedy: int, logits: torch.Tensor) -> int:
@@ -196,8 +199,8 @@ class _Batch:
         mask = torch.tensor([[0] * (longest - len(job.prompt)) + [1] * len(job.prompt) for job in jobs])
         mask = mask.to(model.device)
         images, has_image = self._images(jobs)
-        with model.running(images, has_image) as image_kwargs:
-            logits, cache = hf.prefill(model.base, ids.to(model.device), mask, image_kwargs)
+        with model.running(images, has_image):
+            logits, cache = hf.prefill(model.base, ids.to(model.device), mask)
         return logits, cache, mask, images, has_image
 
     def step(self) -> None:
@@ -205,8 +208,8 @@ class _Batch:
         model = self.model
         positions = self.mask.sum(dim=1, keepdim=True)  # each row's real tokens so far: the new token's position
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        with model.running(self.images, self.has_image) as image_kwargs:
-            logits = hf.decode_step(model.base, self.pending[:, None], self.mask, positions, self.cache, image_kwargs)
+        with model.running(self.images, self.has_image):
+            logits = hf.decode_step(model.base, self.pending[:, None], self.mask, positions, self.cache)
         self.pending = self._advance(self.rows, logits)
         for row, position in zip(self.rows, positions[:, 0].tolist()):
             if row.finish is None and position + 2 >= model.context_length:  # the next token would not fit
@@ -264,6 +267,16 @@ def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gen
     return int(order[torch.multinomial(ordered / ordered.sum(), 1, generator=generator)])
 
 
+def check_batchable(models: dict[str, LlamaAdapterModel]) -> None:
+    """Refuse the methods whose virtual tokens come before the whole sequence: rows here are the prompt's tokens alone."""
+    unbatchable = [name for name, model in models.items() if not model.method.tokens_only]
+    if unbatchable:
+        raise ValueError(
+            f"cannot batch {', '.join(unbatchable)}: prefix, P-tuning v2 and prompt tuning put virtual tokens "
+            "before every sequence; use `llama-adapter chat` or `demo` for them"
+        )
+
+
 class Batcher:
     """Runs the jobs of several models that share a base: the models take turns, a decode step each.
 
@@ -271,6 +284,7 @@ class Batcher:
     the thread itself ever fail, every job gets the error, `failure` says why, and `submit` refuses new jobs."""
 
     def __init__(self, models: dict[str, LlamaAdapterModel], max_batch: int, queue: int):
+        check_batchable(models)
         self.models, self.max_batch, self.queue = models, max_batch, queue
         self.waiting: dict[str, collections.deque[Job]] = {name: collections.deque() for name in models}
         self.batches = {name: _Batch(model) for name, model in models.items()}

@@ -31,6 +31,10 @@ STATE_JSON = "trainer_state.json"
 _STEP = re.compile(r"step-(\d+)")
 _OPTIMIZER = "optimizer."
 _RNG = "rng."
+# Checkpoints before this key paired the optimizer's state with the adapter's parameters by position: right only
+# while the optimizer held them in `adapter_state()`'s order, which V2's second group (its undecayed scales) broke.
+# Such a state is read back the way it was written.
+_KEYED = "optimizer_state_by"
 
 
 def save(
@@ -52,9 +56,9 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         model.save(staging)
-        tensors, groups = _optimizer_tensors(optimizer, list(model.adapter_state()))
+        tensors, groups = _optimizer_tensors(optimizer, _names_in_optimizer(optimizer, model))
         save_file(tensors | _rng_tensors(rng), staging / STATE_TENSORS)
-        full_state = state | {"scheduler": scheduler.state_dict(), "optimizer_param_groups": groups}
+        full_state = state | {"scheduler": scheduler.state_dict(), "optimizer_param_groups": groups, _KEYED: "name"}
         (staging / STATE_JSON).write_text(json.dumps(full_state, indent=2) + "\n")
         for file in staging.iterdir():
             files.fsync(file)
@@ -93,7 +97,7 @@ def restore(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler, ra
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     model.load_adapter_weights(folder / WEIGHTS_NAME)
-    names = list(model.adapter_state())
+    names = _names_in_optimizer(optimizer, model) if state.get(_KEYED) == "name" else list(model.adapter_state())
     optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer_param_groups"], names, path))
     scheduler.load_state_dict(state["scheduler"])
     if _rng_key("torch", rank) in tensors:
@@ -103,8 +107,15 @@ def restore(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler, ra
     return state
 
 
+def _names_in_optimizer(optimizer: torch.optim.Optimizer, model) -> list[str]:
+    """The adapter's name of each parameter the optimizer holds, in the order its state_dict numbers them."""
+    name_of = {id(param): name for name, param in model.adapter_state().items()}
+    return [name_of[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list[dict]]:
-    """The optimizer's per-parameter tensors as 'optimizer.<parameter name>.<key>', and its groups as JSON."""
+    """The optimizer's per-parameter tensors as 'optimizer.<parameter name>.<key>', and its groups as JSON; `names`
+    are the parameters' in the optimizer's order."""
     saved = optimizer.state_dict()
     tensors = {
         f"{_OPTIMIZER}{names[index]}.{key}": value.detach().cpu().contiguous()

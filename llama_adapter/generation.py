@@ -1,5 +1,6 @@
 """Streaming generation on top of Hugging Face `generate` (KV cache, sampling, stopping are theirs)."""
 
+import contextvars
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
     `image_features`: (1, clip_dim) or None.
 
     Closing the iterator early (a Stop button, Ctrl-C) stops the worker at the next token; an exception in
-    the worker is re-raised here instead of leaving the consumer waiting.
+    the worker is re-raised here instead of leaving the consumer waiting. The worker runs in a copy of the caller's
+    context: inside the caller's `disabled()` block, for one, it generates with the plain model.
     """
     tokenizer = model.tokenizer
     ids, mask = data.left_padded(prompt_tokens(model, [prompt]), data.pad_id(tokenizer))
@@ -43,7 +45,7 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
             failure.append(err)
             streamer.end()
 
-    worker = threading.Thread(target=work, name=WORKER_NAME, daemon=True)
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name=WORKER_NAME, daemon=True)
     worker.start()
     try:
         yield from streamer

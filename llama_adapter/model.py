@@ -35,8 +35,9 @@ class LlamaAdapterModel(nn.Module):
     >>> model.generate("Name three primary colours.")
     >>> model.generate("What colour is the shape?", image="shape.png")   # a multimodal adapter (clip_model set)
 
-    Adapters built on the same base object share it (`shared`, a SharedBase) and take turns; `unload` takes this one
-    off, and `disabled` runs the plain base.
+    Adapters built on the same base object share it (`shared`, a SharedBase): each call on this model runs this
+    adapter, whatever other threads run. `unload` takes it off, `disabled` runs the plain base, and `use` makes
+    calls of the base itself (`model.base(...)`) run this adapter.
     """
 
     def __init__(
@@ -215,8 +216,14 @@ class LlamaAdapterModel(nn.Module):
         self.shared.remove(self.name)
 
     def disabled(self):
-        """A context in which `model.base` runs as the plain model, with no adapter."""
+        """A context in which every call of the base runs the plain model: `model.base(...)`, and this model's (or any
+        other adapter model's on the same base) own calls too. Blocks nest."""
         return self.shared.disabled()
+
+    def use(self):
+        """A context in which calls of the base itself (`model.base(...)`, `model.base.generate(...)`) run this adapter.
+        Blocks nest: after an inner block, the outer block's adapter runs again."""
+        return self.shared.use(self.method)
 
     # ------------------------------------------------------------------------------------------------------
     # What trains and what is saved: the adapter's parameters, nothing else
@@ -250,20 +257,25 @@ class LlamaAdapterModel(nn.Module):
         image_features: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
-    ) -> Iterator[dict]:
-        """Within this block the base runs with this adapter, and no other call runs on the base.
+    ) -> Iterator[None]:
+        """Within this block, calls of the base run this adapter with these images (inside `disabled()`, the plain
+        model), and no other call runs on the base.
 
-        Yields the keyword arguments that carry the images to the prompts: a call of the base passes them on;
-        `generate`, which takes none, gets them all the same. `image_features` (N, clip_dim), and `has_image` (N,)
-        False for rows without an image; image n belongs to row n, or with `image_index` (B, T) to the positions
-        that hold n (packed rows).
+        `image_features` (N, clip_dim), and `has_image` (N,) False for rows without an image; image n belongs to row n,
+        or with `image_index` (B, T) to the positions that hold n (packed rows).
         """
-        with self.shared.use(self.method):
-            visual = self._projected(image_features, has_image)
-            if visual is not None and image_index is not None:
-                visual = visual[image_index]  # (B, T, dim): each position its own row's image
-            with hf.images_for_generate(visual):
-                yield hf.image_kwargs(visual)
+        with self.shared.reserved():
+            self.shared.check_on(self.method)
+            call = hf.current_call()
+            if not call.disabled:
+                visual = self._projected(image_features, has_image)
+                if visual is not None and image_index is not None:
+                    visual = visual[image_index]  # (B, T, dim): each position its own row's image
+                call = hf.Call(self.method.placements(), visual)
+            if torch.is_grad_enabled() and self.base.training:
+                hf.check_checkpointing(self.base)
+            with hf.calling(call):
+                yield
 
     def forward(
         self,
@@ -275,8 +287,8 @@ class LlamaAdapterModel(nn.Module):
         """Logits (B, T, vocab); with image features (B, clip_dim), rows where `has_image` is False have none."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with self.running(image_features, has_image) as images:
-            logits = self.base(**self.method.inputs(input_ids, attention_mask), **images).logits
+        with self.running(image_features, has_image):
+            logits = self.base(**self.method.inputs(input_ids, attention_mask)).logits
         return logits[:, self.method.virtual_tokens :]
 
     def loss(
@@ -334,8 +346,8 @@ class LlamaAdapterModel(nn.Module):
             raise ValueError("continuations must hold at least one text")
         prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         tokens = [data.response_ids(self.tokenizer, text)[: None if eos else -1] for text in continuations]
-        with self.running(image_features) as images:
-            inputs = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids)) | images
+        with self.running(image_features):
+            inputs = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids))
             return hf.continuation_logprobs(self.base, inputs, tokens).cpu()
 
     def _response_logits(
@@ -359,8 +371,8 @@ class LlamaAdapterModel(nn.Module):
             inputs = hf.packed_inputs(input_ids, position_ids)
         else:
             raise ValueError(f"--method {self.config.method} cannot train on packed rows (--packing)")
-        with self.running(image_features, has_image, image_index) as images:
-            hidden = hf.decoder(self.base)(**inputs, **images).last_hidden_state
+        with self.running(image_features, has_image, image_index):
+            hidden = hf.decoder(self.base)(**inputs).last_hidden_state
         hidden = hidden[:, self.method.virtual_tokens :]
         targets = labels[:, 1:]
         scored = targets != -100

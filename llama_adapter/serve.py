@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from . import api_request
 from .api_request import ApiError, Prompt
-from .batcher import Batcher, Job, QueueFull, Stopped
+from .batcher import Batcher, Job, QueueFull, Stopped, check_batchable
 from .config import ServeConfig
 from .model import LlamaAdapterModel
 
@@ -305,12 +305,7 @@ class ServerThread:
 
 def serve(models: dict[str, LlamaAdapterModel], cfg: ServeConfig) -> None:
     """Serve the API until SIGTERM or Ctrl-C; warns when it listens beyond this machine without an API key."""
-    unbatchable = [name for name, model in models.items() if not model.method.tokens_only]
-    if unbatchable:
-        raise ValueError(
-            f"serve cannot batch {', '.join(unbatchable)}: prefix, P-tuning v2 and prompt tuning put virtual tokens "
-            "before every sequence; use `llama-adapter chat` or `demo` for them"
-        )
+    check_batchable(models)  # before the server starts, whose thread would only log it
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         print(
             f"WARNING: serving on {cfg.host} without --api-key: anyone who reaches this port can use the models",

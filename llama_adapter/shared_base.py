@@ -1,27 +1,28 @@
-"""SharedBase: one frozen model and its tokenizer, and the named adapters that take turns on it.
+"""SharedBase: one frozen model and its tokenizer, and the named adapters on it.
 
 Adapters never become part of the base's module tree: each owns its modules (registered with torch under its own
-`LlamaAdapterModel`, so `.train()`, `.to()`, `.parameters()` and `state_dict` see them whether or not it is the
-active one), and the base only gets hooks (hf.py) that ask this object, at every call, which adapter module to run.
-Adding an adapter installs the hooks it needs; activating one makes the hooks run its modules; removing the last
-adapter removes the hooks and the attention routing, so the model is again exactly what was loaded. All of that
-happens under `lock`, which is held for the whole of each call on the base: one batch at a time.
+`LlamaAdapterModel`, so `.train()`, `.to()`, `.parameters()` and `state_dict` see them), and the base only gets hooks
+(hf.py) that run, at every call, the modules of the adapter that call names (`hf.Call`). Adding an adapter installs
+the hooks it needs; removing the last one removes the hooks and the attention routing, so the model is again exactly
+what was loaded. Nothing here says which adapter is active: each call says which adapter it runs.
 
-An adapter stays active after its call, so that a backward pass with gradient checkpointing recomputes each layer
-with the adapter it ran with: train one adapter of a base at a time.
+`reserved()` gives a call the base to itself (one batch at a time, and a training step's forward and backward
+passes as one). It is held by the call, not the thread: a thread the call starts in a copy of its context holds it
+too, so a call that hands its work to a thread (streaming generation) never waits for itself.
 """
 
+import contextvars
 import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from functools import partial
 
 from torch import nn
 
 from . import hf
 
 _ATTRIBUTE = "_llama_adapter_shared_base"  # where a model object keeps its SharedBase
+_RESERVED: contextvars.ContextVar[tuple] = contextvars.ContextVar("llama_adapter_reserved", default=())
 
 
 class SharedBase:
@@ -31,10 +32,8 @@ class SharedBase:
         hf.check_architecture(model)
         self.model = model
         self.tokenizer = tokenizer
-        self.lock = threading.RLock()
+        self._lock = threading.Lock()
         self.adapters: dict[str, nn.Module] = {}  # name -> Method, in the order they were added
-        self._active: nn.Module | None = None
-        self._placed: dict[str, nn.Module] = {}  # the active adapter's modules by path in the decoder
         self._hooks: dict[str, object] = {}  # path -> handle of the hook installed there
         self._own_attention: str | None = None  # the model's attention implementation while ours is routed in
 
@@ -54,8 +53,8 @@ class SharedBase:
     # The registry
 
     def add(self, method: nn.Module, name: str | None = None) -> str:
-        """Put a new adapter on the base and make it the active one; returns its name (default: its method's)."""
-        with self.lock:
+        """Put a new adapter on the base; returns its name (default: its method's)."""
+        with self.reserved():
             name = name or self._free_name(method.name)
             if name in self.adapters:
                 raise ValueError(f"an adapter named {name!r} is on this base already")
@@ -67,9 +66,8 @@ class SharedBase:
                 if hf.is_attention(self.model, path) and self._own_attention is None:
                     self._own_attention = hf.route_attention(self.model)
                 if path not in self._hooks:
-                    self._hooks[path] = hf.hook_module(self.model, path, partial(self._placed.get, path))
+                    self._hooks[path] = hf.hook_module(self.model, path)
             self.adapters[name] = method
-            self._activate(method)
             return name
 
     def can_take(self, method) -> bool:
@@ -79,12 +77,10 @@ class SharedBase:
 
     def remove(self, name: str) -> None:
         """Take an adapter off the base; once none is left, the base is exactly the model that was loaded."""
-        with self.lock:
+        with self.reserved():
             if name not in self.adapters:
                 raise ValueError(f"no adapter named {name!r} is on this base: it has been taken off already (unload)")
             method = self.adapters.pop(name)
-            if self._active is method:
-                self._activate(None)
             method.detach()
             needed = {path for other in self.adapters.values() for path in other.placements()}
             for path in list(self._hooks):
@@ -95,36 +91,43 @@ class SharedBase:
                 self._own_attention = None
 
     # ------------------------------------------------------------------------------------------------------
-    # Taking turns
+    # Calls
 
     @contextmanager
-    def use(self, method: nn.Module) -> Iterator[None]:
-        """Within this block the base runs with `method`'s adapter, and no other call runs on the base."""
-        with self.lock:
-            if method not in self.adapters.values():
-                raise ValueError(f"this {method.name} adapter has been removed from its base (unload)")
-            self._activate(method)
+    def reserved(self) -> Iterator[None]:
+        """Within this block no other call runs on the base (see the module's note: held by the call)."""
+        if self in _RESERVED.get():
             yield
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Within this block the base runs as the plain model, with no adapter."""
-        with self.lock, ExitStack() as stack:
-            active = self._active
-            self._activate(None)
-            for method in self.adapters.values():
-                stack.enter_context(method.disabled())
+            return
+        with self._lock:
+            token = _RESERVED.set((*_RESERVED.get(), self))
             try:
                 yield
             finally:
-                self._activate(active)
+                _RESERVED.reset(token)
 
-    def _activate(self, method: nn.Module | None) -> None:
-        if method is self._active:  # every call activates its adapter: most find it in place already
-            return
-        self._active = method
-        self._placed.clear()
-        self._placed.update(method.placements() if method is not None else {})
+    def check_on(self, method: nn.Module) -> None:
+        if method not in self.adapters.values():
+            raise ValueError(f"this {method.name} adapter has been removed from its base (unload)")
+
+    @contextmanager
+    def use(self, method: nn.Module) -> Iterator[None]:
+        """Within this block, calls of the base that name no adapter (`model.base(...)`, its `generate`) run `method`'s;
+        no other call runs on the base. Calls through an adapter model still run their own adapter."""
+        with self.reserved():
+            self.check_on(method)
+            with hf.calling(hf.Call(method.placements())):
+                yield
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within this block every call of the base runs the plain model, those through an adapter model too."""
+        with self.reserved(), ExitStack() as stack:
+            if not hf.current_call().disabled:  # an inner block must not undo an outer one's PEFT switch
+                for method in self.adapters.values():
+                    stack.enter_context(method.disabled())
+            stack.enter_context(hf.calling(hf.Call(disabled=True)))
+            yield
 
     def _free_name(self, stem: str) -> str:
         return next(

@@ -337,16 +337,17 @@ def _train(
     def optimizer_step(group, trained: list[torch.nn.Parameter], idle: list[torch.nn.Parameter]) -> float:
         """One step on `group`'s batches that changes the `trained` parameters and leaves the `idle` ones (in joint
         training, the other kind of batch's) as they are; returns its loss."""
-        model.method.begin_step(progress.step + 1)
-        loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
-        for p in idle:
-            p.grad = None  # AdamW leaves a parameter without a gradient as it is, moments included
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm=1.0)
-        stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
-        optimizer.step()
-        scheduler.step()
-        model.method.end_step(progress.step + 1)
-        optimizer.zero_grad(set_to_none=True)
+        with model.shared.reserved():  # forward and backward: no other call may run on the base in between
+            model.method.begin_step(progress.step + 1)
+            loss, tokens, padded = train_step(loss_fn, group, pad_id, cache, world, model.device)
+            for p in idle:
+                p.grad = None  # AdamW leaves a parameter without a gradient as it is, moments included
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm=1.0)
+            stop_unless_finite(loss, float(grad_norm), progress.step + 1, out)
+            optimizer.step()
+            scheduler.step()
+            model.method.end_step(progress.step + 1)
+            optimizer.zero_grad(set_to_none=True)
         progress.step = progress.step + 1
         progress.tokens, progress.padded = progress.tokens + tokens, progress.padded + padded
         elapsed = time.perf_counter() - started

@@ -344,7 +344,7 @@ def test_cached_greedy_generation_matches_uncached(make_model, tokenizer, random
     randomize_adapter(model, seed=3)
     ids = tokenizer("Tell me a story:", return_tensors="pt")["input_ids"]
     steps = 16
-    with torch.no_grad():
+    with torch.no_grad(), model.use():
         cached = model.base.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, use_cache=True,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -363,7 +363,7 @@ def test_prompt_keys_values_are_projected_once_per_generation(make_model, tokeni
         # Token inputs are (B, T, dim); the prompt of a text-only adapter is (K, dim).
         k_proj.register_forward_hook(lambda module, args, out: prompt_projections.append(args[0].dim() == 2))
     ids = tokenizer("Tell me a story:", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
+    with torch.no_grad(), model.use():
         model.base.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, min_new_tokens=8
         )

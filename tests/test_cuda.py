@@ -130,7 +130,7 @@ def test_cached_greedy_generation_matches_uncached(make_model, tokenizer, random
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    with torch.no_grad():
+    with torch.no_grad(), model.use():
         cached = model.base.generate(ids, use_cache=True, **settings)
         uncached = model.base.generate(ids, use_cache=False, **settings)
     expected = greedy_without_cache(model, ids, steps, tokenizer.eos_token_id)

@@ -67,7 +67,7 @@ def test_generate_returns_the_greedy_continuation(model, tokenizer):
 
     # The same continuation straight from Hugging Face generate, without the streamer: nothing lost or added.
     encoded = tokenizer(format_prompt("Name three colours."), return_tensors="pt")
-    with torch.no_grad():
+    with torch.no_grad(), model.use():
         tokens = model.base.generate(
             **encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )

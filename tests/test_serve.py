@@ -332,5 +332,5 @@ def test_the_serve_command_refuses_a_virtual_token_adapter(served_folders, tmp_p
         served_folders.base, AdapterConfig(method="prefix", adapter_len=2), device="cpu"
     )
     prefix.save(tmp_path / "prefix")
-    with pytest.raises(SystemExit, match="serve cannot batch .*prefix.*virtual tokens"):
+    with pytest.raises(SystemExit, match="cannot batch .*prefix.*virtual tokens"):
         cli.main(["serve", "--base", served_folders.base, "--adapter", str(tmp_path / "prefix")])
