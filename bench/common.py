@@ -19,8 +19,10 @@ import peft
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel, data, hf
+from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel
+from llama_adapter.base import loading
 from llama_adapter.config import PRECISIONS, default_device, default_precision
+from llama_adapter.data import batching, templates
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -56,9 +58,9 @@ def load_base(name: str):
     dtype, device = PRECISIONS[default_precision()], default_device()
     attention = "sdpa"  # PyTorch's fused attention: flash / memory-efficient kernels on CUDA
     if name == "smollm2":
-        base, tokenizer = hf.load_base(DEFAULT_BASE, dtype, attention)
+        base, tokenizer = loading.load_base(DEFAULT_BASE, dtype, attention)
         return base.to(device), tokenizer
-    tokenizer = hf.load_tokenizer(DEFAULT_BASE)  # SmolLM2's: the weights below are random
+    tokenizer = loading.load_tokenizer(DEFAULT_BASE)  # SmolLM2's: the weights below are random
     config = LlamaConfig(**RANDOM_SHAPES[name], vocab_size=len(tokenizer), attn_implementation=attention)
     torch.manual_seed(0)
     with torch.device(device):
@@ -131,7 +133,7 @@ def synchronize() -> None:
 @torch.no_grad()
 def generation_speed(model: LlamaAdapterModel, new_tokens: int) -> float:
     """Greedy tokens/s at batch 1 after a short prompt, exactly `new_tokens` of them (no early stop)."""
-    encoded = model.tokenizer(data.format_prompt("Explain what a prime number is."), return_tensors="pt")
+    encoded = model.tokenizer(templates.format_prompt("Explain what a prime number is."), return_tensors="pt")
     ids, mask = encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
     settings = {
         "do_sample": False,
@@ -147,7 +149,7 @@ def generation_speed(model: LlamaAdapterModel, new_tokens: int) -> float:
             synchronize()
             start = time.perf_counter()
             inputs = model.method.generation_inputs(ids, mask)  # fresh: generate fills a prefix's cache in place
-            model.base.generate(**inputs, **settings, pad_token_id=data.pad_id(model.tokenizer))
+            model.base.generate(**inputs, **settings, pad_token_id=batching.pad_id(model.tokenizer))
             synchronize()
             best = min(best, time.perf_counter() - start) if run else best
     return new_tokens / best

@@ -19,7 +19,7 @@ import torch
 from gradio_client import Client
 
 from llama_adapter.config import DemoConfig, ModelConfig, SamplingConfig
-from llama_adapter.demo import BASE_CHOICE, build_app, launch, load_choices
+from llama_adapter.serving.demo import BASE_CHOICE, build_app, launch, load_choices
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = [

@@ -25,7 +25,7 @@ from common import ALPACA, MODELS, REPO, RESULTS, default_model, load_base, writ
 from safetensors.torch import load_file
 
 from llama_adapter import DEFAULT_BASE
-from llama_adapter.run_log import read_metrics
+from llama_adapter.train.run_log import read_metrics
 
 RUNS = {"one process": [], "two processes, DDP": ["--nproc", "2"], "two processes, FSDP": ["--nproc", "2", "--fsdp"]}
 # Runs the command and prints the peak resident memory (KiB) of the largest process it started.

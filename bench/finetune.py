@@ -35,9 +35,12 @@ from common import (
     write_results,
 )
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, data, hf
-from llama_adapter.run_log import read_metrics
-from llama_adapter.train import TrainConfig, train
+from llama_adapter import AdapterConfig, LlamaAdapterModel
+from llama_adapter.base import structure
+from llama_adapter.data import encoding, reading
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
+from llama_adapter.train.run_log import read_metrics
 
 ALPACA_ROWS, PAPER_EPOCHS = 52002, 5
 BATCHINGS = ("grouped", "packed")
@@ -56,16 +59,16 @@ def main() -> None:
     args = parser.parse_args()
 
     base, tokenizer = load_base(args.model)
-    rows = data.load_rows(args.data)
+    rows = reading.load_rows(args.data)
     rows = rows.select(range(min(args.rows, len(rows)))) if args.rows else rows
     measured = {}
     for batching in args.batching:
         measured[batching] = measure(args, batching == "packed", base, tokenizer, rows)
         print(f"{batching}: {measured[batching]}", flush=True)
     cfg = recipe(args, packing=False, out=".")
-    max_len = cfg.max_length(hf.context_length(base))  # what `train` trains at
+    max_len = cfg.max_length(structure.context_length(base))  # what `train` trains at
 
-    examples, _ = data.encode_all(tokenizer, data.split_rows(rows, cfg.val_fraction, cfg.seed)[0], max_len)
+    examples, _ = encoding.encode_all(tokenizer, reading.split_rows(rows, cfg.val_fraction, cfg.seed)[0], max_len)
     mean_tokens = sum(examples.lengths) / len(examples)
     scored_share = sum(example.response_tokens for example in examples) / sum(examples.lengths)
     for numbers in measured.values():
@@ -139,7 +142,7 @@ def measure(args, packing: bool, base, tokenizer, rows) -> dict:
     }
 
 
-def random_batch_padding(examples: data.Examples, batch_size: int, seed: int) -> float:
+def random_batch_padding(examples: encoding.Examples, batch_size: int, seed: int) -> float:
     """The share of padding positions if the same examples were batched in plain random order."""
     lengths = list(examples.lengths)
     random.Random(seed).shuffle(lengths)

@@ -25,10 +25,13 @@ import datasets
 import torch
 from common import ALPACA, DATA, MODELS, RESULTS, generation_speed, load_base, write_results
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, data, llm_adapters
-from llama_adapter.evaluation import evaluate_questions
+from llama_adapter import AdapterConfig, LlamaAdapterModel
+from llama_adapter.data import batching, encoding, reading
+from llama_adapter.evaluation import llm_adapters
+from llama_adapter.evaluation.predict import evaluate_questions
 from llama_adapter.methods import REGISTRY
-from llama_adapter.train import TrainConfig, evaluate, train
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import evaluate, train
 
 # task: (training files in the LLM-Adapters folder, test sets, answer length limit)
 TASKS = {
@@ -65,16 +68,18 @@ def main() -> None:
     args.max_new_tokens = args.max_new_tokens or max_new_tokens
     args.out = args.out or str(RESULTS / ("methods.json" if args.task == "math" else f"methods_{args.task}.json"))
     skipped = []  # math_data.json has three rows with an empty output
-    training_rows = datasets.concatenate_datasets([data.load_rows(Path(args.data) / name, skipped) for name in files])
+    training_rows = datasets.concatenate_datasets(
+        [reading.load_rows(Path(args.data) / name, skipped) for name in files]
+    )
 
     questions = llm_adapters.load_questions(args.data, test_sets, args.limit or None)
     base, tokenizer = load_base(args.model)
-    alpaca, _ = data.encode_all(tokenizer, data.load_rows(args.alpaca).take(args.alpaca_rows), args.max_len)
+    alpaca, _ = encoding.encode_all(tokenizer, reading.load_rows(args.alpaca).take(args.alpaca_rows), args.max_len)
     plain = LlamaAdapterModel(base, tokenizer, AdapterConfig())  # zero gates: the base model itself
     rows = [
         {
             "method": "base model",
-            "alpaca_val_loss": evaluate(plain, alpaca, args.batch_size, data.pad_id(tokenizer)),
+            "alpaca_val_loss": evaluate(plain, alpaca, args.batch_size, batching.pad_id(tokenizer)),
             "generation_tokens_per_s": generation_speed(plain, args.gen_tokens),
         }
     ]
@@ -104,7 +109,7 @@ def main() -> None:
                 "generation_tokens_per_s": speed,
                 "generation_vs_base": speed / base_speed,
                 "task_val_loss": [summary["val_loss_before"], summary["val_loss_after"]],
-                "alpaca_val_loss": evaluate(model, alpaca, args.batch_size, data.pad_id(tokenizer)),
+                "alpaca_val_loss": evaluate(model, alpaca, args.batch_size, batching.pad_id(tokenizer)),
             }
             | accuracy(model, questions, test_sets, args)
         )

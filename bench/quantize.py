@@ -33,7 +33,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel
 from llama_adapter.config import PRECISIONS, BaseModelConfig
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 SETTINGS = ("none", "int8", "nf4")
 LLAMA_7B = LlamaConfig(

@@ -21,10 +21,11 @@ import openai
 import torch
 from common import ALPACA, RESULTS, write_results
 
-from llama_adapter import data, generation
 from llama_adapter.config import ModelConfig, SamplingConfig
-from llama_adapter.model import load_models
-from llama_adapter.serve import ServerThread, build_app
+from llama_adapter.data import templates
+from llama_adapter.serving import generation
+from llama_adapter.serving.api import ServerThread, build_app
+from llama_adapter.serving.models import load_models
 
 MODEL = "alpaca"
 GOALS = {"batched_16_over_one_at_a_time": 4.0, "one_client_over_library": 0.9}
@@ -44,7 +45,7 @@ def main() -> None:
         row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "") for row in json.loads(ALPACA.read_text())
     ]
     asked = asked[-args.requests :]  # the sample's last rows: the same every run
-    prompts = [data.format_conversation([], text) for text in asked]  # what the server makes of one user message
+    prompts = [templates.format_conversation([], text) for text in asked]  # what the server makes of one user message
     library = library_speed(models[MODEL], prompts, args.max_tokens)  # the same requests as each level
     results = {"model": MODEL, "requests": args.requests, "max_tokens": args.max_tokens, "library": library}
     for label, max_batch in (("batched", max(args.clients)), ("one_at_a_time", 1)):

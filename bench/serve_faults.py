@@ -34,9 +34,10 @@ import urllib.request
 import openai
 from common import ALPACA, RESULTS, write_results
 
-from llama_adapter import data, generation
 from llama_adapter.config import ModelConfig, SamplingConfig
-from llama_adapter.model import load_model
+from llama_adapter.data import templates
+from llama_adapter.serving import generation
+from llama_adapter.serving.models import load_model
 
 MODEL = "alpaca"
 GOALS = {"good_answers_right": 1.0, "memory_growth_mib": 64}  # 64 MiB: the allocator's own noise, not a leak
@@ -86,7 +87,7 @@ def library_answers(asked: list[str], max_tokens: int) -> list[str]:
     """The library's greedy answer to each message, as the server prompts it (one user message)."""
     model = load_model(ModelConfig(), MODEL)
     sampling = SamplingConfig(max_new_tokens=max_tokens)
-    return [generation.answer_batch(model, [data.format_conversation([], t)], sampling)[0].text for t in asked]
+    return [generation.answer_batch(model, [templates.format_conversation([], t)], sampling)[0].text for t in asked]
 
 
 def start_server(port: int) -> subprocess.Popen:

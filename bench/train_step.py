@@ -39,8 +39,9 @@ from common import (
     write_results,
 )
 
-from llama_adapter import LlamaAdapterModel, hf
-from llama_adapter.train import adamw
+from llama_adapter import LlamaAdapterModel
+from llama_adapter.base import structure
+from llama_adapter.train.optim import adamw
 
 METHODS = ("floor", "ours", "peft")
 
@@ -161,7 +162,7 @@ def build_steps(base, batch_size: int, seq_len: int, methods=METHODS) -> dict:
         else:
             ours = our_adapter(base)
             if method == "compiled":
-                for layer in hf.decoder_layers(ours.base):
+                for layer in structure.decoder_layers(ours.base):
                     layer.compile()
             steps[method] = _adapter_step(ours.base, list(ours.adapter_state().values()), ids, mask, labels, ours)
     return steps

@@ -9,7 +9,7 @@ scale and norm tuning on top), then is measured:
   alpaca     held-out response loss on the last 200 rows of alpaca_small.json (trained on the others); also the
              trainable parameters, the checkpoint's size and training tokens/s
   math       held-out response loss on the last 200 rows of LLM-Adapters' math_data.json (trained on the others)
-  shapes     accuracy on 200 held-out drawings of llama_adapter.synthetic, options shuffled (chance 33.3%), greedy
+  shapes     accuracy on 200 held-out drawings of llama_adapter.data.synthetic, options shuffled (chance 33.3%), greedy
              answers parsed as ScienceQA's (trained to name the colour first, as the shelf's `shapes`, they are not
              scored by likelihood, which would ask for the letter at once); multimodal, CLIP random (ViT-B-32, seed 0)
   scienceqa  accuracy on the 361 test problems with metadata, likelihood scoring, text-only with captions as context,
@@ -34,12 +34,16 @@ from pathlib import Path
 import torch
 from common import device_name
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig, data, scienceqa
+from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig
 from llama_adapter.config import default_precision
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.synthetic import make_colour_problems, rows_saying_the_colour
-from llama_adapter.task_rows import make_batch
-from llama_adapter.train import TrainConfig, adamw, evaluate, train
+from llama_adapter.data import batching, encoding, reading
+from llama_adapter.data.batching import make_batch
+from llama_adapter.data.synthetic import make_colour_problems, rows_saying_the_colour
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import evaluate, train
+from llama_adapter.train.optim import adamw
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data")
@@ -115,8 +119,8 @@ def measure(task: str, row: str, args, out: Path) -> dict:
             "wall_time_s": round(time.perf_counter() - started),
         }
     if task in TEXT_FILES:
-        examples, _ = data.encode_all(model.tokenizer, data.as_rows(test), args.max_len)
-        cell["held_out_loss"] = round(evaluate(model, examples, args.batch_size, data.pad_id(model.tokenizer)), 4)
+        examples, _ = encoding.encode_all(model.tokenizer, reading.as_rows(test), args.max_len)
+        cell["held_out_loss"] = round(evaluate(model, examples, args.batch_size, batching.pad_id(model.tokenizer)), 4)
     else:
         predictions = out / "predictions.jsonl"
         predictions.unlink(missing_ok=True)  # scored afresh: the adapter may have trained further since
@@ -134,8 +138,10 @@ def training_speed(methods: list[str], args, rounds: int = 6) -> dict:
     rows, _ = task_data("alpaca", Path(args.runs))
     base = LlamaAdapterModel.from_base()  # its base carries every method's adapter, each taking its turn
     models = {method: LlamaAdapterModel(base.base, base.tokenizer, AdapterConfig(method=method)) for method in methods}
-    examples, _ = data.encode_all(base.tokenizer, data.as_rows(rows[: args.batch_size * (rounds + 1)]), args.max_len)
-    pad = data.pad_id(base.tokenizer)
+    examples, _ = encoding.encode_all(
+        base.tokenizer, reading.as_rows(rows[: args.batch_size * (rounds + 1)]), args.max_len
+    )
+    pad = batching.pad_id(base.tokenizer)
     optimizers = {method: adamw(list(model.adapter_state().values()), 1e-3, 0.0) for method, model in models.items()}
     speeds = {method: [] for method in methods}
     for round_ in range(rounds + 1):  # the first round warms up
@@ -156,7 +162,7 @@ def training_speed(methods: list[str], args, rounds: int = 6) -> dict:
 def task_data(task: str, folder: Path) -> tuple[list[dict], list]:
     """The training rows and the held-out rows (text tasks) or problems (the others)."""
     if task in TEXT_FILES:
-        rows = list(data.load_rows(TEXT_FILES[task], []))  # math_data.json has rows without an output: left out
+        rows = list(reading.load_rows(TEXT_FILES[task], []))  # math_data.json has rows without an output: left out
         return rows[:-HELD_OUT], rows[-HELD_OUT:]
     if task == "shapes":
         train_problems = make_colour_problems(folder / "images", 800, seed=1, shuffle_choices=True)

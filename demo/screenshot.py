@@ -15,7 +15,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from llama_adapter.config import DemoConfig, ModelConfig
-from llama_adapter.demo import build_app, launch, load_choices
+from llama_adapter.serving.demo import build_app, launch, load_choices
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

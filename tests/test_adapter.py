@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_adapter import AdapterConfig, hf
-from llama_adapter.data import IGNORE_INDEX, collate, encode
+from llama_adapter import AdapterConfig
+from llama_adapter.base import routing
+from llama_adapter.data.batching import collate
+from llama_adapter.data.encoding import IGNORE_INDEX, encode
 from llama_adapter.model import LlamaAdapterModel
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -276,7 +278,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_keeping_less(make_model
 
     kept = sum(t.numel() for t in saved_for_backward(lambda: model.loss(**batch)))
     expected = gradients()
-    hf.enable_gradient_checkpointing(model.base)
+    routing.enable_gradient_checkpointing(model.base)
     kept_checkpointed = sum(t.numel() for t in saved_for_backward(lambda: model.loss(**batch)))
     actual = gradients()
     assert kept_checkpointed < kept / 2

@@ -1,4 +1,4 @@
-"""The model types the adapter is checked on (hf.MODEL_TYPES), any mix of them in one process, and a refusal for the
+"""The model types the adapter is checked on (structure.MODEL_TYPES), any mix of them in one process, and a refusal for the
 rest: zero gates are exactly the model, and the loss is cross-entropy on its logits."""
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, hf
+from llama_adapter import AdapterConfig, LlamaAdapterModel
+from llama_adapter.base import structure
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.2}  # fmt: skip
@@ -43,7 +44,8 @@ def check_exact_and_loss(model_type, tokenizer, impl="eager"):
 
 
 @pytest.mark.parametrize(
-    ("model_type", "impl"), [(t, i) for t in hf.MODEL_TYPES for i in ("eager", "sdpa") if i == "eager" or t in SDPA]
+    ("model_type", "impl"),
+    [(t, i) for t in structure.MODEL_TYPES for i in ("eager", "sdpa") if i == "eager" or t in SDPA],
 )
 def test_zero_gates_are_exact_and_the_loss_is_cross_entropy_on_the_logits(tokenizer, model_type, impl):
     check_exact_and_loss(model_type, tokenizer, impl)

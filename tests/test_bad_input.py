@@ -22,12 +22,15 @@ from conftest import TINY_CLIP, build_tokenizer, register_tiny_clip, tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from llama_adapter import DEFAULT_BASE, AdapterConfig, checkpoint, cli, demo
+from llama_adapter import DEFAULT_BASE, AdapterConfig, cli
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.config import BaseModelConfig, VisualConfig
-from llama_adapter.data import MAX_ROW_CHARS
+from llama_adapter.data.reading import MAX_ROW_CHARS
 from llama_adapter.model import LlamaAdapterModel
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.serving import demo
+from llama_adapter.train import checkpoint
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 ADAPTER_FLAGS = ["--adapter-len", "3", "--adapter-layers", "2"]
 ROW = {"instruction": "Say hi.", "input": "", "output": "hi"}

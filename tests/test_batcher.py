@@ -8,13 +8,14 @@ from conftest import _randomize_adapter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig, hf
-from llama_adapter.batcher import Job, _Batch, _Row
-from llama_adapter.data import format_prompt
-from llama_adapter.generation import generate_batch
+from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
+from llama_adapter.base import structure
+from llama_adapter.data.templates import format_prompt
+from llama_adapter.serving.batcher import Job, _Batch, _Row
+from llama_adapter.serving.generation import generate_batch
 
 
-@pytest.mark.parametrize("model_type", hf.MODEL_TYPES)
+@pytest.mark.parametrize("model_type", structure.MODEL_TYPES)
 def test_a_batch_that_rows_join_and_leave_decodes_each_as_alone(tokenizer, model_type):
     """Rows joining a batch mid-decode and leaving it early change no row's greedy answer, on every model type the
     adapter takes. gpt_oss attends in a sliding window of 128 in half its layers, and mistral here in one of 64: the

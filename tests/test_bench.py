@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from llama_adapter.llm_adapters import COMMONSENSE_DATASETS, COMMONSENSE_LABELS, MATH_DATASETS
+from llama_adapter.evaluation.llm_adapters import COMMONSENSE_DATASETS, COMMONSENSE_LABELS, MATH_DATASETS
 
 pytestmark = pytest.mark.slow  # subprocesses that load SmolLM2's tokenizer
 # Rows of very different lengths, so that length grouping has padding to save.

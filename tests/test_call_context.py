@@ -7,10 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig, checkpoint, hf
-from llama_adapter.batcher import Batcher, Job
-from llama_adapter.data import collate, encode
-from llama_adapter.train import TrainConfig, train
+from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
+from llama_adapter.base import routing
+from llama_adapter.data.batching import collate
+from llama_adapter.data.encoding import encode
+from llama_adapter.serving.batcher import Batcher, Job
+from llama_adapter.train import checkpoint
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 ROWS = [
     {"instruction": "Say hi.", "input": "", "output": "hi there"},
@@ -71,7 +75,7 @@ def test_checkpointed_gradients_are_the_adapters_own_while_another_thread_runs_a
         return {name: p.grad.clone() for name, p in a.adapter_state().items()}
 
     expected = gradients()
-    hf.enable_gradient_checkpointing(a.base)  # each layer recomputed in the backward pass
+    routing.enable_gradient_checkpointing(a.base)  # each layer recomputed in the backward pass
 
     def answer_with_b():
         with torch.no_grad():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama_adapter import hf
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_same_base, read_config
+from llama_adapter.base import loading, structure
 from llama_adapter.model import LlamaAdapterModel
 
 BASE_NAME = "tiny-random-llama"
@@ -89,7 +89,7 @@ def test_check_same_base_rejects_a_different_shape(saved, make_base):
     other = make_base(num_hidden_layers=3)
     other.name_or_path = BASE_NAME
     with pytest.raises(ValueError, match=r"num_hidden_layers: adapter has 4, base has 3") as info:
-        check_same_base(recorded, hf.base_identity(other), out / CONFIG_NAME)
+        check_same_base(recorded, structure.base_identity(other), out / CONFIG_NAME)
     assert str(out / CONFIG_NAME) in str(info.value)
     assert "hidden_size" not in str(info.value)  # only the differing fields are named
 
@@ -100,7 +100,7 @@ def test_check_same_base_names_every_differing_field(saved, make_base):
     other = make_base(num_key_value_heads=4, hidden_size=32)
     other.name_or_path = BASE_NAME
     with pytest.raises(ValueError) as info:
-        check_same_base(recorded, hf.base_identity(other), out / CONFIG_NAME)
+        check_same_base(recorded, structure.base_identity(other), out / CONFIG_NAME)
     assert "num_key_value_heads" in str(info.value) and "hidden_size" in str(info.value)
 
 
@@ -111,10 +111,10 @@ def test_check_same_base_accepts_same_shape_and_warns_on_other_name(saved, make_
     same.name_or_path = BASE_NAME
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_same_base(recorded, hf.base_identity(same), out / CONFIG_NAME)
+        check_same_base(recorded, structure.base_identity(same), out / CONFIG_NAME)
     same.name_or_path = "some-other-llama"
     with pytest.warns(UserWarning, match="some-other-llama"):
-        check_same_base(recorded, hf.base_identity(same), out / CONFIG_NAME)
+        check_same_base(recorded, structure.base_identity(same), out / CONFIG_NAME)
 
 
 def test_load_refuses_a_different_base(saved, make_base, tokenizer, monkeypatch):
@@ -126,7 +126,7 @@ def test_load_refuses_a_different_base(saved, make_base, tokenizer, monkeypatch)
         base.name_or_path = name
         return base, tokenizer
 
-    monkeypatch.setattr(hf, "load_base", fake_load_base)
+    monkeypatch.setattr(loading, "load_base", fake_load_base)
     loaded = LlamaAdapterModel.load(out, device="cpu")
     ids = _ids(tokenizer)
     with torch.no_grad():

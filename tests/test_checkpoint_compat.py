@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "e1c06de"
 CASES = ["llama-adapter", "series", "parallel", "lora", "adalora", "dylora", "prefix", "ptuning-v2", "prompt"]

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from test_math_eval import row, serve_canned_answers, write_sets
 
-from llama_adapter import cli, data
-from llama_adapter.evaluation import BENCHMARK_DEFAULTS, DatasetsConfig, EvalConfig, evaluate_questions
-from llama_adapter.llm_adapters import (
+from llama_adapter import cli
+from llama_adapter.data import sources
+from llama_adapter.evaluation.llm_adapters import (
     COMMONSENSE_DATASETS,
     COMMONSENSE_LABELS,
     MATH_DATASETS,
@@ -22,7 +22,8 @@ from llama_adapter.llm_adapters import (
     read_answer,
     score,
 )
-from llama_adapter.predictions import read_predictions
+from llama_adapter.evaluation.predict import BENCHMARK_DEFAULTS, DatasetsConfig, EvalConfig, evaluate_questions
+from llama_adapter.evaluation.predictions import read_predictions
 
 
 def question(dataset, answer, pid=None):
@@ -144,7 +145,7 @@ def test_one_loader_reads_both_benchmarks_in_the_order_asked(tmp_path):
 )
 def test_a_gold_answer_that_is_not_a_label_names_the_file_and_row(tmp_path, dataset, answers, problem):
     write_sets(tmp_path, **{dataset: [row("Which one?", answer) for answer in answers]})
-    with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / dataset / 'test.json'}: {problem}")):
+    with pytest.raises(sources.DataError, match=re.escape(f"{tmp_path / dataset / 'test.json'}: {problem}")):
         load_questions(tmp_path, (dataset,))
 
 

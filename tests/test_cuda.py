@@ -17,9 +17,10 @@ from test_peft_parity import check_matches_peft
 from test_resume import Crash, adapter_tensors, assert_same_tensors, config, crash_at_step, losses
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llama_adapter import AdapterConfig, hf
+from llama_adapter import AdapterConfig
+from llama_adapter.base import loading
 from llama_adapter.model import LlamaAdapterModel
-from llama_adapter.train import train
+from llama_adapter.train.loop import train
 
 DEVICE = torch.device(os.environ.get("LLAMA_ADAPTER_TEST_DEVICE", "cuda"))
 pytestmark = [
@@ -189,7 +190,7 @@ def test_a_training_step_on_a_quantised_base_reaches_the_adapter(tiny_base_dir, 
     from test_quantize import quantized, tokens  # here, not above: that module skips itself without bitsandbytes
 
     model = quantized(tiny_base_dir, quantize, device=DEVICE)
-    assert hf.quantization(model.base) == quantize
+    assert loading.quantization(model.base) == quantize
     assert {param.device.type for param in model.parameters()} == {DEVICE.type}
     randomize_adapter(model)  # non-zero gates: the prompts get gradients too
     ids, mask = to_device(*tokens(tokenizer))

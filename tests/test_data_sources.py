@@ -10,9 +10,10 @@ from pathlib import Path
 import datasets
 import pytest
 
-from llama_adapter import cli, data, sources
-from llama_adapter.data import DataError
-from llama_adapter.task_rows import rows_hash
+from llama_adapter import cli
+from llama_adapter.data import encoding, reading, sources
+from llama_adapter.data.sources import DataError
+from llama_adapter.train.tasks import rows_hash
 
 ROWS = [
     {"instruction": "Say hi.", "input": "", "output": "hi"},
@@ -54,15 +55,15 @@ def test_every_layout_gives_the_same_rows(tmp_path):
         "saved": "saved", "saved-splits": "saved", "repo": "folder",
     }  # fmt: skip
     for name, path in layouts.items():
-        assert data.load_rows(path).to_list() == LOADED, name
-    assert data.load_rows(layouts["saved-splits"], split="test").to_list() == LOADED[:1]
+        assert reading.load_rows(path).to_list() == LOADED, name
+    assert reading.load_rows(layouts["saved-splits"], split="test").to_list() == LOADED[:1]
     with pytest.raises(DataError, match=r"saved-splits: no split 'validation'; available: train, test"):
-        data.load_rows(layouts["saved-splits"], split="validation")
+        reading.load_rows(layouts["saved-splits"], split="validation")
 
 
 def test_rows_are_memory_mapped_arrow_and_the_hash_is_the_row_lists(tmp_path):
     for path in every_layout(tmp_path).values():
-        rows = data.load_rows(path)
+        rows = reading.load_rows(path)
         assert rows.cache_files, f"{path}: rows held in memory"
         # The hash a resumed run compares: the same as that of the JSON list of the rows (kept before tables).
         assert (
@@ -72,7 +73,7 @@ def test_rows_are_memory_mapped_arrow_and_the_hash_is_the_row_lists(tmp_path):
 
 def test_csv_cells_are_text(tmp_path):
     path = write_csv(tmp_path / "numbers.csv", [{"instruction": "What is 6 x 7?", "input": "", "output": "42"}])
-    assert data.load_rows(path).to_list() == [
+    assert reading.load_rows(path).to_list() == [
         {"instruction": "What is 6 x 7?", "input": "", "output": "42", "image": None}
     ]
 
@@ -80,16 +81,16 @@ def test_csv_cells_are_text(tmp_path):
 def test_columns_map_the_fields_to_the_sources_names(tmp_path):
     renamed = [{"prompt": row["instruction"], "context": row["input"], "completion": row["output"]} for row in ROWS]
     path = write_csv(tmp_path / "renamed.csv", renamed, fields=("prompt", "context", "completion"))
-    columns = data.parse_columns("instruction=prompt, input=context,output=completion")
-    assert data.load_rows(path, columns=columns).to_list() == LOADED
+    columns = reading.parse_columns("instruction=prompt, input=context,output=completion")
+    assert reading.load_rows(path, columns=columns).to_list() == LOADED
     datasets.Dataset.from_list(renamed).to_parquet(tmp_path / "renamed.parquet")
-    assert data.load_rows(tmp_path / "renamed.parquet", columns=columns).to_list() == LOADED
+    assert reading.load_rows(tmp_path / "renamed.parquet", columns=columns).to_list() == LOADED
     (tmp_path / "renamed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in renamed))
-    assert data.load_rows(tmp_path / "renamed.jsonl", columns=columns).to_list() == LOADED
+    assert reading.load_rows(tmp_path / "renamed.jsonl", columns=columns).to_list() == LOADED
     with pytest.raises(DataError, match=r"renamed.csv: no column instruction or output \(columns: prompt, context, "):
-        data.load_rows(path)
+        reading.load_rows(path)
     with pytest.raises(DataError, match=r"renamed.jsonl: line 1: missing field 'instruction'"):
-        data.load_rows(tmp_path / "renamed.jsonl")
+        reading.load_rows(tmp_path / "renamed.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def test_columns_map_the_fields_to_the_sources_names(tmp_path):
 )
 def test_bad_column_mappings_are_refused(text, message):
     with pytest.raises(DataError, match=f"columns: .*{message}"):
-        data.parse_columns(text)
+        reading.parse_columns(text)
 
 
 def test_a_bad_row_is_named_in_every_format_and_can_be_skipped(tmp_path):
@@ -114,9 +115,9 @@ def test_a_bad_row_is_named_in_every_format_and_can_be_skipped(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(paths[2])
     for path in paths:
         with pytest.raises(DataError, match=f"^{path}: row 1: field 'output' is empty$"):
-            data.load_rows(path)
+            reading.load_rows(path)
         skipped = []
-        assert data.load_rows(path, skipped).to_list() == [LOADED[0], LOADED[1]]
+        assert reading.load_rows(path, skipped).to_list() == [LOADED[0], LOADED[1]]
         assert skipped == [(f"{path}: row 1", "field 'output' is empty")]
 
 
@@ -129,9 +130,9 @@ def test_a_malformed_csv_row_is_named_and_can_be_skipped(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # the BOM a spreadsheet may start it with
     with pytest.raises(DataError, match=rf"^{path}: row 1: 4 field\(s\) where the header names 3$"):
-        data.load_rows(path)
+        reading.load_rows(path)
     skipped = []
-    assert [row["output"] for row in data.load_rows(path, skipped)] == ["hi", "ok"]
+    assert [row["output"] for row in reading.load_rows(path, skipped)] == ["hi", "ok"]
     assert skipped == [
         (f"{path}: row 1", "4 field(s) where the header names 3"),
         (f"{path}: row 2", "2 field(s) where the header names 3"),
@@ -145,11 +146,11 @@ def test_nulls_and_types_in_a_table_are_named(tmp_path):
     path = tmp_path / "nulls.parquet"
     datasets.Dataset.from_list([ROWS[0], {"instruction": None, "input": None, "output": "x"}]).to_parquet(path)
     with pytest.raises(DataError, match=r"nulls.parquet: row 1: field 'instruction' is null"):
-        data.load_rows(path)
+        reading.load_rows(path)
     numbers = tmp_path / "numbers.parquet"
     datasets.Dataset.from_list([{"instruction": "a", "output": 3}]).to_parquet(numbers)
     with pytest.raises(DataError, match=r"numbers.parquet: row 0: field 'output' must be a string, got int"):
-        data.load_rows(numbers)
+        reading.load_rows(numbers)
 
 
 def test_images_in_a_table_are_paths_beside_it_or_stored_bytes(tmp_path):
@@ -162,50 +163,50 @@ def test_images_in_a_table_are_paths_beside_it_or_stored_bytes(tmp_path):
         ),
     )
     table.to_parquet(tmp_path / "embedded.parquet")
-    loaded = data.load_rows(tmp_path / "embedded.parquet")
+    loaded = reading.load_rows(tmp_path / "embedded.parquet")
     assert Path(loaded[0]["image"]).read_bytes() == png and loaded[1]["image"] is None
     write_csv(tmp_path / "paths.csv", [ROWS[0] | {"image": "pics/a.png"}], ("instruction", "input", "output", "image"))
-    assert data.load_rows(tmp_path / "paths.csv")[0]["image"] == str(tmp_path / "pics" / "a.png")
+    assert reading.load_rows(tmp_path / "paths.csv")[0]["image"] == str(tmp_path / "pics" / "a.png")
 
 
 def test_sources_that_cannot_be_read_are_named(tmp_path):
     with pytest.raises(DataError, match=r"nope.parquet: no such file"):
-        data.load_rows(tmp_path / "nope.parquet")
+        reading.load_rows(tmp_path / "nope.parquet")
     (tmp_path / "rows.txt").write_text("hi")
     with pytest.raises(DataError, match=r"rows.txt: not a data file this reads: expected one of .json, .jsonl, .csv"):
-        data.load_rows(tmp_path / "rows.txt")
+        reading.load_rows(tmp_path / "rows.txt")
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"broken.parquet: "):
-        data.load_rows(tmp_path / "broken.parquet")
+        reading.load_rows(tmp_path / "broken.parquet")
     datasets.Dataset.from_dict({"instruction": [], "output": []}).save_to_disk(tmp_path / "no-rows")
     with pytest.raises(DataError, match=r"no-rows: no rows"):
-        data.load_rows(tmp_path / "no-rows")
+        reading.load_rows(tmp_path / "no-rows")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match=r"empty.csv: no header line"):
-        data.load_rows(tmp_path / "empty.csv")
+        reading.load_rows(tmp_path / "empty.csv")
     (tmp_path / "latin1.csv").write_bytes("instruction,output\nd\xe9j\xe0,vu\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.csv: row 0: field 'instruction': not UTF-8 text \(byte 1 of the"):
-        data.load_rows(tmp_path / "latin1.csv")
+        reading.load_rows(tmp_path / "latin1.csv")
     (tmp_path / "latin1-header.csv").write_bytes("instrucci\xf3n,output\nhi,hi\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1-header.csv: the header is not UTF-8 text \(byte 9 of column 1\)"):
-        data.load_rows(tmp_path / "latin1-header.csv")
+        reading.load_rows(tmp_path / "latin1-header.csv")
     (tmp_path / "header.csv").write_text("instruction,input,output\n")
     with pytest.raises(DataError, match=r"header.csv: no rows$"):
-        data.load_rows(tmp_path / "header.csv")
+        reading.load_rows(tmp_path / "header.csv")
 
 
 def test_a_hub_name_offline_says_so_at_once():
     # tests/conftest.py sets HF_HUB_OFFLINE, as a machine without internet is.
     with pytest.raises(DataError, match=r"^tatsu-lab/alpaca: not a local file or folder, and the Hugging Face hub"):
-        data.load_rows("tatsu-lab/alpaca")
+        reading.load_rows("tatsu-lab/alpaca")
 
 
 def peak_python_memory(tokenizer, path):
     """The peak of Python's allocations while rows are read, hashed and (every 40th) tokenised."""
     tracemalloc.start()
     try:
-        rows = data.load_rows(path)
-        examples, _ = data.encode_all(tokenizer, rows.select(range(0, len(rows), 40)), max_len=64)
+        rows = reading.load_rows(path)
+        examples, _ = encoding.encode_all(tokenizer, rows.select(range(0, len(rows), 40)), max_len=64)
         rows_hash(rows)
         return tracemalloc.get_traced_memory()[1], rows, examples
     finally:
@@ -244,5 +245,5 @@ def test_train_reads_a_parquet_file_with_mapped_columns_and_writes_nothing_befor
     assert summary["steps"] == 2
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["columns"] == "instruction=prompt,output=completion" and saved["data_split"] == "train"
-    expected = data.load_rows(tmp_path / "rows.parquet", columns={"instruction": "prompt", "output": "completion"})
+    expected = reading.load_rows(tmp_path / "rows.parquet", columns={"instruction": "prompt", "output": "completion"})
     assert saved["data_sha256"] == rows_hash(expected)

@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import LlamaForCausalLM
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, demo
+from llama_adapter import AdapterConfig, LlamaAdapterModel
 from llama_adapter.config import ModelConfig, SamplingConfig, VisualConfig
-from llama_adapter.data import format_conversation, format_prompt
-from llama_adapter.demo import BASE_CHOICE, load_choices, safe_markdown
-from llama_adapter.generation import WORKER_NAME, conversation_prompt, stream
+from llama_adapter.data.templates import format_conversation, format_prompt
+from llama_adapter.serving import demo
+from llama_adapter.serving.demo import BASE_CHOICE, load_choices, safe_markdown
+from llama_adapter.serving.generation import WORKER_NAME, conversation_prompt, stream
 
 slow = pytest.mark.slow  # a real server: seconds per test, not milliseconds (the tests without one are quick)
 
@@ -190,7 +191,7 @@ def test_adapter_panel_shows_gates_config_and_parameter_count(served, client):
 
 @slow
 def test_gate_figure_holds_tanh_of_every_gate(served):
-    from llama_adapter.demo import gate_figure
+    from llama_adapter.serving.demo import gate_figure
 
     model = served.choices[served.text]
     image = gate_figure(model).axes[0].images[0]

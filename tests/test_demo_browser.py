@@ -8,10 +8,11 @@ from urllib.parse import urlsplit
 import pytest
 from test_demo import expected, squash
 
-from llama_adapter import demo, synthetic
-from llama_adapter.data import format_prompt
-from llama_adapter.generation import WORKER_NAME
-from llama_adapter.scienceqa import question_instruction
+from llama_adapter.data import synthetic
+from llama_adapter.data.templates import format_prompt
+from llama_adapter.evaluation.scienceqa import question_instruction
+from llama_adapter.serving import demo
+from llama_adapter.serving.generation import WORKER_NAME
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the [test] extra)")
@@ -178,7 +179,7 @@ def external_references(tag: str) -> str:
 
 def answer_with_markup(monkeypatch) -> None:
     """The model's answer holds markup as well, as one talked into writing it would; streamed 40 characters a go."""
-    from llama_adapter import demo
+    from llama_adapter.serving import demo
 
     answer = external_references("answer") + "\n\nEnd of answer."
     pieces = (answer[i : i + 40] for i in range(0, len(answer), 40))
@@ -212,7 +213,7 @@ def test_images_and_html_in_messages_and_answers_fetch_nothing_from_elsewhere(pa
 
 def test_the_page_itself_refuses_what_would_fetch_from_elsewhere(page, served, monkeypatch):
     """The second guard: were markup to reach the page (here safe_markdown is turned off), the browser refuses it."""
-    from llama_adapter import demo
+    from llama_adapter.serving import demo
 
     monkeypatch.setattr(demo, "safe_markdown", lambda text: text)
     answer_with_markup(monkeypatch)

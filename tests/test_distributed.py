@@ -19,11 +19,13 @@ from conftest import TRAINING_ROWS
 from safetensors.torch import load_file
 from test_resume import adapter_tensors, assert_same_tensors, losses
 
-from llama_adapter import AdapterConfig, checkpoint, cli, distributed
+from llama_adapter import AdapterConfig, cli
 from llama_adapter.adapter_files import WEIGHTS_NAME
 from llama_adapter.config import BaseModelConfig
-from llama_adapter.distributed import World
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.train import checkpoint, distributed
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.distributed import World
+from llama_adapter.train.loop import train
 
 # 17 rows: 4 held out, 13 to train on in batches of 3, so the last batch of each epoch has a single row and one of
 # the two processes gets none of it.

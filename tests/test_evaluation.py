@@ -9,18 +9,23 @@ from conftest import write_image
 from PIL import Image
 from test_scienceqa import sqa_dir  # noqa: F401 - the ScienceQA fixture folder
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, cli, data, scienceqa
+from llama_adapter import AdapterConfig, LlamaAdapterModel, cli
 from llama_adapter.config import SamplingConfig, VisualConfig
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.generation import generate_batch
-from llama_adapter.predictions import read_predictions
-from llama_adapter.synthetic import COLOURS, make_colour_problems
+from llama_adapter.data import batching, encoding, templates
+from llama_adapter.data.synthetic import COLOURS, make_colour_problems
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.evaluation.predictions import read_predictions
+from llama_adapter.serving.generation import generate_batch
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(make_model, randomize_adapter):
     model = make_model(adapter_len=4, adapter_layers=3)
     randomize_adapter(model, seed=5)
-    prompts = [data.format_prompt("Count to three."), data.format_prompt("Hi.", "a much longer input, padded less")]
+    prompts = [
+        templates.format_prompt("Count to three."),
+        templates.format_prompt("Hi.", "a much longer input, padded less"),
+    ]
     sampling = SamplingConfig(max_new_tokens=10)
     together = generate_batch(model, prompts, sampling)
     alone = [generate_batch(model, [prompt], sampling)[0] for prompt in prompts]
@@ -32,7 +37,7 @@ def test_response_logprobs_sum_the_response_tokens(make_model, tokenizer, random
     model = make_model(adapter_len=4, adapter_layers=3)
     randomize_adapter(model)
     rows = [{"instruction": "Pick.", "input": "", "output": out} for out in ("The answer is A.", "No, B")]
-    batch = data.collate([data.encode(tokenizer, row, 256) for row in rows], tokenizer.pad_token_id)
+    batch = batching.collate([encoding.encode(tokenizer, row, 256) for row in rows], tokenizer.pad_token_id)
     with torch.no_grad():
         actual = model.response_logprobs(**batch)
         logprobs = model(batch["input_ids"], batch["attention_mask"]).log_softmax(-1)
@@ -54,11 +59,13 @@ def test_likelihood_scoring_picks_the_most_likely_option(make_model, randomize_a
     instruction, input = scienceqa.question_prompt(problem)
     candidates = [scienceqa.answer_text(dataclasses.replace(problem, answer=i)) for i in range(len(problem.choices))]
     examples = [
-        data.encode(model.tokenizer, {"instruction": instruction, "input": input, "output": c}, 10_000)
+        encoding.encode(model.tokenizer, {"instruction": instruction, "input": input, "output": c}, 10_000)
         for c in candidates
     ]
     with torch.no_grad():
-        alone = [model.response_logprobs(**data.collate([e], model.tokenizer.pad_token_id)).item() for e in examples]
+        alone = [
+            model.response_logprobs(**batching.collate([e], model.tokenizer.pad_token_id)).item() for e in examples
+        ]
     assert records[problem.pid]["pred"] == max(range(len(alone)), key=alone.__getitem__)
 
 
@@ -71,7 +78,7 @@ def test_evaluation_resumes_and_scores_every_problem_once(make_model, sqa_dir, t
         handle.write('{"pid": "torn')  # a crash mid-line
     asked = []
     monkeypatch.setattr(
-        "llama_adapter.evaluation.generate_batch",
+        "llama_adapter.evaluation.predict.generate_batch",
         lambda m, prompts, *a, **k: asked.extend(prompts) or ["B"] * len(prompts),
     )
     scores = evaluate_problems(model, problems, out, max_new_tokens=4)
@@ -112,7 +119,7 @@ def test_multimodal_evaluation_gives_each_row_its_own_image(make_model, tiny_cli
         seen.update(features=image_features, has_image=has_image)
         return ["A"] * len(prompts)
 
-    monkeypatch.setattr("llama_adapter.evaluation.generate_batch", spy)
+    monkeypatch.setattr("llama_adapter.evaluation.predict.generate_batch", spy)
     evaluate_problems(model, problems, tmp_path / "p.jsonl")
     assert seen["has_image"].tolist() == [True, False, True]
     torch.testing.assert_close(seen["features"][2], model.encode_images([problems[2].image])[0])
@@ -179,11 +186,11 @@ def test_continuations_after_a_shared_prompt_score_as_whole_rows(
         model.visual_proj.linear.weight.normal_()  # make the image matter
     features = model.encode_images([write_image(tmp_path / "red.png", "red")]) if with_image else None
     options = ["The answer is A.", "B", "The answer is (C), because it is."]  # unequal lengths: padding
-    prompt = data.format_prompt("Which one?", "Some context.")
+    prompt = templates.format_prompt("Which one?", "Some context.")
     shared = model.continuation_logprobs(prompt, options, features)
 
     rows = [{"instruction": "Which one?", "input": "Some context.", "output": option} for option in options]
-    batch = data.collate([data.encode(tokenizer, row, 10_000) for row in rows], tokenizer.pad_token_id)
+    batch = batching.collate([encoding.encode(tokenizer, row, 10_000) for row in rows], tokenizer.pad_token_id)
     images = {} if features is None else {"image_features": features.expand(3, -1)}
     with torch.no_grad():
         whole = model.response_logprobs(**batch, **images)

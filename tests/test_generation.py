@@ -11,15 +11,15 @@ from transformers import AutoTokenizer
 
 from llama_adapter import AdapterConfig, cli
 from llama_adapter.config import SamplingConfig
-from llama_adapter.data import format_conversation, format_prompt
-from llama_adapter.generation import (
+from llama_adapter.data.templates import format_conversation, format_prompt
+from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.serving.generation import (
     WORKER_NAME,
     answer_batch,
     conversation_prompt,
     generate_batch,
     generation_kwargs,
 )
-from llama_adapter.model import LlamaAdapterModel
 
 NEW_TOKENS = 32
 

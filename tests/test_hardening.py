@@ -25,9 +25,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from test_bad_input import ROW, Workspace, build_workspace, jsonl, snapshot
 
-from llama_adapter import cli, data, demo
+from llama_adapter import cli
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from llama_adapter.data import reading, sources
 from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.serving import demo
+from llama_adapter.train import loop
 
 # Each property runs this many generated cases (fewer where one costs a model load); the note of issue 19 and
 # docs/bad-input.md quote these numbers.
@@ -238,7 +241,7 @@ def bad_row(draw) -> tuple[object, str]:
 @examples("rows")
 @given(good_before=st.integers(0, 3), good_after=st.integers(0, 3), bad=bad_row(), as_list=st.booleans())
 def test_a_bad_training_row_is_named_by_file_line_and_field(ws, good_before, good_after, bad, as_list):
-    """train, `data.load_rows` | one bad row among good ones, JSON list or JSONL: null, non-string, empty or unencodable fields, missing fields, rows that are no object, lines that are no JSON"""
+    """train, `reading.load_rows` | one bad row among good ones, JSON list or JSONL: null, non-string, empty or unencodable fields, missing fields, rows that are no object, lines that are no JSON"""
     record, says = bad
     if as_list and isinstance(record, str) and says == "invalid JSON":
         as_list = False  # a JSON list that does not parse is named by line and column instead: the next test
@@ -251,8 +254,8 @@ def test_a_bad_training_row_is_named_by_file_line_and_field(ws, good_before, goo
     else:
         path.write_text(jsonl(*rows))
         where = f"line {good_before + 1}"
-    with pytest.raises(data.DataError) as raised:
-        data.load_rows(path)
+    with pytest.raises(sources.DataError) as raised:
+        reading.load_rows(path)
     assert str(raised.value).startswith(f"{path}: {where}: ") and says in str(raised.value), str(raised.value)
     argv = ["train", "--base", ws.base, "--data", str(path), "--out", ws.run, "--no-resume"]
     assert_refused(ws, argv, re.escape(f"{path}: {where}: ") + ".*" + re.escape(says))
@@ -281,7 +284,7 @@ def test_rows_in_any_ordinary_encoding_read_the_same(ws, rows, bom, crlf, as_lis
     raw = text.replace("\n", "\r\n" if crlf else "\n").encode()
     path = here / "rows.json"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + raw)
-    assert data.load_rows(path).to_list() == [row | {"input": "", "image": None} for row in rows]
+    assert reading.load_rows(path).to_list() == [row | {"input": "", "image": None} for row in rows]
 
 
 @examples("files")
@@ -295,11 +298,13 @@ def test_rows_in_any_ordinary_encoding_read_the_same(ws, rows, bom, crlf, as_lis
     indent=st.booleans(),
 )
 def test_a_json_object_wrapping_the_rows_is_named_as_such(ws, wrapper, indent):
-    """train, `data.load_rows` | a JSON object wrapping the rows under any keys, compact or indented"""
+    """train, `reading.load_rows` | a JSON object wrapping the rows under any keys, compact or indented"""
     path = scratch(ws) / "rows.json"
     path.write_text(json.dumps(wrapper, indent=2 if indent else None))
-    with pytest.raises(data.DataError, match=re.escape(f"{path}: one JSON object (keys ") + ".*expected a JSON list"):
-        data.load_rows(path)
+    with pytest.raises(
+        sources.DataError, match=re.escape(f"{path}: one JSON object (keys ") + ".*expected a JSON list"
+    ):
+        reading.load_rows(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -563,10 +568,9 @@ def test_a_second_evaluation_into_the_same_predictions_is_refused(ws, tmp_path):
 
 
 def test_ctrl_c_in_training_exits_quietly_and_the_next_run_resumes(ws, tmp_path, monkeypatch):
-    from llama_adapter import train
 
     argv = ["train", "--base", ws.base, "--data", ws.rows, "--out", str(tmp_path / "run"), "--max-steps", "4"]
-    real_step, steps = train.train_step, []
+    real_step, steps = loop.train_step, []
 
     def interrupted_at_step_3(*args, **kwargs):
         steps.append(1)
@@ -574,13 +578,13 @@ def test_ctrl_c_in_training_exits_quietly_and_the_next_run_resumes(ws, tmp_path,
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", interrupted_at_step_3)
+    monkeypatch.setattr(loop, "train_step", interrupted_at_step_3)
     code, stderr = run([*argv, "--save-every", "1"])
     assert code == cli.INTERRUPTED and stderr.strip().splitlines()[-1] == (
         "llama-adapter train: interrupted; the same command goes on from the last checkpoint"
     )
     assert "Traceback" not in stderr and not (tmp_path / "run" / ".lock").exists()
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     code, stderr = run([*argv, "--save-every", "1"])
     assert code == 0 and "Resuming from" in stderr and "step 2 of 4" in stderr
 
@@ -618,8 +622,8 @@ def test_one_over_long_message_is_refused_alone_and_the_chat_goes_on(ws, monkeyp
 @pytest.mark.parametrize("limit", [0, -1, True, 1.5])
 def test_every_evaluation_refuses_a_limit_below_one(limit):
     """`--limit 0` once meant "all" in one place, and -1 "all but the last" in another."""
-    from llama_adapter.evaluation import EvalConfig
-    from llama_adapter.llm_adapters import load_questions
+    from llama_adapter.evaluation.llm_adapters import load_questions
+    from llama_adapter.evaluation.predict import EvalConfig
 
     with pytest.raises(ValueError, match="limit must be"):
         EvalConfig(data="d", out="o", limit=limit)
@@ -694,8 +698,8 @@ def test_a_base_neither_here_nor_reachable_is_named_at_once(make_model, tmp_path
 
 def test_every_evaluation_refuses_questions_that_name_a_pid_twice_before_answering(make_model, tmp_path):
     """Answered twice, a pid would be written twice: a predictions file that no resume could read."""
-    from llama_adapter import llm_adapters
-    from llama_adapter.evaluation import evaluate_questions
+    from llama_adapter.evaluation import llm_adapters
+    from llama_adapter.evaluation.predict import evaluate_questions
 
     question = llm_adapters.Question("gsm8k/0", "gsm8k", "What is 1 and 1?", "", "2")
     with pytest.raises(ValueError, match=r"questions: pid gsm8k/0 twice \(questions 0 and 1\)"):

@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_adapter import (
-    DEFAULT_BASE,
-    AdapterConfig,
-    LlamaAdapterModel,
-    SamplingConfig,
-    VisualConfig,
-    data,
-    distributed,
-    hf,
-    scienceqa,
-)
+from llama_adapter import DEFAULT_BASE, AdapterConfig, LlamaAdapterModel, SamplingConfig, VisualConfig
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from llama_adapter.train import evaluate, train_step
+from llama_adapter.base import loading
+from llama_adapter.data import encoding, reading, templates
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.train import distributed
+from llama_adapter.train.loop import evaluate, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +45,7 @@ def untrained() -> LlamaAdapterModel:
 
 @pytest.fixture(scope="module")
 def alpaca_rows(data_dir):
-    return data.load_rows(data_dir / "alpaca" / "alpaca_small.json")
+    return reading.load_rows(data_dir / "alpaca" / "alpaca_small.json")
 
 
 def test_default_base_is_the_smollm2_from_the_wheel(smollm2):
@@ -60,12 +54,12 @@ def test_default_base_is_the_smollm2_from_the_wheel(smollm2):
     assert shape == (30, 576, 9, 3)
     assert smollm2.config.adapter_layers == 30
     assert smollm2.num_trainable_parameters() == 30 * (10 * 576 + 9)
-    assert (hf.default_base_dir() / "model.safetensors").is_file()  # the dequantised cache later loads use
+    assert (loading.default_base_dir() / "model.safetensors").is_file()  # the dequantised cache later loads use
 
 
 def test_zero_gates_equal_the_plain_base_model(smollm2):
-    plain, tokenizer = hf.load_base(DEFAULT_BASE, torch.float32)
-    ids = tokenizer([data.format_prompt(QUESTION)], return_tensors="pt")["input_ids"]
+    plain, tokenizer = loading.load_base(DEFAULT_BASE, torch.float32)
+    ids = tokenizer([templates.format_prompt(QUESTION)], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(smollm2(ids), plain(input_ids=ids).logits)
 
@@ -76,7 +70,7 @@ def test_generation_answers_a_real_question(smollm2):
 
 
 def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_path):
-    examples, _ = data.encode_all(smollm2.tokenizer, alpaca_rows.select(range(8)), max_len=160)
+    examples, _ = encoding.encode_all(smollm2.tokenizer, alpaca_rows.select(range(8)), max_len=160)
     before = evaluate(smollm2, examples, batch_size=4, pad_id=smollm2.tokenizer.pad_token_id)
     after = loss_after_steps(smollm2, [examples[:4], examples[4:8]], lr=2e-2, steps=4)
     assert after < before - 0.05
@@ -106,8 +100,8 @@ def test_a_few_steps_on_real_alpaca_lower_the_loss(smollm2, alpaca_rows, tmp_pat
 def test_each_method_learns_real_math_rationales(untrained, data_dir, method, lr):
     """Three steps on four real math_data.json rows lower their loss; all but the virtual-token methods start as the
     base model. AdaLoRA's B diag(E) A starts from E = 0 and small A and B, so it needs ten times LoRA's rate."""
-    rows = data.load_rows(data_dir / "llm-adapters" / "math_data.json", skipped=[]).select(range(4))
-    examples, _ = data.encode_all(untrained.tokenizer, rows, max_len=256)
+    rows = reading.load_rows(data_dir / "llm-adapters" / "math_data.json", skipped=[]).select(range(4))
+    examples, _ = encoding.encode_all(untrained.tokenizer, rows, max_len=256)
     pad = untrained.tokenizer.pad_token_id
     torch.manual_seed(0)
     model = LlamaAdapterModel.from_base(DEFAULT_BASE, AdapterConfig(method=method), device="cpu")
@@ -127,7 +121,7 @@ def test_quantised_smollm2_answers_and_its_adapter_learns(untrained, alpaca_rows
     assert ratio < {"int8": 0.45, "nf4": 0.35}[quantize], ratio  # the tied 49152-token embedding stays fp32
     assert "Paris" in model.generate(QUESTION, sampling=SamplingConfig(max_new_tokens=24))
 
-    examples, _ = data.encode_all(model.tokenizer, alpaca_rows.select(range(8)), max_len=128)
+    examples, _ = encoding.encode_all(model.tokenizer, alpaca_rows.select(range(8)), max_len=128)
     before = evaluate(model, examples, batch_size=4, pad_id=model.tokenizer.pad_token_id)
     assert loss_after_steps(model, [examples], lr=1e-2, steps=3) < before - 0.05
 
@@ -217,10 +211,10 @@ def test_real_scienceqa_image_through_a_zero_init_multimodal_adapter(data_dir):
     problem = next(p for p in problems if p.image is not None)
     model = LlamaAdapterModel.from_base(DEFAULT_BASE, visual=VisualConfig(clip_model="ViT-B-32"), device="cpu")
     instruction, context = scienceqa.question_prompt(problem)
-    ids = model.tokenizer([data.format_prompt(instruction, context)], return_tensors="pt")["input_ids"]
+    ids = model.tokenizer([templates.format_prompt(instruction, context)], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         features = model.encode_images([problem.image])
-        expected = hf.load_base(DEFAULT_BASE, torch.float32)[0](input_ids=ids).logits  # a plain SmolLM2
+        expected = loading.load_base(DEFAULT_BASE, torch.float32)[0](input_ids=ids).logits  # a plain SmolLM2
         assert torch.equal(model(ids, image_features=features), expected)  # zero gates: the image adds nothing yet
     sampling = SamplingConfig(max_new_tokens=12)
     answer = model.generate(instruction, context, sampling, image=problem.image)

@@ -14,12 +14,14 @@ from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
 from test_methods import batch  # two rows of random tokens, the second left-padded
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llama_adapter import AdapterConfig, checkpoint, cli
+from llama_adapter import AdapterConfig, cli, merge
 from llama_adapter.config import SamplingConfig, VisualConfig
-from llama_adapter.data import format_prompt
-from llama_adapter.generation import generate_batch
+from llama_adapter.data.templates import format_prompt
 from llama_adapter.model import LlamaAdapterModel
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.serving.generation import generate_batch
+from llama_adapter.train import checkpoint, loop
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 V2 = {"method": "llama-adapter-v2", "adapter_len": 3}
 
@@ -194,7 +196,7 @@ def test_a_multimodal_v2_round_trips_through_its_folder(tiny_base_dir, tiny_clip
 
 
 def test_the_demo_answers_about_an_image_with_a_v2_adapter(make_base, tokenizer, tiny_clip, images):
-    from llama_adapter import demo  # imports gradio: only here
+    from llama_adapter.serving import demo
 
     visual = VisualConfig(clip_model=tiny_clip)
     model = v2(make_base(initializer_range=0.3), tokenizer, visual, adapter_layers=3, visual_layers=3)
@@ -264,13 +266,12 @@ def test_each_kind_of_batch_changes_only_its_own_parameters(make_base, tokenizer
 
 def test_a_joint_run_that_dies_resumes_to_the_uninterrupted_adapter(make_base, tokenizer, tiny_clip, joint_data,
                                                                     monkeypatch):  # fmt: skip
-    from llama_adapter import train as train_module
 
     visual = VisualConfig(clip_model=tiny_clip)
     whole = v2(make_base(), tokenizer, visual, visual_layers=1)
     train(joint_config(joint_data, joint_data / "whole", image_ratio=0.5), whole.config, whole, visual_cfg=visual)
 
-    real, calls = train_module.train_step, []
+    real, calls = loop.train_step, []
 
     def dying(*args, **kwargs):
         calls.append(1)
@@ -278,14 +279,14 @@ def test_a_joint_run_that_dies_resumes_to_the_uninterrupted_adapter(make_base, t
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", dying)
+    monkeypatch.setattr(loop, "train_step", dying)
     cut = v2(make_base(), tokenizer, visual, visual_layers=1)
     cfg = joint_config(joint_data, joint_data / "cut", image_ratio=0.5, save_every=2)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, cut.config, cut, visual_cfg=visual)
     state = checkpoint.read_state(checkpoint.latest(cfg.out))["progress"]
     assert (state["step"], state["image_steps"]) == (4, 1)
-    monkeypatch.setattr(train_module, "train_step", real)
+    monkeypatch.setattr(loop, "train_step", real)
     resumed = v2(make_base(), tokenizer, visual, visual_layers=1)
     summary = train(cfg, resumed.config, resumed, visual_cfg=visual)
     assert summary["resumed_from_step"] == 4
@@ -317,7 +318,7 @@ def test_folding_gives_a_plain_model_and_a_prompt_adapter_with_the_same_logits(t
     ids, mask = batch(model.tokenizer)
     with torch.no_grad():
         expected = model(ids, mask)
-        folded = model.folded()
+        folded = merge.folded(model)
         assert folded.config.method == "llama-adapter" and folded.base.config.attention_bias
         torch.testing.assert_close(folded(ids, mask), expected, rtol=1e-5, atol=1e-5)
         with folded.disabled():  # the plain folded model: the prompts matter
@@ -349,7 +350,7 @@ def test_folding_a_multimodal_v2_keeps_its_early_fusion(make_base, tokenizer, ti
     ids, mask = batch(tokenizer)
     features = model.encode_images(images)
     with torch.no_grad():
-        folded = model.folded()
+        folded = merge.folded(model)
         assert folded.config.method == "llama-adapter-v2"  # its tuning at rest; its prompts as they were
         torch.testing.assert_close(folded(ids, mask, features), model(ids, mask, features), rtol=1e-5, atol=1e-5)
 
@@ -361,4 +362,4 @@ def test_a_model_type_without_bias_switches_refuses_to_fold(tokenizer):
                            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = v2(MistralForCausalLM._from_config(config).eval(), tokenizer)
     with pytest.raises(ValueError, match=r"self_attn.q_proj of a mistral model has no bias.*llama only"):
-        model.folded()
+        merge.folded(model)

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from llama_adapter import cli, data
-from llama_adapter.evaluation import BENCHMARK_DEFAULTS, DatasetsConfig, EvalConfig, evaluate_questions
-from llama_adapter.llm_adapters import (
+from llama_adapter import cli
+from llama_adapter.data import sources, templates
+from llama_adapter.evaluation.llm_adapters import (
     LETTER_DATASETS,
     MATH_DATASETS,
     PREDICTION_FIELDS,
@@ -20,7 +20,8 @@ from llama_adapter.llm_adapters import (
     prediction_record,
     score,
 )
-from llama_adapter.predictions import read_predictions
+from llama_adapter.evaluation.predict import BENCHMARK_DEFAULTS, DatasetsConfig, EvalConfig, evaluate_questions
+from llama_adapter.evaluation.predictions import read_predictions
 
 
 def write_sets(root, **sets):
@@ -169,7 +170,7 @@ def test_a_missing_test_set_names_its_file_and_the_sets_present(tmp_path):
 )
 def test_bad_test_sets_name_the_file_and_row(tmp_path, dataset, content, problem):
     write_sets(tmp_path, **{dataset: content})
-    with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / dataset / 'test.json'}: {problem}")):
+    with pytest.raises(sources.DataError, match=re.escape(f"{tmp_path / dataset / 'test.json'}: {problem}")):
         load_questions(tmp_path, (dataset,))
 
 
@@ -185,7 +186,7 @@ def serve_canned_answers(root, canned: dict, monkeypatch, max_new_tokens: int):
     generate_batch that answers from it, checks the answer length limit and records every batch of prompts."""
     sets = {name: [row(q, gold) for q, gold, _ in items] for name, items in canned.items()}
     questions = load_questions(write_sets(root, **sets), tuple(canned))
-    answers = {data.format_prompt(q): out for items in canned.values() for q, _, out in items}
+    answers = {templates.format_prompt(q): out for items in canned.values() for q, _, out in items}
     asked = []
 
     def fake(model, prompts, sampling):
@@ -193,7 +194,7 @@ def serve_canned_answers(root, canned: dict, monkeypatch, max_new_tokens: int):
         asked.append(prompts)
         return [answers[prompt] for prompt in prompts]
 
-    monkeypatch.setattr("llama_adapter.evaluation.generate_batch", fake)
+    monkeypatch.setattr("llama_adapter.evaluation.predict.generate_batch", fake)
     return questions, asked
 
 
@@ -226,13 +227,13 @@ def test_math_evaluation_resumes_and_redoes_a_torn_last_line(make_model, canned,
     assert first["count"] == {"gsm8k": 2, "SVAMP": 2, "AQuA": 0}
     assert "AQuA" not in first["accuracy"]
     full = evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=7)
-    assert asked[1] == [data.format_prompt(q.instruction) for q in questions[4:]]
+    assert asked[1] == [templates.format_prompt(q.instruction) for q in questions[4:]]
     assert evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=7) == full
     assert len(asked) == 2
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:-1]) + lines[-1][:20])
     assert evaluate_questions(model, questions, out, tuple(CANNED), max_new_tokens=7) == full
-    assert asked[2] == [data.format_prompt(questions[-1].instruction)]
+    assert asked[2] == [templates.format_prompt(questions[-1].instruction)]
     assert out.read_text().count("\n") == len(out.read_text().splitlines()) == len(questions)
     assert evaluate_questions(model, questions[:2], out, ("gsm8k",), max_new_tokens=7)["count"] == {"gsm8k": 2}
 

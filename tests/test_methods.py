@@ -8,10 +8,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llama_adapter import AdapterConfig, cli, hf
+from llama_adapter import AdapterConfig, cli
+from llama_adapter.base import loading
 from llama_adapter.config import ModelConfig, VisualConfig
-from llama_adapter.model import LlamaAdapterModel, load_model
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.serving.models import load_model
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 METHODS = [
     "llama-adapter",
@@ -159,7 +162,7 @@ def test_virtual_tokens_match_peft_forward_scoring_and_greedy_generation(make_ba
 
     # Cached greedy decoding picks, token by token, the argmax of our full forward.
     from llama_adapter.config import SamplingConfig
-    from llama_adapter.data import format_prompt
+    from llama_adapter.data.templates import format_prompt
 
     answer = model.generate("Say hi.", sampling=SamplingConfig(max_new_tokens=6))
     row = tokenizer(format_prompt("Say hi."), return_tensors="pt")["input_ids"]
@@ -266,7 +269,7 @@ def test_bottleneck_and_prompt_adapters_share_a_base_and_peft_ones_get_their_own
     cfg = ModelConfig(base=str(tiny_base_dir), precision="fp32")
     first = load_model(cfg, str(tmp_path / "llama-adapter"))
     with monkeypatch.context() as patch:  # the others get a copy of first's base, not one read from disk again
-        patch.setattr(hf, "load_base", lambda *args: pytest.fail(f"load_base{args}: a base read again"))
+        patch.setattr(loading, "load_base", lambda *args: pytest.fail(f"load_base{args}: a base read again"))
         models = {m: load_model(cfg, str(tmp_path / m), alongside=first) for m in METHODS[1:]}
     assert {m for m, model in models.items() if model.base is first.base} == SHARING - {"llama-adapter"}
     for _ in range(2):  # taking turns, in both orders

@@ -11,21 +11,24 @@ import pytest
 import torch
 from test_methods import SMALL, adapter, randomize
 
-from llama_adapter import AdapterConfig, data
+from llama_adapter import AdapterConfig
+from llama_adapter.data import batching, encoding
+from llama_adapter.data.batching import make_batch, packed_image_index
 from llama_adapter.model import LlamaAdapterModel
-from llama_adapter.task_rows import make_batch, packed_image_index
-from llama_adapter.train import TrainConfig, fetch, step_groups, train
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
+from llama_adapter.train.plan import fetch, step_groups
 
 LENGTHS = [7, 12, 5, 9, 3, 11]  # two packs of up to 24 tokens: 7 + 12 + 5 and 9 + 3 + 11
 
 
-def examples(vocab_size: int, lengths=LENGTHS, seed: int = 3) -> list[data.Example]:
+def examples(vocab_size: int, lengths=LENGTHS, seed: int = 3) -> list[encoding.Example]:
     """Random rows whose second half is the response, of the given lengths."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for n in lengths:
         ids = torch.randint(4, vocab_size, (n,), generator=generator).tolist()
-        rows.append(data.Example(ids, [data.IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
+        rows.append(encoding.Example(ids, [encoding.IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
     return rows
 
 
@@ -48,9 +51,9 @@ def check_packed_equals_unpacked(
     A multimodal adapter gets a random image feature for every row but the fourth, which has none.
     """
     rows = examples(model.base.config.vocab_size)
-    packs = [data.Pack(rows[:3]), data.Pack(rows[3:])]
+    packs = [encoding.Pack(rows[:3]), encoding.Pack(rows[3:])]
     pad = 0
-    padded, packed = data.collate(rows, pad), data.collate_packed(packs, pad)
+    padded, packed = batching.collate(rows, pad), batching.collate_packed(packs, pad)
     assert packed["input_ids"].shape == (2, 24) and padded["input_ids"].shape == (6, 12)
     if model.multimodal:
         generator = torch.Generator().manual_seed(5)
@@ -91,7 +94,7 @@ def test_without_restarting_positions_the_rows_would_see_each_other(make_model, 
     model = make_model()
     randomize_adapter(model)
     rows = examples(model.base.config.vocab_size)
-    packed = data.collate_packed([data.Pack(rows[:3]), data.Pack(rows[3:])], 0)
+    packed = batching.collate_packed([encoding.Pack(rows[:3]), encoding.Pack(rows[3:])], 0)
     plain = {key: packed[key] for key in ("input_ids", "attention_mask", "labels")}
     assert not torch.allclose(model.loss(**packed), model.loss(**plain), atol=1e-4)
 
@@ -103,7 +106,7 @@ def test_make_batch_packs_images_from_the_feature_cache(multimodal, randomize_ad
     for row, image in zip(rows, [images[0], images[1], None, images[1], None, images[0]]):
         row.image = image
     cache = model.feature_cache()
-    packs = [data.Pack(rows[:3]), data.Pack(rows[3:])]
+    packs = [encoding.Pack(rows[:3]), encoding.Pack(rows[3:])]
     packed, padded = make_batch(packs, 0, cache), make_batch(rows, 0, cache)
     assert packed["image_index"].tolist()[1][:9] == [3] * 9
     torch.testing.assert_close(model.loss(**packed), model.loss(**padded), atol=1e-5, rtol=1e-5)
@@ -111,19 +114,19 @@ def test_make_batch_packs_images_from_the_feature_cache(multimodal, randomize_ad
 
 def test_packs_fill_sequences_without_splitting_or_losing_a_row():
     lengths = [int(n) for n in torch.randint(1, 200, (500,), generator=torch.Generator().manual_seed(0))]
-    packs = data.packs(lengths, 512, seed=0)
+    packs = batching.packs(lengths, 512, seed=0)
     members = sorted(i for pack in packs for i in pack)
     assert members == list(range(500))
     assert all(sum(lengths[i] for i in pack) <= 512 for pack in packs)
     # Best-fit decreasing leaves little room: at most one pack more than the tokens strictly need.
     assert len(packs) <= -(-sum(lengths) // 512) + 1
-    assert data.packs(lengths, 512, seed=0) == packs
-    assert data.packs(lengths, 512, seed=1) != packs  # equal lengths are taken in another order
+    assert batching.packs(lengths, 512, seed=0) == packs
+    assert batching.packs(lengths, 512, seed=1) != packs  # equal lengths are taken in another order
 
 
 def test_collate_packed_restarts_positions_and_marks_the_fill():
-    rows = [data.Example([5, 6, 7], [-100, 6, 7]), data.Example([8, 9], [-100, 9]), data.Example([4], [4])]
-    batch = data.collate_packed([data.Pack(rows[:2]), data.Pack(rows[2:])], pad_id=1)
+    rows = [encoding.Example([5, 6, 7], [-100, 6, 7]), encoding.Example([8, 9], [-100, 9]), encoding.Example([4], [4])]
+    batch = batching.collate_packed([encoding.Pack(rows[:2]), encoding.Pack(rows[2:])], pad_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 1, 1, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
@@ -136,7 +139,7 @@ def test_each_epoch_shuffles_the_same_packs_into_batches(tokenizer):
     assert sorted(member for step in first for batch in step for member in batch) == sorted(packs)
     assert [len(batch) for step in first for batch in step] == [2, 2] and first != second
     rows = [{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(3)]
-    encoded, _ = data.encode_all(tokenizer, rows, 512)
+    encoded, _ = encoding.encode_all(tokenizer, rows, 512)
     pack = fetch(encoded, [2, 0])
     assert [example.input_ids for example in pack.examples] == [encoded[2].input_ids, encoded[0].input_ids]
     assert fetch(encoded, 1) == encoded[1]

@@ -6,9 +6,9 @@ import json
 import pytest
 from test_scienceqa import sqa_dir, text_only  # noqa: F401 - the ScienceQA fixture folder
 
-from llama_adapter import scienceqa as sqa
-from llama_adapter.data import DataError
-from llama_adapter.predictions import append_prediction, check_resume_settings, read_predictions
+from llama_adapter.data.sources import DataError
+from llama_adapter.evaluation import scienceqa as sqa
+from llama_adapter.evaluation.predictions import append_prediction, check_resume_settings, read_predictions
 
 
 def test_predictions_resume_after_a_torn_last_line(sqa_dir, tmp_path):  # noqa: F811

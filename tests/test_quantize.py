@@ -6,10 +6,13 @@ import json
 import pytest
 import torch
 
-from llama_adapter import AdapterConfig, cli, hf
+from llama_adapter import AdapterConfig, cli
+from llama_adapter.base import loading
 from llama_adapter.config import BaseModelConfig, ModelConfig
-from llama_adapter.model import LlamaAdapterModel, load_model
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.serving.models import load_model
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 bnb = pytest.importorskip(
     "bitsandbytes", reason="--quantize needs bitsandbytes (pip install 'llama-adapter[quantize]')"
@@ -37,7 +40,7 @@ def quantized(
 def test_the_decoder_linears_are_quantised_and_the_output_stays_close(tiny_base_dir, tokenizer, quantize):
     full = LlamaAdapterModel.from_base(str(tiny_base_dir), device="cpu")
     model = quantized(tiny_base_dir, quantize)
-    assert hf.quantization(model.base) == quantize and hf.quantization(full.base) == "none"
+    assert loading.quantization(model.base) == quantize and loading.quantization(full.base) == "none"
     linears = [m for name, m in model.base.named_modules() if name.endswith(("q_proj", "down_proj"))]
     assert len(linears) == 8 and all(isinstance(m, LINEAR[quantize]) for m in linears)
     assert model.base.get_memory_footprint() < 0.75 * full.base.get_memory_footprint()
@@ -85,7 +88,7 @@ def test_training_on_a_quantised_base_lowers_the_loss_and_keeps_the_adapter_in_f
     assert not any(getattr(module, "merged", False) for module in served.base.modules())
     # The adapter serves on the full-precision base too (QLoRA's way): close to, not equal to, these answers.
     full = load_model(ModelConfig(base=str(tiny_base_dir), precision="fp32"), str(tmp_path / "run"))
-    assert hf.quantization(full.base) == "none"
+    assert loading.quantization(full.base) == "none"
     torch.testing.assert_close(served(ids, mask), model(ids, mask), rtol=0, atol=0)
     assert (full(ids, mask) - model(ids, mask)).abs().max() > 0
 
@@ -116,9 +119,9 @@ def test_quantize_refusals(tiny_base_dir, rows_file, tmp_path, monkeypatch):
         cli.main(["merge", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "m"), "--quantize", "nf4"])
     assert not (tmp_path / "m").exists()
 
-    real_find_spec = hf.importlib.util.find_spec
+    real_find_spec = loading.importlib.util.find_spec
     monkeypatch.setattr(
-        hf.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name)
+        loading.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name)
     )
     with pytest.raises(ModuleNotFoundError, match=r"--quantize nf4 needs bitsandbytes: pip install"):
         quantized(tiny_base_dir, "nf4")

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_adapter import checkpoint
-from llama_adapter import train as train_module
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from llama_adapter.train import MetricsLog, TrainConfig, TrainingStopped, train
+from llama_adapter.train import checkpoint, loop, optim
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import TrainingStopped, train
+from llama_adapter.train.run_log import MetricsLog
 
 
 def config(rows_file, out, **overrides) -> TrainConfig:
@@ -60,7 +61,7 @@ class Crash(Exception):
 
 
 def crash_at_step(monkeypatch, step: int) -> None:
-    real = train_module.train_step
+    real = loop.train_step
     calls = []
 
     def dying(*args, **kwargs):
@@ -69,7 +70,7 @@ def crash_at_step(monkeypatch, step: int) -> None:
             raise Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", dying)
+    monkeypatch.setattr(loop, "train_step", dying)
 
 
 def test_checkpoint_holds_adapter_optimizer_schedule_rng_and_position(make_model, rows_file, tmp_path):
@@ -117,7 +118,7 @@ def test_restore_puts_back_adapter_optimizer_schedule_and_rng(make_model, random
     model = make_model()
     params = list(model.adapter_state().values())
     optimizer = torch.optim.AdamW(params, lr=0.1, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.warmup_cosine(10, 0.2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.warmup_cosine(10, 0.2))
     for _ in range(3):
         sum(p.sum() for p in params).backward()
         optimizer.step()
@@ -131,7 +132,7 @@ def test_restore_puts_back_adapter_optimizer_schedule_and_rng(make_model, random
     torch.rand(5)  # the RNG moves on
     other_params = list(other.adapter_state().values())
     other_optimizer = torch.optim.AdamW(other_params, lr=0.1, betas=(0.9, 0.95))
-    other_scheduler = torch.optim.lr_scheduler.LambdaLR(other_optimizer, train_module.warmup_cosine(10, 0.2))
+    other_scheduler = torch.optim.lr_scheduler.LambdaLR(other_optimizer, optim.warmup_cosine(10, 0.2))
     assert checkpoint.restore(folder, other, other_optimizer, other_scheduler)["progress"] == {"step": 3}
     assert torch.equal(torch.get_rng_state(), rng)
     assert other_scheduler.get_last_lr() == scheduler.get_last_lr() and other_scheduler.last_epoch == 3
@@ -184,7 +185,7 @@ def test_a_finished_run_is_not_trained_again(make_model, rows_file, tmp_path, mo
     out = tmp_path / "run"
     summary = train(config(rows_file, out), make_model().config, make_model())
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    monkeypatch.setattr(train_module, "train_step", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("trained again"))
     assert train(config(rows_file, out), make_model().config, make_model()) == summary
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 

@@ -6,9 +6,10 @@ import random
 import pytest
 from PIL import Image
 
-from llama_adapter import scienceqa as sqa
-from llama_adapter.data import DataError, format_prompt
-from llama_adapter.scienceqa import Problem
+from llama_adapter.data.sources import DataError
+from llama_adapter.data.templates import format_prompt
+from llama_adapter.evaluation import scienceqa as sqa
+from llama_adapter.evaluation.scienceqa import Problem
 
 
 def problem_record(question, choices, answer, subject, grade, split="test", hint="", image=None, **extra):

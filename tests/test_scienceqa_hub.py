@@ -14,9 +14,9 @@ import datasets
 import pytest
 
 from llama_adapter import cli
-from llama_adapter import scienceqa as sqa
-from llama_adapter.predictions import read_predictions
-from llama_adapter.sources import DataError
+from llama_adapter.data.sources import DataError
+from llama_adapter.evaluation import scienceqa as sqa
+from llama_adapter.evaluation.predictions import read_predictions
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # official name -> the hub's
 TEXT_COLUMNS = ["question", "hint", "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution"]

@@ -10,11 +10,13 @@ import pytest
 import torch
 from test_scienceqa import sqa_dir, text_only  # noqa: F401 - the ScienceQA fixture folder
 
-from llama_adapter import cli, data, scienceqa
-from llama_adapter.data import DataError
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.predictions import read_predictions
-from llama_adapter.train import settings_of_today
+from llama_adapter import cli
+from llama_adapter.data import batching, encoding
+from llama_adapter.data.sources import DataError
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.evaluation.predictions import read_predictions
+from llama_adapter.train.resume import settings_of_today
 
 ARC_ROW = {
     "instruction": "Please choose the correct answer to the question: Which gas do plants take in?\n\n"
@@ -210,9 +212,9 @@ def test_answer_first_scoring_leaves_out_the_eos_the_targets_never_had(
         with torch.no_grad():
             scores = []
             for target in targets:
-                batch = data.collate(
+                batch = batching.collate(
                     [
-                        data.encode(
+                        encoding.encode(
                             model.tokenizer, {"instruction": instruction, "input": input, "output": target}, 10**4
                         )
                     ],

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_adapter import cli, hf
+from llama_adapter import cli
+from llama_adapter.base import loading
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece is a dependency: pip install sentencepiece")
 
@@ -55,7 +56,7 @@ def sentencepiece_llama(folder: Path, tokenizer_config: bool) -> Path:
 @pytest.mark.parametrize("tokenizer_config", [True, False], ids=["with tokenizer_config.json", "tokenizer.model only"])
 def test_a_sentencepiece_tokenizer_loads_as_llama_uses_it(tmp_path, tokenizer_config):
     folder = sentencepiece_llama(tmp_path / "llama", tokenizer_config)
-    tokenizer = hf.load_tokenizer(str(folder))
+    tokenizer = loading.load_tokenizer(str(folder))
     ids = tokenizer("Write a poem about the sun.")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Write a poem about the sun."
@@ -93,4 +94,4 @@ def test_a_bad_tokenizer_config_is_named(tmp_path, settings, message):
     folder = sentencepiece_llama(tmp_path / "llama", tokenizer_config=False)
     (folder / "tokenizer_config.json").write_text(settings)
     with pytest.raises(ValueError, match=rf"tokenizer_config\.json: .*{message}"):
-        hf.load_tokenizer(str(folder))
+        loading.load_tokenizer(str(folder))

@@ -16,12 +16,13 @@ import pytest
 from conftest import spaced_answers, write_image
 
 from llama_adapter import LlamaAdapterModel, SamplingConfig
-from llama_adapter.batcher import WORKER_NAME
 from llama_adapter.config import ModelConfig
-from llama_adapter.data import format_conversation, format_prompt
-from llama_adapter.generation import generate_batch
-from llama_adapter.model import load_models
-from llama_adapter.serve import ServerThread, build_app
+from llama_adapter.data.templates import format_conversation, format_prompt
+from llama_adapter.serving import api_request
+from llama_adapter.serving.api import ServerThread, build_app
+from llama_adapter.serving.batcher import WORKER_NAME
+from llama_adapter.serving.generation import generate_batch
+from llama_adapter.serving.models import load_models
 
 pytestmark = pytest.mark.slow  # a real server: a second or so per test
 
@@ -247,8 +248,7 @@ def test_images_come_inline_and_readable(api, served_folders, url, says):
 
 
 def test_too_large_bodies_and_images_are_refused_with_413(api, served_folders, monkeypatch):
-    from llama_adapter import api_request
-    from llama_adapter import serve as serve_module
+    from llama_adapter.serving import api as serve_module
 
     monkeypatch.setattr(serve_module, "MAX_BODY", 4000)  # small: the whole body fits in the socket's buffers
     code, reply = api.post("/chat/completions", b" " * 4001)
@@ -301,7 +301,7 @@ def test_no_generation_thread_outlives_the_server(served_folders):
 
 def test_the_serve_command_serves_the_base_and_adapters_it_is_given(served_folders, monkeypatch, capsys):
     from llama_adapter import cli
-    from llama_adapter import serve as serve_module
+    from llama_adapter.serving import api as serve_module
 
     served = {}
     monkeypatch.setattr(

@@ -23,9 +23,9 @@ from conftest import free_port
 from test_serve import NEW, ask, expected, idle, serve
 
 from llama_adapter import SamplingConfig
-from llama_adapter.batcher import Job
-from llama_adapter.data import format_prompt
-from llama_adapter.generation import generate_batch
+from llama_adapter.data.templates import format_prompt
+from llama_adapter.serving.batcher import Job
+from llama_adapter.serving.generation import generate_batch
 
 pytestmark = pytest.mark.slow  # a real server: a second or so per test
 
@@ -333,8 +333,8 @@ def test_a_non_streamed_client_that_leaves_frees_its_row(served_folders):
 SERVE_SLOWLY = """
 import sys, time
 from llama_adapter.config import ModelConfig, ServeConfig
-from llama_adapter import serve
-from llama_adapter.model import load_models
+from llama_adapter.serving import api
+from llama_adapter.serving.models import load_models
 models = load_models(ModelConfig(base=sys.argv[1], precision="fp32"), (), "base")
 
 
@@ -345,8 +345,8 @@ def slowly_and_without_end(module, args, output):
 
 
 models["base"].base.register_forward_hook(slowly_and_without_end)
-serve.GRACE = 2.0
-serve.serve(models, ServeConfig(port=int(sys.argv[2])))
+api.GRACE = 2.0
+api.serve(models, ServeConfig(port=int(sys.argv[2])))
 """
 
 
@@ -420,7 +420,7 @@ def test_no_prompt_is_tokenised_on_the_event_loop(api, monkeypatch):
 
 
 def test_a_chunked_body_over_the_limit_is_refused_before_it_ends(api, monkeypatch):
-    from llama_adapter import serve as serve_module
+    from llama_adapter.serving import api as serve_module
 
     monkeypatch.setattr(serve_module, "MAX_BODY", 4000)
     host, port = api.url.split("//")[1].split("/")[0].split(":")

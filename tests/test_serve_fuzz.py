@@ -2,7 +2,7 @@
 fixed number per operation with a fixed seed (Hypothesis' derandomize), on tiny models on a free loopback port.
 
 No request may get a 5xx, every error must be OpenAI's error JSON, and the server must answer a good request after
-them all. The schema describes the real request bodies (llama_adapter/api_request.py), so the generated requests reach
+them all. The schema describes the real request bodies (llama_adapter/serving/api_fields.py), so the generated requests reach
 the fields' checks and the batcher, not only the JSON parser.
 """
 

@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_adapter import DEFAULT_BASE, adapter_files, cli, data, generation, hf, scienceqa, shelf
+from llama_adapter import DEFAULT_BASE, adapter_files, cli, shelf
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from llama_adapter.base import structure
 from llama_adapter.config import ModelConfig, SamplingConfig, VisualConfig
-from llama_adapter.model import LlamaAdapterModel, load_models
-from llama_adapter.synthetic import make_colour_problems
+from llama_adapter.data import templates
+from llama_adapter.data.synthetic import make_colour_problems
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.serving import generation
+from llama_adapter.serving.models import load_models
 
 REPO = Path(__file__).resolve().parents[1]
 # Held out by train/shelf_alpaca.py: the base model runs on to the token limit, `alpaca` answers and stops.
@@ -64,7 +69,7 @@ def test_a_data_folder_named_like_a_shelf_adapter_leaves_the_demo_and_server_the
     shelved, tiny_base_dir, tmp_path, monkeypatch
 ):
     """Started in a folder that holds data called `tiny/`, the demo and the server still offer the shelf's `tiny`."""
-    from llama_adapter.demo import _Chat
+    from llama_adapter.serving.demo import _Chat
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
@@ -138,7 +143,7 @@ def test_the_shelf_ships_its_adapters_each_with_its_card_and_the_command_that_ma
 def test_shipped_adapters_load_as_their_config_says_on_the_base_they_name(shipped):
     for name, model in shipped.items():
         saved = adapter_files.read_config(shelf.FOLDER / name)
-        assert saved["base"] == hf.base_identity(model.base)
+        assert saved["base"] == structure.base_identity(model.base)
         assert saved["trainable_parameters"] == model.num_trainable_parameters()
         assert saved["adapter"] == model.config.to_dict()
         assert any(gate.abs().max() > 0.05 for gate in model.gates().values())  # trained, not zero-initialised
@@ -150,7 +155,7 @@ def test_shipped_adapters_load_as_their_config_says_on_the_base_they_name(shippe
 def test_alpaca_answers_a_held_out_instruction_and_stops(shipped):
     results = json.loads((REPO / "train" / "results" / "shelf_alpaca.json").read_text())
     assert HELD_OUT in {row["instruction"] for row in results["answers"]}  # one of the rows training never saw
-    [answer] = generation.answer_batch(shipped["alpaca"], [data.format_prompt(HELD_OUT)], SamplingConfig(256))
+    [answer] = generation.answer_batch(shipped["alpaca"], [templates.format_prompt(HELD_OUT)], SamplingConfig(256))
     assert answer.stopped and answer.text.strip()
 
 
@@ -158,7 +163,7 @@ def test_alpaca_answers_a_held_out_instruction_and_stops(shipped):
 def test_shapes_answers_held_out_images_from_the_image(shipped, tmp_path):
     model = shipped["shapes"]
     problems = make_colour_problems(tmp_path, 3, seed=2, shuffle_choices=True)[:3]  # the first held-out images
-    prompts = [data.format_prompt(*scienceqa.question_prompt(problem)) for problem in problems]
+    prompts = [templates.format_prompt(*scienceqa.question_prompt(problem)) for problem in problems]
     features = model.encode_images([str(problem.image) for problem in problems])
     answers = generation.generate_batch(model, prompts, SamplingConfig(24), features)
     assert [scienceqa.parse_answer(text, 3) for text in answers] == [problem.answer for problem in problems]

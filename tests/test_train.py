@@ -10,12 +10,15 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from llama_adapter import AdapterConfig, cli, data
+from llama_adapter import AdapterConfig, cli
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from llama_adapter.data import format_conversation
-from llama_adapter.generation import stream
+from llama_adapter.data import batching, encoding, reading, sources, templates
+from llama_adapter.data.templates import format_conversation
 from llama_adapter.model import LlamaAdapterModel
-from llama_adapter.train import TrainConfig, evaluate, train, warmup_cosine
+from llama_adapter.serving.generation import stream
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import evaluate, train
+from llama_adapter.train.optim import warmup_cosine
 
 
 def test_paper_defaults_scale_lr_with_the_batch(rows_file, tmp_path):
@@ -38,7 +41,7 @@ def test_warmup_then_cosine_to_zero():
 
 def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows_file, tmp_path):
     model = make_model(adapter_len=4, adapter_layers=4)
-    examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
+    examples, _ = encoding.encode_all(tokenizer, reading.load_rows(rows_file), max_len=512)
     before = evaluate(model, examples, batch_size=4, pad_id=tokenizer.pad_token_id)
     out = tmp_path / "run"
     cfg = TrainConfig(
@@ -76,7 +79,7 @@ def test_training_lowers_the_loss_and_writes_outputs(make_model, tokenizer, rows
     # The saved adapter reproduces the trained model.
     fresh = make_model(adapter_len=4, adapter_layers=4, seed=0)
     fresh.load_adapter_weights(out / WEIGHTS_NAME)
-    ids = torch.tensor([tokenizer(data.format_prompt("Say hi."))["input_ids"]])
+    ids = torch.tensor([tokenizer(templates.format_prompt("Say hi."))["input_ids"]])
     torch.testing.assert_close(fresh(ids), model.eval()(ids))
 
 
@@ -116,7 +119,7 @@ def test_rows_whose_response_trains_nothing_are_left_out_before_training(make_ba
     summary = train(cfg, model.config, model, rows=rows)
     assert (summary["steps"], summary["dropped_rows"]) == (2, 2)
     none = TrainConfig(data="rows", out=str(tmp_path / "none"), epochs=1, batch_size=1, val_fraction=0.0)
-    with pytest.raises(data.DataError, match=r"rows: no training row keeps a response token within --max-len 512"):
+    with pytest.raises(sources.DataError, match=r"rows: no training row keeps a response token within --max-len 512"):
         train(none, model.config, model, rows=rows[1::2])
 
 
@@ -134,8 +137,8 @@ def test_a_run_without_validation_rows_says_so_in_valid_json(make_model, rows_fi
 def test_zero_gates_validation_loss_is_the_base_models(make_model, tokenizer, rows_file, tmp_path):
     """Before training, the adapter model's loss is exactly the frozen base's, as the paper's zero-init promises."""
     model = make_model()
-    examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
-    batch = data.collate(examples[:4], tokenizer.pad_token_id)
+    examples, _ = encoding.encode_all(tokenizer, reading.load_rows(rows_file), max_len=512)
+    batch = batching.collate(examples[:4], tokenizer.pad_token_id)
     logits = model.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     base_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert model.loss(**batch).item() == pytest.approx(base_loss.item(), rel=1e-6)
@@ -143,8 +146,8 @@ def test_zero_gates_validation_loss_is_the_base_models(make_model, tokenizer, ro
 
 def test_eos_weight_multiplies_the_loss_of_each_response_end(make_model, tokenizer, rows_file):
     model = make_model()
-    examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
-    batch = data.collate(examples[:4], tokenizer.pad_token_id)
+    examples, _ = encoding.encode_all(tokenizer, reading.load_rows(rows_file), max_len=512)
+    batch = batching.collate(examples[:4], tokenizer.pad_token_id)
     logits = model.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # zero gates
     targets = batch["labels"][:, 1:].flatten()
     scored = targets != -100
@@ -159,8 +162,8 @@ def test_eos_weight_multiplies_the_loss_of_each_response_end(make_model, tokeniz
 
 def test_training_with_eos_weight_makes_ending_likelier(make_model, tokenizer, rows_file, tmp_path):
     """The same run twice, EOS weighing 1 and 4 in the loss: the second ends the training answers more surely."""
-    examples, _ = data.encode_all(tokenizer, data.load_rows(rows_file), max_len=512)
-    batch = data.collate(examples, tokenizer.pad_token_id)
+    examples, _ = encoding.encode_all(tokenizer, reading.load_rows(rows_file), max_len=512)
+    batch = batching.collate(examples, tokenizer.pad_token_id)
 
     def end_logprob(eos_weight: float) -> float:
         model = make_model(adapter_len=4, adapter_layers=4)

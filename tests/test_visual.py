@@ -14,8 +14,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from test_adapter import random_batch, reference_attention
 
-from llama_adapter import hf
 from llama_adapter.adapter_files import CONFIG_NAME
+from llama_adapter.base import routing
 from llama_adapter.config import SamplingConfig, VisualConfig, add_arguments, from_arguments
 from llama_adapter.model import LlamaAdapterModel
 from llama_adapter.visual import FeatureCache, load_image
@@ -129,7 +129,7 @@ def test_gradient_checkpointing_gives_the_same_multimodal_gradients(multimodal, 
         return {name: p.grad.clone() for name, p in model.adapter_state().items()}
 
     expected = gradients()
-    hf.enable_gradient_checkpointing(model.base)
+    routing.enable_gradient_checkpointing(model.base)
     actual = gradients()
     assert expected.keys() == actual.keys()
     for name in expected:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
 from llama_adapter.adapter_files import WEIGHTS_NAME
-from llama_adapter.data import load_rows, split_rows
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.data.reading import load_rows, split_rows
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data") / "alpaca" / "alpaca_small.json"

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, data, generation
+from llama_adapter import AdapterConfig, LlamaAdapterModel
 from llama_adapter.config import SamplingConfig
-from llama_adapter.run_log import read_metrics
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.data import reading, templates
+from llama_adapter.serving import generation
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
+from llama_adapter.train.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("LLAMA_ADAPTER_DATA") or REPO.parent / "shared" / "data") / "alpaca"
@@ -65,7 +68,9 @@ def main() -> None:
     ending_cfg = dataclasses.replace(cfg, out=str(out / "ending"), **ENDING)
     ending = train(ending_cfg, model.config, model)  # goes on from the first stage's adapter, in `model`
 
-    held_out = data.split_rows(data.load_rows(rows_file), cfg.val_fraction, cfg.seed)[1].select(range(HELD_OUT_ANSWERS))
+    held_out = reading.split_rows(reading.load_rows(rows_file), cfg.val_fraction, cfg.seed)[1].select(
+        range(HELD_OUT_ANSWERS)
+    )
     base = LlamaAdapterModel(model.base, model.tokenizer, AdapterConfig())  # zero gates: exactly the base model
     answers = {"base": answer(base, held_out), "alpaca": answer(model, held_out)}
     results = {
@@ -121,7 +126,7 @@ def answer(model: LlamaAdapterModel, rows) -> list[dict]:
     sampling, answers = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS), []
     for start in range(0, len(rows), BATCH):
         batch = rows.select(range(start, min(start + BATCH, len(rows))))
-        prompts = [data.format_prompt(row["instruction"], row["input"]) for row in batch]
+        prompts = [templates.format_prompt(row["instruction"], row["input"]) for row in batch]
         answers += [{"text": a.text, "stopped": a.stopped} for a in generation.answer_batch(model, prompts, sampling)]
         print(f"{start + len(batch)}/{len(rows)} answered", flush=True)
     return answers

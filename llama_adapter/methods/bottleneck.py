@@ -2,8 +2,8 @@
 
 from torch import nn
 
-from .. import hf
 from ..adapter import Bottleneck
+from ..base import structure
 from .configs import BottleneckConfig
 from .method import Method
 
@@ -26,7 +26,7 @@ class Series(Method):
         )
 
     def placements(self):
-        return {hf.mlp_path(layer): module for layer, module in enumerate(self.bottlenecks)}
+        return {structure.mlp_path(layer): module for layer, module in enumerate(self.bottlenecks)}
 
     def parameters_by_name(self):
         return {

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from .. import hf
 from ..adapter import TruncatedLora
+from ..base import structure
 from .configs import LoraConfig
 from .method import Method
 
@@ -22,7 +22,7 @@ class DyLora(Method):
 
     def __init__(self, base, config: LoraConfig):
         super().__init__(base, config)
-        targets = hf.linear_paths(base, config.lora_targets)
+        targets = structure.linear_paths(base, config.lora_targets)
         if not targets:
             raise ValueError(f"lora_targets {list(config.lora_targets)}: no module of the base model has such a name")
         device = base.get_input_embeddings().weight.device

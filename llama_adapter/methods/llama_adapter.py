@@ -4,8 +4,8 @@ import dataclasses
 
 from torch import nn
 
-from .. import hf
 from ..adapter import AdaptionPrompt
+from ..base import structure
 from .configs import LlamaAdapterConfig
 from .method import Method
 
@@ -40,7 +40,7 @@ class AdaptionPrompts(Method):
         return {int(layer): prompt for layer, prompt in self.prompts.items()}
 
     def placements(self):
-        return {hf.attention_path(layer): prompt for layer, prompt in self.layer_prompts().items()}
+        return {structure.attention_path(layer): prompt for layer, prompt in self.layer_prompts().items()}
 
     def parameters_by_name(self):
         return {

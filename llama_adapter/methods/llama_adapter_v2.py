@@ -5,8 +5,8 @@ import dataclasses
 
 from torch import nn
 
-from .. import hf
 from ..adapter import BiasScale, NormShift
+from ..base import structure
 from .configs import LlamaAdapterV2Config
 from .llama_adapter import AdaptionPrompts
 
@@ -32,7 +32,7 @@ class AdaptionPromptsV2(AdaptionPrompts):
         for layer, prompt in self.layer_prompts().items():
             prompt.takes_image = layer in early
         device = base.get_input_embeddings().weight.device
-        linears, epsilons = hf.all_linear_paths(base), hf.norm_epsilons(base)
+        linears, epsilons = structure.all_linear_paths(base), structure.norm_epsilons(base)
         self.linear_paths, self.norm_paths = list(linears), list(epsilons)
         self.bias_scales = nn.ModuleList(BiasScale(linear.out_features).to(device) for linear in linears.values())
         self.norm_shifts = nn.ModuleList(
@@ -40,7 +40,7 @@ class AdaptionPromptsV2(AdaptionPrompts):
         )
         tuned = self._tuned()
         for layer, prompt in self.layer_prompts().items():  # the prompts' keys and values go through these too
-            prompt.projection_tuning = tuple(tuned[path] for path in hf.key_value_paths(layer))
+            prompt.projection_tuning = tuple(tuned[path] for path in structure.key_value_paths(layer))
 
     def _tuned(self) -> dict[str, nn.Module]:
         return dict(zip(self.linear_paths, self.bias_scales)) | dict(zip(self.norm_paths, self.norm_shifts))
@@ -77,4 +77,4 @@ class AdaptionPromptsV2(AdaptionPrompts):
         scales = {path: m.adapter_scale.detach() for path, m in zip(self.linear_paths, self.bias_scales)}
         biases = {path: m.adapter_bias.detach() for path, m in zip(self.linear_paths, self.bias_scales)}
         shifts = {path: m.weight_shift.detach() for path, m in zip(self.norm_paths, self.norm_shifts)}
-        return hf.folded_copy(self.base, scales, biases, shifts)
+        return structure.folded_copy(self.base, scales, biases, shifts)

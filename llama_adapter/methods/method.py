@@ -15,7 +15,7 @@ class Method(nn.Module):
 
     A subclass declares its `name` (the --method value), its own `Config` dataclass (configs.py), its default
     learning rate and its capabilities. It must never change the base in `__init__`: what it puts in the forward
-    pass it either hands to the shared base as `placements` (hooked in while it is the active adapter) or, for a
+    pass it either hands to the shared base as `placements` (run by the hooks in each call that names it) or, for a
     method that has to rewrite the base's modules (PEFT's), does in `attach` and undoes in `detach`, which the
     shared base calls under its lock.
     """
@@ -59,7 +59,7 @@ class Method(nn.Module):
         """Undo `attach`: the base's modules as they were."""
 
     def placements(self) -> dict[str, nn.Module]:
-        """The modules the shared base runs while this adapter is active, by decoder path (see hf.hook_module)."""
+        """The modules the base runs in a call of this adapter, by decoder path (see base/routing.hook_module)."""
         return {}
 
     def disabled(self):
