@@ -89,4 +89,19 @@ RUN_NOTES = {
         "(the 512-wide masks), while the matrix products took 5.56 s against 6.39 s: larger matrices gain a little, "
         "attention over 512-position sequences with a block-diagonal mask costs more.",
     },
+    "bench/results/train_step.json": {
+        "b85b6f335a28": "Measured again at commit ff0a838 (issue 38: each call carries its adapter; the package laid out by "
+        "concept), to check that neither made a step slower: ours 1.040x the floor and PEFT 1.190x ours, where the "
+        "run before it (commit 912e663, on a more loaded machine: every step about 3x slower) gave 1.038x and 1.175x.",
+    },
+    "bench/results/generation.json": {
+        "71f923ca21ca": "Measured again at commit ff0a838 (issue 38: each call carries its adapter; the package laid out by "
+        "concept): ours 0.99x the base's tokens/s at batch 1 and 0.98x at batch 8, where the run before it (commit "
+        "912e663, on a more loaded machine: about 1.6x and 2.7x slower in absolute terms) gave 0.96x and 1.01x.",
+    },
+    "bench/results/serve.json": {
+        "c291d6cdfcc3": "Measured again at commit ff0a838 (issue 38: each call carries its adapter; the package laid out by "
+        "concept), the same 1,122 completion tokens: 16 clients batched 4.16x one request at a time and one client "
+        "0.94x the library, where the run before it (commit c33b5e5) gave 4.29x and 0.92x.",
+    },
 }
