@@ -233,13 +233,13 @@ class LlamaAdapterModel(nn.Module):
         or with `image_index` (B, T) to the positions that hold n (packed rows).
         """
         with self.shared.reserved():
-            self.shared.check_on(self.method)
+            placed = self.shared.placements(self.method)  # first: a removed adapter is refused
             call = routing.current_call()
             if not call.disabled:
                 visual = self._projected(image_features, has_image)
                 if visual is not None and image_index is not None:
                     visual = visual[image_index]  # (B, T, dim): each position its own row's image
-                call = routing.Call(self.method.placements(), visual)
+                call = routing.Call(placed, visual)
             if torch.is_grad_enabled() and self.base.training:
                 routing.check_checkpointing(self.base)
             with routing.calling(call):

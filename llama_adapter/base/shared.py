@@ -34,6 +34,7 @@ class SharedBase:
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
         self.adapters: dict[str, nn.Module] = {}  # name -> Method, in the order they were added
+        self._placed: dict[nn.Module, dict[str, nn.Module]] = {}  # Method -> its modules by decoder path, read once
         self._hooks: dict[str, object] = {}  # path -> handle of the hook installed there
         self._own_attention: str | None = None  # the model's attention implementation while ours is routed in
 
@@ -62,12 +63,13 @@ class SharedBase:
                 other = next(iter(self.adapters.values()))
                 raise ValueError(f"a {method.name} adapter cannot share a base with a {other.name} adapter")
             method.attach()
-            for path in method.placements():
+            placed = dict(method.placements())
+            for path in placed:
                 if routing.is_attention(self.model, path) and self._own_attention is None:
                     self._own_attention = routing.route_attention(self.model)
                 if path not in self._hooks:
                     self._hooks[path] = routing.hook_module(self.model, path)
-            self.adapters[name] = method
+            self.adapters[name], self._placed[method] = method, placed
             return name
 
     def can_take(self, method) -> bool:
@@ -81,8 +83,9 @@ class SharedBase:
             if name not in self.adapters:
                 raise ValueError(f"no adapter named {name!r} is on this base: it has been taken off already (unload)")
             method = self.adapters.pop(name)
+            del self._placed[method]
             method.detach()
-            needed = {path for other in self.adapters.values() for path in other.placements()}
+            needed = {path for placed in self._placed.values() for path in placed}
             for path in list(self._hooks):
                 if path not in needed:
                     self._hooks.pop(path).remove()
@@ -106,17 +109,18 @@ class SharedBase:
             finally:
                 _RESERVED.reset(token)
 
-    def check_on(self, method: nn.Module) -> None:
-        if method not in self.adapters.values():
+    def placements(self, method: nn.Module) -> dict[str, nn.Module]:
+        """`method`'s modules by decoder path, as it was added: what a call of it runs. Refused once it is removed."""
+        if method not in self._placed:
             raise ValueError(f"this {method.name} adapter has been removed from its base (unload)")
+        return self._placed[method]
 
     @contextmanager
     def use(self, method: nn.Module) -> Iterator[None]:
         """Within this block, calls of the base that name no adapter (`model.base(...)`, its `generate`) run `method`'s;
         no other call runs on the base. Calls through an adapter model still run their own adapter."""
         with self.reserved():
-            self.check_on(method)
-            with routing.calling(routing.Call(method.placements())):
+            with routing.calling(routing.Call(self.placements(method))):
                 yield
 
     @contextmanager

@@ -129,7 +129,7 @@ def _train(
                 distributed.load_device(world, fsdp), visual=visual_cfg, quantize=cfg.model.quantize,
             )  # fmt: skip
     distributed.seed(cfg.seed, world)  # and draws its own dropout masks
-    run = _Run(cfg, model, world, settings | {"data_sha256": data_hash}, skipped)
+    run = _Run(cfg, model, world, settings, data_hash, skipped)
     run.prepare(rows, image_rows, fsdp)
     if resume_from is None:
         run.start()
@@ -160,8 +160,11 @@ def _read_rows(
 class _Run:
     """One training run: its examples, plan, optimizer and schedule, metrics and progress. `train` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, model: LlamaAdapterModel, world: World, settings: dict, skipped):
-        self.cfg, self.model, self.world, self.settings, self.skipped = cfg, model, world, settings, skipped
+    def __init__(
+        self, cfg: TrainConfig, model: LlamaAdapterModel, world: World, settings: dict, data_hash: str, skipped
+    ):
+        self.cfg, self.model, self.world, self.skipped = cfg, model, world, skipped
+        self.settings, self.data_hash = settings, data_hash
         self.out = Path(cfg.out)
         self.progress, self.resumed_at = Progress(), None
         self.pad_id = batching.pad_id(model.tokenizer)
@@ -299,9 +302,8 @@ class _Run:
         progress.elapsed_s, progress.log_rows = time.perf_counter() - self.started, self.log.rows
         rng = distributed.rng_states(self.world)  # every process's: each resumes its own random stream
         if self.world.main:
-            settings = {key: value for key, value in self.settings.items() if key != "data_sha256"}
-            state = {"progress": dataclasses.asdict(progress), "settings": settings}
-            state |= {"data_sha256": self.settings["data_sha256"], "summary": summary}
+            state = {"progress": dataclasses.asdict(progress), "settings": self.settings}
+            state |= {"data_sha256": self.data_hash, "summary": summary}
             checkpoint.save(self.out, self.model, self.optimizer, self.scheduler, state, rng)
 
     def _validate(self) -> float:
@@ -309,7 +311,7 @@ class _Run:
 
     def _write_settings(self) -> None:
         if self.world.main:
-            files.write_json(self.out / "train_config.json", self.settings)
+            files.write_json(self.out / "train_config.json", self.settings | {"data_sha256": self.data_hash})
 
 
 def train_step(
