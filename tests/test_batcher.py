@@ -11,8 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
 from llama_adapter.base import structure
 from llama_adapter.data.templates import format_prompt
-from llama_adapter.serving.batcher import Job, _Batch, _Row
+from llama_adapter.serving.batcher import _Batch
 from llama_adapter.serving.generation import generate_batch
+from llama_adapter.serving.rows import Job, Row
 
 
 @pytest.mark.parametrize("model_type", structure.MODEL_TYPES)
@@ -84,7 +85,7 @@ def run_row(tokenizer, tokens: list[int], stop=(), max_tokens=1000) -> tuple[lis
         (pieces if finish is None else finishes).append(text if finish is None else finish)
 
     finishes = finish
-    row = _Row(Job("m", [0], SamplingConfig(max_new_tokens=max_tokens), emit, stop=tuple(stop)), tokenizer)
+    row = Row(Job("m", [0], SamplingConfig(max_new_tokens=max_tokens), emit, stop=tuple(stop)), tokenizer)
     for token in tokens:
         row.take(token)
         if row.finish:

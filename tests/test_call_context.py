@@ -11,7 +11,8 @@ from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
 from llama_adapter.base import routing
 from llama_adapter.data.batching import collate
 from llama_adapter.data.encoding import encode
-from llama_adapter.serving.batcher import Batcher, Job
+from llama_adapter.serving.batcher import Batcher
+from llama_adapter.serving.rows import Job
 from llama_adapter.train import checkpoint
 from llama_adapter.train.config import TrainConfig
 from llama_adapter.train.loop import train

@@ -24,8 +24,8 @@ from test_serve import NEW, ask, expected, idle, serve
 
 from llama_adapter import SamplingConfig
 from llama_adapter.data.templates import format_prompt
-from llama_adapter.serving.batcher import Job
 from llama_adapter.serving.generation import generate_batch
+from llama_adapter.serving.rows import Job
 
 pytestmark = pytest.mark.slow  # a real server: a second or so per test
 

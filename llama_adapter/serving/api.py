@@ -27,7 +27,8 @@ from ..model import LlamaAdapterModel
 from . import api_fields, api_request
 from .api_fields import ApiError
 from .api_request import Prompt
-from .batcher import Batcher, Job, QueueFull, Stopped, check_batchable
+from .batcher import Batcher, QueueFull, Stopped, check_batchable
+from .rows import Job
 
 log = logging.getLogger(__name__)
 MAX_BODY = 20 * 1024 * 1024  # a request, images included

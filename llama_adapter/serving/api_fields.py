@@ -9,7 +9,7 @@ publishes for clients and for the fuzz tests.
 import json
 from dataclasses import dataclass
 
-from .batcher import SEEDS
+from .rows import SEEDS
 
 MAX_STOPS = 4
 

@@ -11,15 +11,13 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..base import decoding
-from ..config import SamplingConfig
 from ..data import batching
 from ..model import LlamaAdapterModel
-from . import generation
+from .rows import Job, Row
 
 WORKER_NAME = "llama-adapter-batcher"
 log = logging.getLogger(__name__)
@@ -33,125 +31,6 @@ class Stopped(Exception):
     """The decoding thread has stopped (the server is closing, or the thread failed): no job is taken."""
 
 
-SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
-
-
-@dataclass
-class Job:
-    """One request: a prompt's tokens for a model, how to pick the answer's tokens, where its pieces go.
-
-    `emit` is called from the batcher's thread with each new piece of text, then once with `finish` set: "stop" (end
-    of sequence or a stop string), "length" (max_new_tokens or the context), "cancelled", "shutdown" or "error: ...".
-    A job is checked when it is made, so that a bad one fails its caller, never the batch it would join."""
-
-    model: str
-    prompt: list[int]
-    sampling: SamplingConfig  # its max_new_tokens, temperature and top_p
-    emit: Callable[..., None]
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    image: torch.Tensor | None = None  # CLIP features (clip_dim,) for a multimodal adapter
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self):
-        if not self.prompt:
-            raise ValueError("a job's prompt needs at least one token")
-        if self.seed is not None and (isinstance(self.seed, bool) or self.seed not in SEEDS):
-            raise ValueError(f"seed must be an integer from {SEEDS.start} to {SEEDS.stop - 1}, got {self.seed!r:.40}")
-
-
-class _Row:
-    """A job in a batch: its tokens so far, their text, how much of it was sent, its random generator."""
-
-    def __init__(self, job: Job, tokenizer):
-        self.job, self.tokenizer = job, tokenizer
-        self.tokens: list[int] = []
-        self.text = ""  # the text of tokens[:read]
-        self.read = 0
-        self.context = 0  # tokens[context:read] are decoded again with the new ones, for the spacing between them
-        self.sent = 0  # characters of the text emitted so far
-        self.generator = None
-        if not job.sampling.greedy:
-            self.generator = torch.Generator()
-            if job.seed is None:
-                self.generator.seed()  # its own fresh seed: the process's random stream is not touched
-            else:
-                self.generator.manual_seed(job.seed)
-        self.finish: str | None = None
-
-    def advance(self, greedy: int, logits: torch.Tensor) -> int:
-        """Pick this row's next token (the greedy one, or a sample from its logits) and take it; a failure ends this
-        row alone, with its error. Returns the token picked."""
-        token = greedy
-        try:
-            if self.job.cancelled.is_set():
-                self.end("cancelled", cut=self.sent)
-            else:
-                if self.generator is not None:
-                    token = _sample(logits, self.job.sampling, self.generator)
-                self.take(token)
-        except Exception as err:  # noqa: BLE001 - one row's failure is its own
-            self.fail(err)
-        return token
-
-    def fail(self, err: BaseException) -> None:
-        """End the row with `err`, unless it has ended already."""
-        if self.finish is None:
-            log.error("a request failed while decoding: %s: %s", type(err).__name__, err)
-            self.finish = f"error: {type(err).__name__}: {err}"
-            self.emit("", finish=self.finish)
-
-    def emit(self, text: str, finish: str | None = None) -> None:
-        """Hand the job's consumer a piece; a consumer that fails (its client's loop is gone) ends its row, quietly
-        after the first time."""
-        if self.finish == "unreachable":
-            return
-        try:
-            self.job.emit(text, finish=finish, completion_tokens=len(self.tokens))
-        except Exception:  # the consumer's failure ends its own row, nothing else
-            log.exception("a request's consumer failed; its answer ends here")
-            self.finish = "unreachable"
-
-    def take(self, token: int) -> None:
-        """Add a picked token: emit the text it completes, and finish the row when it should end."""
-        if token == self.tokenizer.eos_token_id:
-            return self.end("stop")
-        self.tokens.append(token)
-        checked = len(self.text)
-        self.text += self.new_text()
-        longest = max((len(s) for s in self.job.stop), default=0)
-        # Only a stop string that ends in the new text can be new; the earlier text was searched already.
-        start = max(0, checked - longest + 1)
-        cut = min((i for i in (self.text.find(s, start) for s in self.job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            return self.end("stop", cut)
-        if len(self.tokens) >= self.job.sampling.max_new_tokens:
-            return self.end("length")
-        safe = len(self.text) - max(longest - 1, 0)  # hold back what may be the start of a stop string
-        if safe > self.sent:
-            self.emit(self.text[self.sent : safe])
-            self.sent = safe
-
-    def new_text(self, final: bool = False) -> str:
-        """The text that the tokens after `read` add, decoding only them and a few before (decoding the whole answer
-        at every token would cost as much as the answer so far). Until `final`, a half character waits for the rest
-        of its bytes: at most 4, after which they are not UTF-8 and the whole decode shows them as replaced too."""
-        before = generation.answer_text(self.tokenizer, self.tokens[self.context : self.read])
-        after = generation.answer_text(self.tokenizer, self.tokens[self.context :])
-        if not final and after.endswith("\ufffd") and len(self.tokens) - self.read < 4:
-            return ""
-        self.context, self.read = self.read, len(self.tokens)
-        return after[len(before) :]
-
-    def end(self, reason: str, cut: int | None = None) -> None:
-        """Send what is left of the text (up to `cut`, where a stop string starts), then the finish."""
-        self.text = self.text[:cut] if cut is not None else self.text + self.new_text(final=True)
-        if len(self.text) > self.sent:
-            self.emit(self.text[self.sent :])
-        self.emit("", finish=reason)
-        self.finish = self.finish or reason
-
-
 class _Batch:
     """The rows decoding together on one model, and their key/value cache."""
 
@@ -160,7 +39,7 @@ class _Batch:
         self.clear()
 
     def clear(self) -> None:
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.cache = None
         self.mask = None  # (B, T): 1 where the cache holds a real token
         self.pending = None  # (B,): each row's last picked token, not yet in the cache
@@ -177,9 +56,9 @@ class _Batch:
                 for job in jobs:
                     self.admit([job])
             else:
-                _Row(jobs[0], self.model.tokenizer).fail(err)
+                Row(jobs[0], self.model.tokenizer).fail(err)
             return
-        rows = [_Row(job, self.model.tokenizer) for job in jobs]
+        rows = [Row(job, self.model.tokenizer) for job in jobs]
         joined, self.rows = bool(self.rows), self.rows + rows  # from here, a failure of the batch ends them too
         first = self._advance(rows, logits)
         if joined:
@@ -222,7 +101,7 @@ class _Batch:
         self.clear()
 
     @staticmethod
-    def _advance(rows: list["_Row"], logits: torch.Tensor) -> torch.Tensor:
+    def _advance(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """Each row picks and takes its next token from its logits (B, vocab); (B,) the tokens picked."""
         greedy = logits.argmax(dim=-1)
         picked = [row.advance(g, logits[i]) for i, (row, g) in enumerate(zip(rows, greedy.tolist()))]
@@ -253,17 +132,6 @@ class _Batch:
         features = torch.stack([job.image if job.image is not None else torch.zeros(dim) for job in jobs])
         has_image = torch.tensor([job.image is not None for job in jobs])
         return features.to(self.model.device), has_image.to(self.model.device)
-
-
-def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
-    """A top-p sample at the temperature. The logits are shifted to a maximum of 0 before they are scaled, so that
-    no temperature the job accepts overflows them."""
-    logits = logits.float()
-    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1).cpu()
-    ordered, order = probs.sort(descending=True)
-    keep = ordered.cumsum(0) - ordered < sampling.top_p  # the smallest set whose probability reaches top_p
-    ordered = ordered * keep
-    return int(order[torch.multinomial(ordered / ordered.sum(), 1, generator=generator)])
 
 
 def check_batchable(models: dict[str, LlamaAdapterModel]) -> None:
@@ -343,7 +211,7 @@ class Batcher:
             batch, waiting = self.batches[name], self.waiting[name]
             admitted = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch - len(batch.rows)))]
         for job in [job for job in admitted if job.cancelled.is_set()]:  # their clients left while they waited
-            _Row(job, batch.model.tokenizer).end("cancelled")
+            Row(job, batch.model.tokenizer).end("cancelled")
         admitted = [job for job in admitted if not job.cancelled.is_set()]
         try:
             with torch.no_grad():
@@ -357,14 +225,14 @@ class Batcher:
         self.turn.append(self.turn.pop(self.turn.index(name)))  # the next model's turn
         return True
 
-    def _end_all(self, end: Callable[[_Row], None]) -> None:
+    def _end_all(self, end: Callable[[Row], None]) -> None:
         """End every job, waiting or decoding, the same way (the thread is leaving)."""
         with self.ready:
             waiting = {name: list(jobs) for name, jobs in self.waiting.items()}
             for jobs in self.waiting.values():
                 jobs.clear()
         for name, batch in self.batches.items():
-            for row in batch.rows + [_Row(job, batch.model.tokenizer) for job in waiting[name]]:
+            for row in batch.rows + [Row(job, batch.model.tokenizer) for job in waiting[name]]:
                 end(row)
             batch.clear()
 
