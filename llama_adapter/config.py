@@ -225,7 +225,9 @@ class ServeConfig(Checked):
     host: str = option("address to listen on; 0.0.0.0 opens the API to your network (give --api-key then)", "127.0.0.1")
     port: int = option("port to listen on", 8000, at_least=1, at_most=65535)
     api_key: str | None = option("require 'Authorization: Bearer KEY' on every request", None)
-    max_batch: int = option("most requests for one model decoded together, a token each per step", 16, at_least=1)
+    max_batch: int = option(
+        "most requests decoded together on one base, whatever their adapters, a token each per step", 16, at_least=1
+    )
     queue: int = option("most requests waiting for a place in a batch; more are turned away with 429", 64, at_least=1)
 
 

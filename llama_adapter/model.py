@@ -233,17 +233,19 @@ class LlamaAdapterModel(nn.Module):
         or with `image_index` (B, T) to the positions that hold n (packed rows).
         """
         with self.shared.reserved():
-            placed = self.shared.placements(self.method)  # first: a removed adapter is refused
-            call = routing.current_call()
-            if not call.disabled:
-                visual = self._projected(image_features, has_image)
-                if visual is not None and image_index is not None:
-                    visual = visual[image_index]  # (B, T, dim): each position its own row's image
-                call = routing.Call(placed, visual)
+            part = self.part(slice(None), image_features, has_image)  # first: a removed adapter is refused
+            if part.visual is not None and image_index is not None:
+                part = dataclasses.replace(part, visual=part.visual[image_index])  # each position its own row's image
             if torch.is_grad_enabled() and self.base.training:
                 routing.check_checkpointing(self.base)
-            with routing.calling(call):
+            with self.shared.running([part]):
                 yield
+
+    def part(
+        self, rows: slice, image_features: torch.Tensor | None = None, has_image: torch.Tensor | None = None
+    ) -> routing.Part:
+        """Rows `rows` of a call of the shared base, run with this adapter and these rows' images (see `running`)."""
+        return routing.Part(self.shared.placements(self.method), rows, self._projected(image_features, has_image))
 
     def forward(
         self,

@@ -7,6 +7,7 @@ import shutil
 import socket
 import string
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -265,6 +266,13 @@ def shelf_served(served):
         launch(app, DemoConfig(port=free_port()), block=False)
         yield SimpleNamespace(url=app.local_url, choices=choices)
         app.close()
+
+
+def no_step_for(steps: list, seconds: float) -> bool:
+    """Whether no step was added to `steps` (a forward hook's record of the base's calls) in the next `seconds`."""
+    before = len(steps)
+    time.sleep(seconds)
+    return len(steps) == before
 
 
 def spaced_answers(base) -> None:

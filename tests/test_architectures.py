@@ -63,3 +63,18 @@ def test_a_model_type_outside_the_allow_list_is_refused(tokenizer):
     with pytest.raises(ValueError, match=r"'cohere' model .*checked on the model types llama, mistral, qwen2, gpt_oss"):
         LlamaAdapterModel(base, tokenizer, AdapterConfig(adapter_len=3, adapter_layers=2))
     assert base.config._attn_implementation == "eager" and not base.model.layers[0].self_attn._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", ["series", "parallel"])
+@pytest.mark.parametrize("model_type", structure.MODEL_TYPES)
+def test_bottleneck_adapters_run_on_every_model_type(tokenizer, model_type, method):
+    """gpt_oss's MLP returns its router's scores beside its output: the bottleneck goes on the output alone."""
+    base = tiny_base(model_type, tokenizer)
+    ids, mask = batch(tokenizer)
+    model = LlamaAdapterModel(base, tokenizer, AdapterConfig(method=method, bottleneck_size=8))
+    with torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(model(ids, mask), plain)  # W_up starts at zero
+        for module in model.method.bottlenecks:
+            module.up.weight.normal_()
+        assert (model(ids, mask) - plain).abs().max() > 1e-3

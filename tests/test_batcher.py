@@ -42,7 +42,7 @@ def test_a_batch_that_rows_join_and_leave_decodes_each_as_alone(tokenizer, model
         return Job("m", model.tokenizer(prompts[i])["input_ids"], SamplingConfig(max_new_tokens=lengths[i]), emit)
 
     assert all(len(model.tokenizer(p)["input_ids"]) > 128 for p in prompts)
-    batch = _Batch(model)
+    batch = _Batch({"m": model})
     with torch.no_grad():
         batch.admit([job(0), job(1)])
         for _ in range(4):

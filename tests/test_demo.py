@@ -8,7 +8,6 @@ functions directly: what the chat shows (safe_markdown) and what its errors say,
 import inspect
 import json
 import re
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 import torch
-from conftest import build_tokenizer, spaced_answers, tiny_config
+from conftest import build_tokenizer, no_step_for, spaced_answers, tiny_config
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from hypothesis import given, settings
@@ -30,7 +29,7 @@ from llama_adapter.config import ModelConfig, SamplingConfig, VisualConfig
 from llama_adapter.data.templates import format_conversation, format_prompt
 from llama_adapter.serving import demo
 from llama_adapter.serving.demo import BASE_CHOICE, load_choices, safe_markdown
-from llama_adapter.serving.generation import WORKER_NAME, conversation_prompt, stream
+from llama_adapter.serving.generation import conversation_prompt, stream
 
 slow = pytest.mark.slow  # a real server: seconds per test, not milliseconds (the tests without one are quick)
 
@@ -272,9 +271,35 @@ def test_answer_length_and_message_length_are_bounded_by_the_context(served, cli
 
 
 @slow
+def test_sessions_on_different_adapters_decode_in_one_batch(served):
+    """Two browser sessions, each talking to another adapter: their answers are each adapter's own, and they were
+    decoded together, rows of both in the same forward passes."""
+    base = served.choices[BASE_CHOICE].base
+    rows = []
+    hook = base.register_forward_hook(
+        lambda module, args, kwargs, out: rows.append((kwargs["input_ids"].shape[0], time.sleep(0.05))),
+        with_kwargs=True,
+    )
+    try:
+        jobs = {
+            choice: Client(served.url, verbose=False).submit(
+                {"text": "Say something.", "files": []}, choice, 0.0, 1.0, NEW, api_name="/chat"
+            )
+            for choice in (served.text, served.visual)
+        }
+        answers = {choice: answer_text(job.result()[0]) for choice, job in jobs.items()}
+    finally:
+        hook.remove()
+    for choice, answer in answers.items():
+        assert answer == expected(served.choices[choice], format_prompt("Say something.")), choice
+    assert max(batch for batch, _ in rows) == 2
+
+
+@slow
 def test_stop_ends_generation_on_the_server(served, client):
     base = served.choices[BASE_CHOICE].base
-    slow = base.register_forward_hook(lambda *args: time.sleep(0.05))  # ~20 tokens/s: time to press Stop
+    steps = []
+    slow = base.register_forward_hook(lambda *args: steps.append(time.sleep(0.05)))  # ~20 tokens/s: time to Stop
     try:
         job = client.submit({"text": "Go on.", "files": []}, served.text, 0.0, 1.0, 100, api_name="/chat")
         deadline = time.time() + 30  # Stop once the first words are out: a busy machine may take seconds to get there
@@ -282,9 +307,9 @@ def test_stop_ends_generation_on_the_server(served, client):
             time.sleep(0.05)
         job.cancel()
         deadline = time.time() + 2.5  # the whole answer would take 5 s more: Stop must end it well before
-        while any(t.name == WORKER_NAME for t in threading.enumerate()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not any(t.name == WORKER_NAME for t in threading.enumerate()), "generation went on after Stop"
+        while not (stopped := no_step_for(steps, 0.4)) and time.time() < deadline:
+            pass
+        assert stopped, "generation went on after Stop"
     finally:
         slow.remove()
     streamed = [answer_text(out[0]) for out in job.outputs() if out[0]]

@@ -1,18 +1,17 @@
 """The demo in a real browser: Debian's headless Chromium driven by Playwright (no browser is ever downloaded)."""
 
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import no_step_for
 from test_demo import expected, squash
 
 from llama_adapter.data import synthetic
 from llama_adapter.data.templates import format_prompt
 from llama_adapter.evaluation.scienceqa import question_instruction
 from llama_adapter.serving import demo
-from llama_adapter.serving.generation import WORKER_NAME
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the [test] extra)")
@@ -116,7 +115,8 @@ def test_upload_an_image_and_ask_about_it(page, served, tmp_path):
 def test_stop_button_stops_the_answer(page, served):
     model = served.choices[served.text]
     set_max_new_tokens(page, 100)
-    slow = model.base.register_forward_hook(lambda *args: time.sleep(0.05))
+    steps = []
+    slow = model.base.register_forward_hook(lambda *args: steps.append(time.sleep(0.05)))
     try:
         send(page, "Go on.")
         bot_messages(page).first.wait_for()
@@ -125,9 +125,9 @@ def test_stop_button_stops_the_answer(page, served):
             time.sleep(0.02)
         page.locator("#stop").click()
         deadline = time.time() + 10
-        while any(t.name == WORKER_NAME for t in threading.enumerate()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not any(t.name == WORKER_NAME for t in threading.enumerate()), "generation went on after Stop"
+        while not (ended := no_step_for(steps, 0.4)) and time.time() < deadline:
+            pass
+        assert ended, "generation went on after Stop"
         stopped = squash(bot_messages(page).last.inner_text())
         time.sleep(1.0)
         assert squash(bot_messages(page).last.inner_text()) == stopped

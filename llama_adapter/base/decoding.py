@@ -36,13 +36,15 @@ def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: l
     return first[ids[:, 0]] + later.sum(-1)
 
 
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Run left-padded prompts (B, T): the logits (B, vocab) for each one's next token, and their key/value cache."""
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position=False):
+    """Run left-padded prompts (B, T): the logits (B, vocab) for each one's next token, and their key/value cache;
+    with `every_position`, the logits (B, T, vocab) at every position instead."""
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    )
-    return out.logits[:, -1], cache_of(out)
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+        logits_to_keep=0 if every_position else 1,
+    )  # fmt: skip
+    return (out.logits if every_position else out.logits[:, -1]), cache_of(out)
 
 
 def decode_step(model, tokens, attention_mask, positions, cache) -> torch.Tensor:
@@ -93,21 +95,44 @@ def crop_cache_left(cache, columns: int) -> None:
         layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
 
-def join_caches(first, first_mask: torch.Tensor, second, second_mask: torch.Tensor):
-    """`first` holding the rows of both after its own (in place), all right-aligned; the attention mask (B1 + B2, T).
+def join_caches(first, first_mask: torch.Tensor, second, second_mask: torch.Tensor, second_at: torch.Tensor):
+    """`first` holding the rows of both (in place), all right-aligned; the attention mask (B1 + B2, T).
 
-    Each layer's keys are left-padded to the longer of the two: a full layer's are as long as the mask, a
-    sliding-window layer's as long as the window's share of it, and either way the newest key is last in every row.
+    `second_at` (B2,): where the second's rows go among the joined ones, in increasing order; the first's fill the
+    rest in their order. Each layer's keys are left-padded to the longer of the two: a full layer's are as long as
+    the mask, a sliding-window layer's as long as the window's share of it, and either way the newest key is last in
+    every row.
     """
+    places = _places(first_mask.shape[0], second_at)
     width = max(first_mask.shape[1], second_mask.shape[1])
     for a, b in zip(first.layers, second.layers):
         length = max(a.keys.shape[-2], b.keys.shape[-2])
-        a.keys = torch.cat([_pad_left(a.keys, length), _pad_left(b.keys, length)])
-        a.values = torch.cat([_pad_left(a.values, length), _pad_left(b.values, length)])
+        a.keys = _placed([_pad_left(a.keys, length), _pad_left(b.keys, length)], places)
+        a.values = _placed([_pad_left(a.values, length), _pad_left(b.values, length)], places)
         if isinstance(a, DynamicSlidingWindowLayer):
             a.cumulative_length = width  # the columns its mask spans: the batch's
     masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (first_mask, second_mask)]
-    return first, torch.cat(masks)
+    return first, _placed(masks, places)
+
+
+def join_rows(first: torch.Tensor, second: torch.Tensor, second_at: torch.Tensor) -> torch.Tensor:
+    """The rows of both, the second's at `second_at` (as in `join_caches`)."""
+    return _placed([first, second], _places(len(first), second_at))
+
+
+def _places(first: int, second_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the rows of the first (`first` of them) and the second go when the second's go to `second_at`."""
+    first_at = torch.ones(first + len(second_at), dtype=torch.bool)
+    first_at[second_at] = False
+    return first_at.nonzero()[:, 0], second_at.cpu()
+
+
+def _placed(tensors: list[torch.Tensor], places: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The rows of `tensors` in one tensor, each tensor's rows at its `places`: one copy, as a concatenation is."""
+    out = tensors[0].new_empty((sum(len(p) for p in places), *tensors[0].shape[1:]))
+    for tensor, rows in zip(tensors, places):
+        out[rows.to(out.device)] = tensor
+    return out
 
 
 def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:

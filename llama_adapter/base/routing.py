@@ -14,6 +14,11 @@ only channel, the same for a forward pass, `generate`, and a decoding step; a th
 caller's context (`contextvars.copy_context`) carries it on, and gradient checkpointing replays it when it recomputes
 a layer in the backward pass (`enable_gradient_checkpointing`). Nothing on the model says which adapter is active:
 a call of the base outside any `calling` block runs the plain model.
+
+A call's rows need not all run the same adapter: a `Call` is a list of `Part`s, each a run of consecutive rows with
+its adapter's modules (none: the plain model) and its images. Each hook runs each part's module on that part's rows
+(slices, so no copy on the way in) and joins the pieces, so rows of different adapters share the base's matmuls,
+which are nearly all of the work, and each row gets what its adapter alone would give it.
 """
 
 import contextvars
@@ -33,20 +38,33 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from .structure import attention_layers, decoder, decoder_layers
 
 _PREFIX = "llama_adapter_"
-_PROMPT = "llama_adapter_prompt"  # attention kwarg: the AdaptionPrompt of the layer being called
-_VISUAL = "llama_adapter_visual"  # attention kwarg: the call's projected image features, or None
+_PROMPTS = "llama_adapter_prompts"  # attention kwarg: each (Part, its AdaptionPrompt of the layer or None)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows `rows` (a slice of the batch) of a call, run with one adapter's modules by decoder path (none: the plain
+    model) and the image features at the model's width that shift its prompts, (b, dim) one per row of the part or
+    (b, T, dim) one per position."""
+
+    placed: Mapping[str, nn.Module] = field(default_factory=dict)
+    rows: slice = field(default_factory=lambda: slice(None))
+    visual: torch.Tensor | None = None
+
+    def alone(self) -> "Call":
+        """A call of this part's adapter on its own: what runs on the part's rows once they are cut out."""
+        return Call((Part(self.placed, visual=self.visual),))
 
 
 @dataclass(frozen=True)
 class Call:
-    """What one call of the base runs with: the adapter modules by decoder path (none: the plain model), and the
-    image features at the model's width that shift the prompts, (B, dim) one per row or (B, T, dim) one per position.
+    """What one call of the base runs with: its parts, in row order, covering every row of the batch (none: every row
+    runs the plain model).
 
     `disabled`: the call is inside a `disabled()` block, where even a call that names an adapter runs the plain model.
     """
 
-    placed: Mapping[str, nn.Module] = field(default_factory=dict)
-    visual: torch.Tensor | None = None
+    parts: tuple[Part, ...] = ()
     disabled: bool = False
 
 
@@ -99,7 +117,7 @@ def is_attention(model: PreTrainedModel, path: str) -> bool:
 def hook_module(model: PreTrainedModel, path: str) -> RemovableHandle:
     """Run, at each call of the decoder's module at `path`, the adapter module the call has there, if any.
 
-    An attention module passes it to the attention function (an AdaptionPrompt), with the call's image features; any
+    An attention module passes it to the attention function (an AdaptionPrompt), with its part's image features; any
     other module's output goes through it: `module(module input, module output)` (a Bottleneck, a TruncatedLora, V2's
     BiasScale and NormShift).
     """
@@ -110,25 +128,47 @@ def hook_module(model: PreTrainedModel, path: str) -> RemovableHandle:
 
 
 def _give_prompt(path, module, args, kwargs):
-    call = current_call()
-    prompt = call.placed.get(path)
-    if prompt is None:
+    parts = current_call().parts
+    prompts = tuple(part.placed.get(path) for part in parts)
+    if all(prompt is None for prompt in prompts):
         return None
-    return args, kwargs | {_PROMPT: prompt, _VISUAL: call.visual}
+    return args, kwargs | {_PROMPTS: tuple(zip(parts, prompts))}
 
 
 def _add_output(path, module, inputs, output):
-    adapter = current_call().placed.get(path)
-    return output if adapter is None else adapter(inputs[0], output)
+    if isinstance(output, tuple):  # gpt_oss's MLP returns its router's scores beside its output
+        return (_add_output(path, module, inputs, output[0]), *output[1:])
+    parts = current_call().parts
+    if len(parts) == 1:  # every row runs one adapter: no cutting and joining
+        adapter = parts[0].placed.get(path)
+        return output if adapter is None else adapter(inputs[0], output)
+    adapters = [part.placed.get(path) for part in parts]
+    if all(adapter is None for adapter in adapters):
+        return output
+    return torch.cat([
+        output[part.rows] if adapter is None else adapter(inputs[0][part.rows], output[part.rows])
+        for part, adapter in zip(parts, adapters)
+    ])  # fmt: skip
 
 
 def _adapted_attention(own_function, module, query, key, value, attention_mask, **kwargs):
-    prompt, visual = kwargs.pop(_PROMPT, None), kwargs.pop(_VISUAL, None)
+    prompts = kwargs.pop(_PROMPTS, ())
     out, weights = own_function(module, query, key, value, attention_mask, **kwargs)
-    if prompt is not None:
-        scaling = kwargs.get("scaling") or module.scaling
-        out = out + prompt(query, module.k_proj, module.v_proj, scaling, visual)
-    return out, weights
+    if not prompts:
+        return out, weights
+    scaling = kwargs.get("scaling") or module.scaling
+    if len(prompts) == 1:
+        [(part, prompt)] = prompts
+        return out + prompt(query, module.k_proj, module.v_proj, scaling, part.visual), weights
+    pieces = []
+    for part, prompt in prompts:
+        piece = out[part.rows]
+        if prompt is not None:
+            # The prompt's own projections (V2 tunes k and v) must run as this part's adapter, on the prompt's rows.
+            with calling(part.alone()):
+                piece = piece + prompt(query[part.rows], module.k_proj, module.v_proj, scaling, part.visual)
+        pieces.append(piece)
+    return torch.cat(pieces), weights
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -2,7 +2,8 @@
 
 Adapters never become part of the base's module tree: each owns its modules (registered with torch under its own
 `LlamaAdapterModel`, so `.train()`, `.to()`, `.parameters()` and `state_dict` see them), and the base only gets hooks
-(routing.py) that run, at every call, the modules of the adapter that call names (`routing.Call`). Adding an adapter installs
+(routing.py) that run, at every call, the modules of the adapters that call names for its rows (`routing.Call`).
+Adding an adapter installs
 the hooks it needs; removing the last one removes the hooks and the attention routing, so the model is again exactly
 what was loaded. Nothing here says which adapter is active: each call says which adapter it runs.
 
@@ -14,7 +15,7 @@ too, so a call that hands its work to a thread (streaming generation) never wait
 import contextvars
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 from torch import nn
@@ -116,11 +117,20 @@ class SharedBase:
         return self._placed[method]
 
     @contextmanager
+    def running(self, parts: Sequence[routing.Part]) -> Iterator[None]:
+        """Within this block, calls of the base run these parts (their rows, each its adapter; inside `disabled()`, the
+        plain model), and no other call runs on the base."""
+        with self.reserved():
+            call = routing.current_call()
+            with routing.calling(call if call.disabled else routing.Call(tuple(parts))):
+                yield
+
+    @contextmanager
     def use(self, method: nn.Module) -> Iterator[None]:
         """Within this block, calls of the base that name no adapter (`model.base(...)`, its `generate`) run `method`'s;
         no other call runs on the base. Calls through an adapter model still run their own adapter."""
         with self.reserved():
-            with routing.calling(routing.Call(self.placements(method))):
+            with routing.calling(routing.Call((routing.Part(self.placements(method)),))):
                 yield
 
     @contextmanager

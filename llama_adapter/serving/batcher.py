@@ -1,22 +1,27 @@
-"""Continuous batching for `llama-adapter serve`: the requests for one model decode together, a token per step.
+"""Continuous batching for `llama-adapter serve` and the demo: the requests for the models on one base decode
+together, a token per step, whichever adapter each one asks for.
 
-One thread owns the models. Each step it takes the next model with work (models take turns on their shared base),
-admits that model's waiting requests into its batch up to `max_batch` (their prompts prefilled together, left-padded,
-their key/value cache joined to the batch's), decodes one token for every row, and drops the rows that finished
-(end-of-sequence, a stop string, their token limit) or whose client went away. Greedy rows pick the argmax, as
-`generate` does, so a greedy answer is the one `LlamaAdapterModel.generate` gives for the same prompt.
+One thread owns the models. Each step it takes the next base with work (models on different base objects, such as
+PEFT's, which rewrite their base, take turns), admits that base's waiting requests into its batch up to `max_batch`
+(their prompts prefilled together, left-padded, their key/value cache joined to the batch's), decodes one token for
+every row, and drops the rows that finished (end-of-sequence, a stop string, their token limit) or whose client went
+away. The rows of each model sit side by side in the batch, so that each model's rows are one part of the call
+(`routing.Part`): the base's matmuls run once for all rows, each adapter's modules on its own rows. Greedy rows pick
+the argmax, as `generate` does, so a greedy answer is the one `LlamaAdapterModel.generate` gives for the same prompt.
 """
 
 import collections
 import logging
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..base import decoding
 from ..data import batching
 from ..model import LlamaAdapterModel
+from . import generation
 from .rows import Job, Row
 
 WORKER_NAME = "llama-adapter-batcher"
@@ -32,10 +37,12 @@ class Stopped(Exception):
 
 
 class _Batch:
-    """The rows decoding together on one model, and their key/value cache."""
+    """The rows decoding together on one base, each run by its own model, and their key/value cache."""
 
-    def __init__(self, model: LlamaAdapterModel):
-        self.model = model
+    def __init__(self, models: dict[str, LlamaAdapterModel]):
+        self.models = models  # by name, in the order their rows sit in the batch
+        first = next(iter(models.values()))
+        self.shared, self.tokenizer, self.context_length = first.shared, first.tokenizer, first.context_length
         self.clear()
 
     def clear(self) -> None:
@@ -43,54 +50,77 @@ class _Batch:
         self.cache = None
         self.mask = None  # (B, T): 1 where the cache holds a real token
         self.pending = None  # (B,): each row's last picked token, not yet in the cache
-        self.images = None  # (B, clip_dim) features, zeros for rows without an image; None for a text-only model
-        self.has_image = None  # (B,)
+        self.images: list[torch.Tensor | None] = []  # each row's CLIP features, or None
+        self._parts = None  # the call's parts for these rows, made when first needed
 
     def admit(self, jobs: list[Job]) -> None:
         """Prefill the jobs' prompts together, pick each one's first token, and join them to the batch. When the
         prefill fails, each job is tried alone, so that only the one at fault gets the error."""
+        jobs = sorted(jobs, key=self._place)  # each model's jobs side by side, as in the batch
+        device = self.shared.model.get_input_embeddings().weight.device
+        images = [job.image.to(device) if job.image is not None else None for job in jobs]
         try:
-            logits, cache, mask, images, has_image = self._prefill(jobs)
+            logits, cache, mask = self._prefill(jobs, images, device)
         except Exception as err:  # noqa: BLE001 - whose fault it was is found by trying each alone
             if len(jobs) > 1:
                 for job in jobs:
                     self.admit([job])
             else:
-                Row(jobs[0], self.model.tokenizer).fail(err)
+                Row(jobs[0], self.tokenizer).fail(err)
             return
-        rows = [Row(job, self.model.tokenizer) for job in jobs]
-        joined, self.rows = bool(self.rows), self.rows + rows  # from here, a failure of the batch ends them too
-        first = self._advance(rows, logits)
-        if joined:
-            self.cache, self.mask = decoding.join_caches(self.cache, self.mask, cache, mask)
+        rows = [Row(job, self.tokenizer) for job in jobs]
+        if logits.dim() == 3:  # some row asked for its prompt's log-probabilities
+            for row, job, row_logits in zip(rows, jobs, logits):
+                if getattr(job, "echo", False):
+                    row.score_prompt(row_logits[-len(job.prompt) :].float())
+            logits = logits[:, -1]
+        picked = self._advance(rows, logits)
+        if self.rows:  # from here, a failure of the batch ends them too
+            at = self._insertion(jobs)
+            self.cache, self.mask = decoding.join_caches(self.cache, self.mask, cache, mask, at)
+            self.pending = decoding.join_rows(self.pending, picked, at)
+            for index, row, image in zip(at.tolist(), rows, images):
+                self.rows.insert(index, row)
+                self.images.insert(index, image)
         else:
-            self.cache, self.mask = cache, mask
-        self.pending = first if self.pending is None else torch.cat([self.pending, first])
-        if images is not None:
-            self.images = images if self.images is None else torch.cat([self.images, images])
-            self.has_image = has_image if self.has_image is None else torch.cat([self.has_image, has_image])
+            self.rows, self.cache, self.mask, self.pending, self.images = rows, cache, mask, picked, images
+        self._parts = None
         self._drop_finished()
 
-    def _prefill(self, jobs: list[Job]):
-        """The jobs' prompts run together, left-padded: the last logits, their cache, mask and image features."""
-        model = self.model
-        ids, mask = batching.left_padded([job.prompt for job in jobs], batching.pad_id(model.tokenizer))
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        images, has_image = self._images(jobs)
-        with model.running(images, has_image):
-            logits, cache = decoding.prefill(model.base, ids, mask)
-        return logits, cache, mask, images, has_image
+    def _place(self, job: Job) -> int:
+        return list(self.models).index(job.model)
+
+    def _insertion(self, jobs: list[Job]) -> torch.Tensor:
+        """Where the new rows of `jobs` (in batch order) go among the joined rows: after the batch's rows of their model
+        and of every model before it."""
+        places = [self._place(row.job) for row in self.rows]
+        before = [sum(place <= self._place(job) for place in places) for job in jobs]
+        return torch.tensor([count + i for i, count in enumerate(before)])
+
+    def _prefill(self, jobs: list[Job], images: list[torch.Tensor | None], device):
+        """The jobs' prompts run together, left-padded: the logits, their cache and mask."""
+        ids, mask = batching.left_padded([job.prompt for job in jobs], batching.pad_id(self.tokenizer))
+        ids, mask = ids.to(device), mask.to(device)
+        every = any(getattr(job, "echo", False) for job in jobs)
+        with self.shared.reserved():
+            with self.shared.running(generation.parts_of([self.models[job.model] for job in jobs], images)):
+                logits, cache = decoding.prefill(self.shared.model, ids, mask, every_position=every)
+        return logits, cache, mask
 
     def step(self) -> None:
         """Decode one token for every row, then drop the rows that finished."""
-        model = self.model
         positions = self.mask.sum(dim=1, keepdim=True)  # each row's real tokens so far: the new token's position
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        with model.running(self.images, self.has_image):
-            logits = decoding.decode_step(model.base, self.pending[:, None], self.mask, positions, self.cache)
+        with self.shared.reserved():
+            if self._parts is None:  # once per set of rows, not at every step: images are projected here
+                self._parts = generation.parts_of([self.models[row.job.model] for row in self.rows], self.images)
+            with self.shared.running(self._parts):
+                logits = decoding.decode_step(
+                    self.shared.model, self.pending[:, None], self.mask, positions, self.cache
+                )
         self.pending = self._advance(self.rows, logits)
         for row, position in zip(self.rows, positions[:, 0].tolist()):
-            if row.finish is None and position + 2 >= model.context_length:  # the next token would not fit
+            if row.finish is None and position + 2 >= self.context_length:  # the next token would not fit
                 row.end("length")
         self._drop_finished()
 
@@ -112,26 +142,18 @@ class _Batch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
+        self.images = [self.images[i] for i in keep]
+        self._parts = None
         if not keep:
             return self.clear()
         index = torch.tensor(keep, device=self.mask.device)
         decoding.select_cache_rows(self.cache, index)
         self.mask, self.pending = self.mask[index], self.pending[index]
-        if self.images is not None:
-            self.images, self.has_image = self.images[index], self.has_image[index]
         # Columns no row needs any more (a long prompt that left) go too.
         unused = int((self.mask.cumsum(dim=1) == 0).sum(dim=1).min())
         if unused:
             decoding.crop_cache_left(self.cache, unused)
             self.mask = self.mask[:, unused:]
-
-    def _images(self, jobs: list[Job]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.model.multimodal:
-            return None, None
-        dim = self.model.image_encoder.clip_dim
-        features = torch.stack([job.image if job.image is not None else torch.zeros(dim) for job in jobs])
-        has_image = torch.tensor([job.image is not None for job in jobs])
-        return features.to(self.model.device), has_image.to(self.model.device)
 
 
 def check_batchable(models: dict[str, LlamaAdapterModel]) -> None:
@@ -145,17 +167,22 @@ def check_batchable(models: dict[str, LlamaAdapterModel]) -> None:
 
 
 class Batcher:
-    """Runs the jobs of several models that share a base: the models take turns, a decode step each.
+    """Runs the jobs of several models: those on one base object in one batch, the bases taking turns, a decode step
+    each.
 
     A failure while decoding ends the jobs it concerns (one row's, or one batch's step) and the thread goes on. Should
     the thread itself ever fail, every job gets the error, `failure` says why, and `submit` refuses new jobs."""
 
     def __init__(self, models: dict[str, LlamaAdapterModel], max_batch: int, queue: int):
         check_batchable(models)
-        self.models, self.max_batch, self.queue = models, max_batch, queue
-        self.waiting: dict[str, collections.deque[Job]] = {name: collections.deque() for name in models}
-        self.batches = {name: _Batch(model) for name, model in models.items()}
-        self.turn = list(models)
+        self.max_batch, self.queue = max_batch, queue
+        on_base: dict[object, dict[str, LlamaAdapterModel]] = {}
+        for name, model in models.items():
+            on_base.setdefault(model.shared, {})[name] = model
+        self.batches = [_Batch(group) for group in on_base.values()]
+        self.batch_of = {name: batch for batch in self.batches for name in batch.models}
+        self.waiting: dict[_Batch, collections.deque[Job]] = {batch: collections.deque() for batch in self.batches}
+        self.turn = list(self.batches)
         self.ready = threading.Condition()
         self.closed = False
         self.failure: BaseException | None = None
@@ -170,13 +197,31 @@ class Batcher:
                 raise Stopped("the server is shutting down")
             if sum(len(jobs) for jobs in self.waiting.values()) >= self.queue:
                 raise QueueFull(f"{self.queue} requests are already waiting; try again shortly")
-            self.waiting[job.model].append(job)
+            self.waiting[self.batch_of[job.model]].append(job)
             self.ready.notify()
+
+    def stream(self, model: str, prompt: list[int], sampling, image: torch.Tensor | None = None) -> Iterator[str]:
+        """Submit a job and yield its text as it comes; closing the iterator early (a Stop button) ends its row at the
+        next step. A row that fails raises its error here."""
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        job = Job(model, prompt, sampling, lambda text, finish=None, **_: pieces.put((text, finish)), image=image)
+        self.submit(job)
+        try:
+            while True:
+                text, finish = pieces.get()
+                if text:
+                    yield text
+                if finish is not None:
+                    if finish.startswith("error: ") or finish == "shutdown":
+                        raise RuntimeError(f"the answer ended with {finish}")
+                    return
+        finally:
+            job.cancelled.set()  # a no-op once finished
 
     def busy(self) -> int:
         """How many jobs are decoding or waiting."""
         with self.ready:
-            return sum(len(jobs) for jobs in self.waiting.values()) + sum(len(b.rows) for b in self.batches.values())
+            return sum(len(jobs) for jobs in self.waiting.values()) + sum(len(b.rows) for b in self.batches)
 
     def shut_down(self) -> None:
         """Take no more jobs, and end those under way with the finish "shutdown" at the next step."""
@@ -202,16 +247,16 @@ class Batcher:
         self._end_all(lambda row: row.end("shutdown", cut=row.sent))
 
     def _turn(self) -> bool:
-        """One model's turn: admit its waiting jobs or decode a step of its batch. False once closed."""
+        """One base's turn: admit its waiting jobs or decode a step of its batch. False once closed."""
         with self.ready:
-            self.ready.wait_for(lambda: self.closed or self._next_model() is not None)
+            self.ready.wait_for(lambda: self.closed or self._next_batch() is not None)
             if self.closed:
                 return False
-            name = self._next_model()
-            batch, waiting = self.batches[name], self.waiting[name]
+            batch = self._next_batch()
+            waiting = self.waiting[batch]
             admitted = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch - len(batch.rows)))]
         for job in [job for job in admitted if job.cancelled.is_set()]:  # their clients left while they waited
-            Row(job, batch.model.tokenizer).end("cancelled")
+            Row(job, batch.tokenizer).end("cancelled")
         admitted = [job for job in admitted if not job.cancelled.is_set()]
         try:
             with torch.no_grad():
@@ -220,22 +265,22 @@ class Batcher:
                 elif batch.rows:
                     batch.step()
         except Exception as err:  # the batch's own work failed: its rows get the error
-            log.exception("decoding a batch of %s failed", name)
+            log.exception("decoding a batch of %s failed", ", ".join(batch.models))
             batch.fail(err)
-        self.turn.append(self.turn.pop(self.turn.index(name)))  # the next model's turn
+        self.turn.append(self.turn.pop(self.turn.index(batch)))  # the next base's turn
         return True
 
     def _end_all(self, end: Callable[[Row], None]) -> None:
         """End every job, waiting or decoding, the same way (the thread is leaving)."""
         with self.ready:
-            waiting = {name: list(jobs) for name, jobs in self.waiting.items()}
+            waiting = {batch: list(jobs) for batch, jobs in self.waiting.items()}
             for jobs in self.waiting.values():
                 jobs.clear()
-        for name, batch in self.batches.items():
-            for row in batch.rows + [Row(job, batch.model.tokenizer) for job in waiting[name]]:
+        for batch in self.batches:
+            for row in batch.rows + [Row(job, batch.tokenizer) for job in waiting[batch]]:
                 end(row)
             batch.clear()
 
-    def _next_model(self) -> str | None:
-        """The first model, in turn order, that has rows decoding or jobs waiting."""
-        return next((n for n in self.turn if self.batches[n].rows or self.waiting[n]), None)
+    def _next_batch(self) -> _Batch | None:
+        """The first base's batch, in turn order, that has rows decoding or jobs waiting."""
+        return next((b for b in self.turn if b.rows or self.waiting[b]), None)

@@ -2,7 +2,9 @@
 
 Every adapter offered whose method can share a base (LLaMA-Adapter, bottlenecks, DyLoRA) shares one frozen base in
 memory (`LlamaAdapterModel.load(..., alongside=...)`), so the chooser switches between them at no cost; PEFT's
-methods rebuild their base, so each has a base of its own. One answer is generated at a time; the queue keeps the others waiting.
+methods rebuild their base, so each has a base of its own. The answers of sessions whose adapters share a base decode
+together in one batch (`Batcher`), whichever adapter each session chose; those of prefix and prompt tuning, whose virtual
+tokens cannot join a batch, generate one at a time.
 
 What the page shows loads nothing from elsewhere: messages and answers go through `safe_markdown`, and the page
 carries a content security policy that lets the browser fetch from the demo alone.
@@ -24,6 +26,7 @@ from ..data.templates import check_text
 from ..evaluation.scienceqa import question_instruction
 from ..model import LlamaAdapterModel
 from ..visual import load_image
+from .batcher import Batcher
 from .generation import stream_conversation
 from .models import load_models
 
@@ -33,6 +36,7 @@ EXAMPLES = Path(__file__).parent / "examples"
 IMAGE_EXAMPLES = {"red-circle.png": ("blue", "red", "green"), "blue-triangle.png": ("green", "red", "blue")}
 MAX_UPLOAD = "10mb"
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away with "queue full" rather than waiting for ever
+CONCURRENCY = 16  # answers decoding at once, in one batch
 # The browser may fetch from the demo itself and nothing else: a guard behind safe_markdown, for whatever reaches
 # the page some other way (Gradio's own error messages, renderers added in a later Gradio).
 CONTENT_POLICY = "default-src 'self' 'unsafe-inline' 'unsafe-eval' data: blob:"
@@ -95,7 +99,7 @@ def build_app(choices: dict[str, LlamaAdapterModel]) -> gr.Blocks:
         clear.click(lambda: ([], [], ""), None, shown, api_name="clear", queue=False)
         chooser.change(chat.describe, chooser, [summary, gates, config], api_name="describe")
         app.load(chat.describe, chooser, [summary, gates, config])
-    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return app
 
 
@@ -116,6 +120,10 @@ class _Chat:
 
     def __init__(self, choices: dict[str, LlamaAdapterModel]):
         self.choices = choices
+        # Sessions talking to adapters that share a batch decode together, whichever adapter each chose; the others
+        # (virtual-token methods) generate on their own, one at a time.
+        batchable = {name: model for name, model in choices.items() if model.method.tokens_only}
+        self.batcher = Batcher(batchable, max_batch=CONCURRENCY, queue=QUEUE_SIZE) if batchable else None
 
     def send(self, message: dict | None, turns: list[dict], choice, temperature, top_p, max_new_tokens):
         text = ((message or {}).get("text") or "").strip()
@@ -152,7 +160,8 @@ class _Chat:
         try:
             sampling = SamplingConfig(int(max_new_tokens), float(temperature), float(top_p))
             exchanges = [(t["text"], t["answer"]) for t in earlier]
-            pieces, left_out = stream_conversation(model, exchanges, turn["text"], sampling, image)
+            batcher = (self.batcher, choice) if self.batcher and choice in self.batcher.batch_of else None
+            pieces, left_out = stream_conversation(model, exchanges, turn["text"], sampling, image, batcher)
         except (ValueError, OSError) as err:  # OSError: an earlier turn's upload that Gradio has since deleted
             raise gr.Error(_public(str(err), image, *self.choices)) from None
         if left_out:

@@ -1,6 +1,7 @@
 """Streaming generation on top of Hugging Face `generate` (KV cache, sampling, stopping are theirs)."""
 
 import contextvars
+import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from ..base import routing
 from ..config import SamplingConfig
 from ..data import batching, templates
 
@@ -57,17 +59,23 @@ def stream(model, prompt: str, sampling: SamplingConfig, image_features: torch.T
 
 
 def stream_conversation(
-    model, earlier: list[tuple[str, str]], instruction: str, sampling: SamplingConfig, image=None
+    model, earlier: list[tuple[str, str]], instruction: str, sampling: SamplingConfig, image=None, batcher=None
 ) -> tuple[Iterator[str], int]:
     """Stream the answer to `instruction` after the earlier (instruction, answer) exchanges, about `image` if given.
 
     The oldest exchanges are left out when the prompt and `sampling.max_new_tokens` would overflow the model's
-    context; returns the answer's pieces and how many exchanges were left out.
+    context; returns the answer's pieces and how many exchanges were left out. `batcher`: (a `Batcher` that runs the
+    model, its name there): the answer decodes in the batcher's batch, beside other callers' rows, whatever their
+    adapters; without one, in a `generate` of its own.
     """
     room = model.context_length - sampling.max_new_tokens
     prompt, left_out = conversation_prompt(model.tokenizer, earlier, instruction, room)
     features = model.encode_images([image]) if image is not None else None
-    return stream(model, prompt, sampling, features), left_out
+    if batcher is None:
+        return stream(model, prompt, sampling, features), left_out
+    runner, name = batcher
+    image_row = None if features is None else features[0]
+    return runner.stream(name, prompt_tokens(model, [prompt])[0], sampling, image_row), left_out
 
 
 def conversation_prompt(tokenizer, earlier: list[tuple[str, str]], instruction: str, room: int) -> tuple[str, int]:
@@ -92,7 +100,12 @@ def generate_batch(
     image_features: torch.Tensor | None = None,
     has_image: torch.Tensor | None = None,
 ) -> list[str]:
-    """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column."""
+    """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column.
+
+    `model`: one model for every prompt, or a list of models one per prompt: the (adapter, prompt) pairs of
+    `zip(model, prompts)`, which run together in one batch when their adapters share a base object (each row answers
+    what its adapter alone would). `image_features` (N, clip_dim) and `has_image` (N,): row n's image, if it has one.
+    """
     return [answer.text for answer in answer_batch(model, prompts, sampling, image_features, has_image)]
 
 
@@ -103,6 +116,7 @@ class Answer:
     stopped: bool  # ended with the end-of-sequence token, not at the token limit or a full context
 
 
+@torch.no_grad()
 def answer_batch(
     model,
     prompts: list[str],
@@ -111,17 +125,64 @@ def answer_batch(
     has_image: torch.Tensor | None = None,
 ) -> list[Answer]:
     """generate_batch's answers, each with its length and whether the model ended it."""
-    tokenizer = model.tokenizer
-    ids, mask = batching.left_padded(prompt_tokens(model, prompts), batching.pad_id(tokenizer))
-    inputs = model.method.generation_inputs(ids.to(model.device), mask.to(model.device))
-    with model.running(image_features, has_image):
-        out = model.base.generate(**inputs, **generation_kwargs(sampling, tokenizer, room(model, ids)))
-    answers = []
-    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+    models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
+    if len(models) != len(prompts):
+        raise ValueError(f"{len(models)} models for {len(prompts)} prompts: give one model, or one per prompt")
+    check_mixable(models)
+    features = list(image_features) if image_features is not None else [None] * len(prompts)
+    images = [None if has_image is not None and not has_image[i] else row for i, row in enumerate(features)]
+    # Each adapter's rows side by side (adapters in the order they first come), so that they are one part of the call.
+    first_row = {m: i for i, m in reversed(list(enumerate(models)))}
+    by_model = sorted(range(len(prompts)), key=lambda i: first_row[models[i]])
+    first, tokenizer = models[0], models[0].tokenizer
+    ids, mask = batching.left_padded(prompt_tokens(first, [prompts[i] for i in by_model]), batching.pad_id(tokenizer))
+    inputs = first.method.generation_inputs(ids.to(first.device), mask.to(first.device))
+    with first.shared.reserved():
+        parts = parts_of([models[i] for i in by_model], [images[i] for i in by_model])
+        with first.shared.running(parts):
+            out = first.base.generate(**inputs, **generation_kwargs(sampling, tokenizer, room(first, ids)))
+    answers = [None] * len(prompts)
+    for i, row in zip(by_model, out[:, inputs["input_ids"].shape[1] :].tolist()):
         stopped = tokenizer.eos_token_id in row
         row = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row  # a finished row is padded after
-        answers.append(Answer(answer_text(tokenizer, row), len(row), stopped))
+        answers[i] = Answer(answer_text(tokenizer, row), len(row), stopped)
     return answers
+
+
+def check_mixable(models: list) -> None:
+    """Refuse rows of several adapters that cannot run in one call: on different base objects, or with virtual tokens
+    (prefix and prompt tuning put theirs before every row, which the others' rows do not have)."""
+    distinct = list(dict.fromkeys(models))
+    if len(distinct) == 1:
+        return
+    if len({model.shared for model in distinct}) > 1:
+        raise ValueError("rows of one batch must run on one base object: load the adapters alongside one another")
+    virtual = [model.method.name for model in distinct if not model.method.tokens_only]
+    if virtual:
+        raise ValueError(
+            f"a {virtual[0]} adapter's rows cannot share a batch with other adapters': it adds virtual tokens"
+        )
+
+
+def parts_of(models: list, images: list[torch.Tensor | None]) -> list[routing.Part]:
+    """The parts of a call whose row n runs `models[n]` about `images[n]` (CLIP features (clip_dim,), or None); the rows
+    of each model must be side by side."""
+    runs = [
+        (model, [image for _, image in run]) for model, run in itertools.groupby(zip(models, images), lambda p: p[0])
+    ]
+    if len(runs) > len(set(models)):
+        raise ValueError("the rows of each model must be side by side")
+    parts, start = [], 0
+    for model, run in runs:
+        rows, start = slice(start, start + len(run)), start + len(run)
+        given = [image for image in run if image is not None]
+        if not given:
+            parts.append(model.part(rows))
+            continue
+        features = torch.stack([given[0].new_zeros(given[0].shape) if image is None else image for image in run])
+        has_image = torch.tensor([image is not None for image in run])
+        parts.append(model.part(rows, features.to(model.device), has_image.to(model.device)))
+    return parts
 
 
 def answer_text(tokenizer, tokens: list[int]) -> str:

@@ -58,6 +58,43 @@ def serving() -> list[str]:
             f"({speed(r['library']['tokens_per_s'])} tokens/s): {ratios['one_client_over_library']:.2f}×",
             f"({library_goal}).",
         ),
+        *(_many_adapters(r) if "adapters" in r else []),
+    ]
+
+
+def _many_adapters(r: dict) -> list[str]:
+    """16 clients over 4 adapters in one batch, against one adapter and against the adapters taking turns."""
+    levels, ratios, goals = r["adapters"], r["ratios"], r["goals"]
+    labels = {
+        "one_adapter": "one adapter",
+        "mixed": "4 adapters, one batch",
+        "turns": "4 adapters, taking turns",
+    }
+    rows = [
+        [
+            label,
+            speed(levels[key]["tokens_per_s"]),
+            f"{seconds(levels[key]['latency_s']['median'])} / {seconds(levels[key]['latency_s']['p90'])}",
+        ]
+        for key, label in labels.items()
+    ]
+    one = met(ratios["mixed_over_one_adapter"], goals["mixed_over_one_adapter"])
+    turns = met(ratios["mixed_over_turns"], goals["mixed_over_turns"])
+    return [
+        *para(
+            "**Many adapters.** The same requests from 16 clients: all to one adapter; spread over 4 adapters",
+            "that share one base object (one batch); and spread over 4 adapters each on its own copy of the base,",
+            "which take turns a decoding step each (how the server ran several adapters before they could share a",
+            "batch). The 4 are",
+            f"copies of `{r['model']}`, so every setting does the same work: same completion tokens in all three:",
+            f"{'yes' if levels['same_tokens'] else 'NO'}.",
+        ),
+        *table(["16 clients on", "tokens/s", "latency"], rows),
+        *para(
+            f"Goals: mixed ≥ {goals['mixed_over_one_adapter']}× one adapter:",
+            f"{ratios['mixed_over_one_adapter']:.2f}× ({one}); mixed ≥ {goals['mixed_over_turns']:.0f}× taking turns:",
+            f"{ratios['mixed_over_turns']:.2f}× ({turns}).",
+        ),
     ]
 
 
