@@ -64,12 +64,14 @@ def main() -> None:
     library = library_speed(models[MODEL], prompts, args.max_tokens)  # the same requests as each level
     results = {"model": MODEL, "requests": args.requests, "max_tokens": args.max_tokens, "library": library}
     for label, max_batch in (("batched", max(args.clients)), ("one_at_a_time", 1)):
-        results[label] = {str(n): serve_load(models, [MODEL], asked, n, args.max_tokens) for n in args.clients}
+        results[label] = {
+            str(n): serve_load(models, [MODEL], asked, n, args.max_tokens, max_batch) for n in args.clients
+        }
         print(label, json.dumps(results[label], indent=2), flush=True)
     top = max(args.clients)
     results["adapters"] = adapters_load(models[MODEL], asked, top, args.max_tokens)
     print("adapters", json.dumps(results["adapters"], indent=2), flush=True)
-    speed = {label: level["tokens_per_s"] for label, level in results["adapters"].items()}
+    speed = {label: results["adapters"][label]["tokens_per_s"] for label in ("one_adapter", "mixed", "turns")}
     results["ratios"] = {
         "batched_16_over_one_at_a_time": results["batched"][str(top)]["tokens_per_s"]
         / results["one_at_a_time"][str(top)]["tokens_per_s"],
@@ -92,9 +94,9 @@ def library_speed(model, prompts: list[str], max_tokens: int) -> dict:
     return {"requests": len(prompts), "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
 
 
-def serve_load(models: dict, names: list[str], asked: list[str], clients: int, max_tokens: int, max_batch=None) -> dict:
-    """Serve `models` (batches of up to `max_batch` rows, default `clients`) and load it as `load` does."""
-    server = ServerThread(build_app(models, None, max_batch or clients, queue=4 * clients))
+def serve_load(models: dict, names: list[str], asked: list[str], clients: int, max_tokens: int, max_batch: int) -> dict:
+    """Serve `models` in batches of up to `max_batch` rows and load it as `load` does."""
+    server = ServerThread(build_app(models, None, max_batch, queue=4 * clients))
     try:
         return load(server.url, names, asked, clients, max_tokens)
     finally:
@@ -106,13 +108,13 @@ def adapters_load(model: LlamaAdapterModel, asked: list[str], clients: int, max_
     each on its own copy of the base (turns)."""
     shared = copies(model, shared=True)
     results = {
-        "one_adapter": serve_load({MODEL: model}, [MODEL], asked, clients, max_tokens),
-        "mixed": serve_load(shared, list(shared), asked, clients, max_tokens),
+        "one_adapter": serve_load({MODEL: model}, [MODEL], asked, clients, max_tokens, clients),
+        "mixed": serve_load(shared, list(shared), asked, clients, max_tokens, clients),
     }
     for copy in shared.values():
         copy.unload()
     apart = copies(model, shared=False)
-    results["turns"] = serve_load(apart, list(apart), asked, clients, max_tokens)
+    results["turns"] = serve_load(apart, list(apart), asked, clients, max_tokens, clients)
     results["same_tokens"] = len({level["tokens"] for level in results.values()}) == 1
     return results
 

@@ -9,7 +9,7 @@ from test_methods import SMALL, randomize
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
-from llama_adapter.base import structure
+from llama_adapter.base import routing, structure
 from llama_adapter.config import VisualConfig
 from llama_adapter.data.templates import format_prompt
 from llama_adapter.serving.batcher import Batcher, _Batch
@@ -127,3 +127,19 @@ def test_the_batcher_puts_the_adapters_of_one_base_in_one_batch_and_other_bases_
         assert [sorted(batch.models) for batch in batcher.batches] == [["a", "b", "c"], ["lora"]]
     finally:
         batcher.close()
+
+
+def test_a_part_without_modules_runs_the_plain_base_beside_an_adapters_rows(tokenizer, make_base):
+    """A call's rows can also run no adapter at all: the plain model's logits, beside another part's adapter."""
+    base = make_base()
+    v2 = LlamaAdapterModel(base, tokenizer, AdapterConfig(method="llama-adapter-v2", **SMALL))
+    randomize(v2)
+    ids = torch.randint(4, len(tokenizer), (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        adapted = v2(ids)
+        with v2.shared.running([v2.part(slice(0, 2)), routing.Part(rows=slice(2, 3))]):
+            mixed = base(input_ids=ids).logits
+    torch.testing.assert_close(mixed[:2], adapted[:2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[2:], plain[2:], rtol=0, atol=1e-5)
+    assert (adapted[2:] - plain[2:]).abs().max() > 1e-3  # the adapter would have changed that row

@@ -24,6 +24,7 @@ from test_serve import NEW, ask, expected, idle, serve
 
 from llama_adapter import SamplingConfig
 from llama_adapter.data.templates import format_prompt
+from llama_adapter.serving import rows
 from llama_adapter.serving.generation import generate_batch
 from llama_adapter.serving.rows import Job
 
@@ -75,8 +76,13 @@ API_CASES = [
     BadRequest("empty prompt", "/completions", completion(prompt=""), 400, "prompt", "'prompt' is empty"),
     BadRequest("body nested 100,000 deep", "/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "nested"),
     # OpenAI's fields this server does not offer, and fields OpenAI does not know
-    BadRequest("logprobs", "/chat/completions", chat(logprobs=True), 400, "logprobs", "no log-probabilities"),
-    BadRequest("top_logprobs", "/chat/completions", chat(top_logprobs=2), 400, "top_logprobs", "no log-probabilities"),
+    BadRequest("logprobs not a boolean", "/chat/completions", chat(logprobs=1), 400, "logprobs", "true or false"),
+    BadRequest(
+        "top_logprobs without logprobs", "/chat/completions", chat(top_logprobs=2), 400, "top_logprobs", "needs"
+    ),
+    BadRequest(
+        "top_logprobs 21", "/chat/completions", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "[0, 20]"
+    ),
     BadRequest("tools", "/chat/completions", chat(tools=[TOOL]), 400, "tools", "calls no tools"),
     BadRequest("tool_choice", "/chat/completions", chat(tool_choice="auto"), 400, "tool_choice", "calls no tools"),
     BadRequest(
@@ -121,8 +127,12 @@ API_CASES = [
         "messages[0]",
         "messages[0].name",
     ),
-    BadRequest("echo", "/completions", completion(echo=True), 400, "echo", "not echoed"),
-    BadRequest("completion logprobs", "/completions", completion(logprobs=1), 400, "logprobs", "no log-probabilities"),
+    BadRequest("echo not a boolean", "/completions", completion(echo="yes"), 400, "echo", "true or false"),
+    BadRequest("completion logprobs 21", "/completions", completion(logprobs=21), 400, "logprobs", "[0, 20]"),
+    BadRequest("max_tokens 0 without echo", "/completions", completion(max_tokens=0), 400, "max_tokens", "'echo'"),
+    BadRequest(
+        "a token id outside the vocabulary", "/completions", completion(prompt=[1, 10**6]), 400, "prompt", "token ids"
+    ),
     BadRequest("best_of 2", "/completions", completion(best_of=2), 400, "best_of", "must be 1"),
     BadRequest("suffix", "/completions", completion(suffix="end"), 400, "suffix", "no text after the answer"),
     BadRequest(
@@ -204,6 +214,13 @@ def test_the_smallest_sampling_temperature_samples_without_overflow(make_model):
     assert isinstance(answer[0], str)
 
 
+def test_the_smallest_top_p_keeps_the_likeliest_token():
+    """top_p 5e-324 (found by the fuzzer: a 500) is 0 in float32: the nucleus still holds the likeliest token."""
+    logits = torch.tensor([0.0, 3.0, 1.0, -2.0])
+    sampling = SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=5e-324)
+    assert {rows._sample(logits, sampling, torch.Generator().manual_seed(s)) for s in range(5)} == {1}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. One request must not break others
 
@@ -236,7 +253,7 @@ def test_a_job_that_fails_at_prefill_fails_alone(served_folders):
         results = {}
         with server.batcher.ready:  # admitted together, in one prefill
             for name, prompt in [("good", tokens), ("bad", tokens[:-1] + [10**6]), ("also good", tokens)]:
-                server.batcher.waiting["base"].append(collect(results, name, prompt=prompt))
+                server.batcher.waiting[server.batcher.batch_of["base"]].append(collect(results, name, prompt=prompt))
             server.batcher.ready.notify()
         assert all(r["done"].wait(30) for r in results.values())
         assert results["bad"]["finish"].startswith("error: ")
@@ -265,7 +282,7 @@ def test_a_row_whose_client_breaks_mid_answer_fails_alone(served_folders):
 
         broken.emit = emit_then_break
         with server.batcher.ready:
-            server.batcher.waiting["base"].extend([good, broken])
+            server.batcher.waiting[server.batcher.batch_of["base"]].extend([good, broken])
             server.batcher.ready.notify()
         assert results["good"]["done"].wait(30)
         assert (
@@ -286,7 +303,7 @@ def test_a_dead_batcher_is_reported_on_health_and_requests_fail_at_once(served_f
         def broken():
             raise RuntimeError("the loop itself broke")
 
-        server.batcher._next_model = broken
+        server.batcher._next_batch = broken
         with server.batcher.ready:
             server.batcher.ready.notify()
         server.batcher.thread.join(10)

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ class Part:
     rows: slice = field(default_factory=lambda: slice(None))
     visual: torch.Tensor | None = None
 
+    @cached_property  # made once per part, not at every layer of every step
     def alone(self) -> "Call":
         """A call of this part's adapter on its own: what runs on the part's rows once they are cut out."""
         return Call((Part(self.placed, visual=self.visual),))
@@ -165,7 +166,7 @@ def _adapted_attention(own_function, module, query, key, value, attention_mask, 
         piece = out[part.rows]
         if prompt is not None:
             # The prompt's own projections (V2 tunes k and v) must run as this part's adapter, on the prompt's rows.
-            with calling(part.alone()):
+            with calling(part.alone):
                 piece = piece + prompt(query[part.rows], module.k_proj, module.v_proj, scaling, part.visual)
         pieces.append(piece)
     return torch.cat(pieces), weights

@@ -1,7 +1,8 @@
 """`llama-adapter serve`: an OpenAI-compatible HTTP API over the models, decoded in batches (batcher.py).
 
-Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/chat/completions, POST /v1/completions, streamed as
-server-sent events when asked; GET /health; GET /openapi.json, the schema of it all. Every error is OpenAI's error
+Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/chat/completions, POST /v1/completions (several prompts
+in one request too), streamed as server-sent events when asked, with token log-probabilities when asked; GET /health;
+GET /openapi.json, the schema of it all. Every error is OpenAI's error
 JSON with the status that fits, never a stack trace. A request is read and checked in a worker thread
 (api_request.py), its limits before its work; images come only inline (data: URLs): the server fetches nothing.
 """
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -24,10 +26,11 @@ from starlette.exceptions import HTTPException
 
 from ..config import ServeConfig
 from ..model import LlamaAdapterModel
-from . import api_fields, api_request
+from . import api_fields, api_request, logprobs
 from .api_fields import ApiError
 from .api_request import Prompt
 from .batcher import Batcher, QueueFull, Stopped, check_batchable
+from .logprobs import TokenLogprob
 from .rows import Job
 
 log = logging.getLogger(__name__)
@@ -88,12 +91,12 @@ def build_app(models: dict[str, LlamaAdapterModel], api_key: str | None, max_bat
     @app.post("/v1/chat/completions", openapi_extra=_request_body(api_fields.CHAT, "chat", ids))
     async def chat(request: Request):
         prompt = await asyncio.to_thread(api_request.chat_prompt, await request.body(), models)
-        return await _answer(request, app.state.batcher, prompt, "chat.completion")
+        return await _answer(request, app.state.batcher, [prompt], _Reply("chat.completion", [prompt], models))
 
     @app.post("/v1/completions", openapi_extra=_request_body(api_fields.COMPLETIONS, "completions", ids))
     async def complete(request: Request):
-        prompt = await asyncio.to_thread(api_request.completion_prompt, await request.body(), models)
-        return await _answer(request, app.state.batcher, prompt, "text_completion")
+        prompts = await asyncio.to_thread(api_request.completion_prompts, await request.body(), models)
+        return await _answer(request, app.state.batcher, prompts, _Reply("text_completion", prompts, models))
 
     return app
 
@@ -150,47 +153,81 @@ def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "llama-adapter"}
 
 
-async def _answer(request: Request, batcher: Batcher, prompt: Prompt, kind: str):
-    """Queue the prompt; stream its pieces as server-sent events, or gather them into one response."""
+class _Piece(NamedTuple):
+    """What a job's row emitted (rows.Job), and which of the request's prompts it answers."""
+
+    index: int
+    text: str
+    finish: str | None
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None  # the answer's tokens in this piece
+    prompt_logprobs: list[TokenLogprob] | None  # the prompt's tokens (echo), in a piece of their own
+
+
+async def _answer(request: Request, batcher: Batcher, prompts: list[Prompt], reply: "_Reply"):
+    """Queue the prompts; stream their pieces as server-sent events, or gather them into one response."""
     loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-
-    def emit(text: str, finish: str | None = None, completion_tokens: int = 0) -> None:  # the batcher's thread
-        loop.call_soon_threadsafe(pieces.put_nowait, (text, finish, completion_tokens))
-
-    job = Job(
-        model=prompt.model, prompt=prompt.tokens, sampling=prompt.sampling, emit=emit, seed=prompt.seed,
-        stop=prompt.stop, image=prompt.image,
-    )  # fmt: skip
+    jobs = [_job(prompt, index, loop, pieces) for index, prompt in enumerate(prompts)]
+    for submitted, job in enumerate(jobs):
+        try:
+            batcher.submit(job)
+        except (QueueFull, Stopped) as err:
+            for queued in jobs[:submitted]:
+                queued.cancelled.set()
+            if isinstance(err, QueueFull):
+                raise ApiError(429, f"The server is busy: {err}", "rate_limit_error") from None
+            raise ApiError(503, f"The server cannot answer: {err}", "server_error") from None
+    if prompts[0].stream:
+        return StreamingResponse(_events(reply, jobs, pieces), media_type="text/event-stream")
+    watch = asyncio.create_task(_cancel_when_gone(request, jobs))
+    answers = [_Answer() for _ in prompts]
     try:
-        batcher.submit(job)
-    except QueueFull as err:
-        raise ApiError(429, f"The server is busy: {err}", "rate_limit_error") from None
-    except Stopped as err:
-        raise ApiError(503, f"The server cannot answer: {err}", "server_error") from None
-    reply = _Reply(kind, prompt)
-    if prompt.stream:
-        return StreamingResponse(_events(reply, job, pieces), media_type="text/event-stream")
-    watch = asyncio.create_task(_cancel_when_gone(request, job))
-    text, finish, completion = "", None, 0
-    try:
-        while finish is None:
-            piece, finish, completion = await pieces.get()
-            text += piece
+        while any(answer.finish is None for answer in answers):
+            piece = await pieces.get()
+            failure = None if piece.finish is None else _failure(piece.finish)
+            if failure is not None:
+                raise failure
+            answers[piece.index].add(piece)
     finally:
         watch.cancel()
-        job.cancelled.set()  # a no-op once finished; frees the row if this task was cancelled
-    failure = _failure(finish)
-    if failure is not None:
-        raise failure
-    return reply.whole(text, finish, completion)
+        for job in jobs:
+            job.cancelled.set()  # a no-op once finished; frees the rows if this task was cancelled or one failed
+    return await asyncio.to_thread(reply.whole, answers)  # the log-probabilities' texts cost time per token
 
 
-async def _cancel_when_gone(request: Request, job: Job) -> None:
-    """Cancel the job when its client disconnects: a non-streamed answer writes nothing until it is whole, so nothing
-    else would notice, and its row would decode on for nobody."""
+def _job(prompt: Prompt, index: int, loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue) -> Job:
+    def emit(text, finish=None, completion_tokens=0, logprobs=None, prompt_logprobs=None) -> None:  # batcher's thread
+        piece = _Piece(index, text, finish, completion_tokens, logprobs, prompt_logprobs)
+        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+    return Job(
+        model=prompt.model, prompt=prompt.tokens, sampling=prompt.sampling, emit=emit, seed=prompt.seed,
+        stop=prompt.stop, image=prompt.image, logprobs=prompt.logprobs,
+        # The prompt's logits are kept only to score it, or to end a row that answers nothing.
+        echo=prompt.echo and (prompt.logprobs is not None or prompt.prompt_only), prompt_only=prompt.prompt_only,
+    )  # fmt: skip
+
+
+class _Answer:
+    """One prompt's answer gathered: its text, its tokens' log-probabilities (the prompt's first, with echo)."""
+
+    def __init__(self):
+        self.text, self.finish, self.completion_tokens = "", None, 0
+        self.scored: list[TokenLogprob] = []
+
+    def add(self, piece: _Piece) -> None:
+        self.text += piece.text
+        self.scored += (piece.prompt_logprobs or []) + (piece.logprobs or [])
+        self.finish, self.completion_tokens = piece.finish, piece.completion_tokens
+
+
+async def _cancel_when_gone(request: Request, jobs: list[Job]) -> None:
+    """Cancel the jobs when their client disconnects: a non-streamed answer writes nothing until it is whole, so
+    nothing else would notice, and its rows would decode on for nobody."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancelled.set()
+    for job in jobs:
+        job.cancelled.set()
 
 
 def _failure(finish: str) -> ApiError | None:
@@ -204,26 +241,32 @@ def _failure(finish: str) -> ApiError | None:
     return None
 
 
-async def _events(reply, job: Job, pieces: asyncio.Queue):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; a client that leaves cancels the job."""
+async def _events(reply: "_Reply", jobs: list[Job], pieces: asyncio.Queue):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; a client that leaves cancels the jobs.
+    Each chunk's choice carries its prompt's `index`, and the log-probabilities of the tokens in its text."""
     try:
-        yield _sse(reply.chunk(role=True))
-        while True:
-            piece, finish, completion = await pieces.get()
-            if piece:
-                yield _sse(reply.chunk(piece))
-            if finish is not None:
-                failure = _failure(finish)
-                if failure is not None:
-                    yield _sse(failure.body())
-                else:
-                    yield _sse(reply.chunk(finish=finish))
-                    if reply.prompt.include_usage:
-                        yield _sse(reply.chunk(usage=completion))
+        for index in range(len(jobs)):
+            yield _sse(reply.chunk(index, start=True))
+        completion = [None] * len(jobs)
+        while None in completion:
+            piece = await pieces.get()
+            failure = None if piece.finish is None else _failure(piece.finish)
+            if failure is not None:
+                yield _sse(failure.body())
                 yield "data: [DONE]\n\n"
                 return
+            if piece.prompt_logprobs:  # the whole prompt's at once: written in a worker thread
+                yield _sse(await asyncio.to_thread(reply.chunk, piece.index, scored=piece.prompt_logprobs))
+            if piece.text or piece.logprobs or piece.finish is not None:
+                yield _sse(reply.chunk(piece.index, piece.text, piece.logprobs, piece.finish))
+            if piece.finish is not None:
+                completion[piece.index] = piece.completion_tokens
+        if reply.prompts[0].include_usage:
+            yield _sse(reply.chunk(usage=sum(completion)))
+        yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()  # a no-op once finished; frees the row of a client that went away
+        for job in jobs:
+            job.cancelled.set()  # a no-op once finished; frees the rows of a client that went away
 
 
 def _sse(payload: dict) -> str:
@@ -233,37 +276,63 @@ def _sse(payload: dict) -> str:
 class _Reply:
     """The response objects of one request, in the shape of OpenAI's chat.completion or text_completion."""
 
-    def __init__(self, kind: str, prompt: Prompt):
-        self.kind, self.prompt = kind, prompt
+    def __init__(self, kind: str, prompts: list[Prompt], models: dict[str, LlamaAdapterModel]):
+        self.kind, self.prompts = kind, prompts
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.written = logprobs.written(models[prompts[0].model].tokenizer)
+        # Where each answer's next token starts in its text (the legacy text_offset): the prompt's, with echo.
+        self.offsets = [0 if prompt.echo else len(prompt.text) for prompt in prompts]
 
     def _usage(self, completion: int) -> dict:
-        prompt = len(self.prompt.tokens)
+        prompt = sum(len(prompt.tokens) for prompt in self.prompts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.prompt.model}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.prompts[0].model}
 
-    def whole(self, text: str, finish: str, completion: int) -> dict:
+    def _logprobs(self, index: int, scored: list[TokenLogprob]) -> dict | None:
+        """A choice's `logprobs` for these tokens (None where the request asked for none)."""
+        if self.prompts[index].logprobs is None:
+            return None
         if self.kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        return self._head(self.kind) | {
-            "choices": [choice | {"finish_reason": finish}],
-            "usage": self._usage(completion),
-        }
+            return {"content": self.written.chat(scored), "refusal": None}
+        written, self.offsets[index] = self.written.legacy(scored, self.offsets[index])
+        return written
 
-    def chunk(self, text: str = "", finish: str | None = None, role: bool = False, usage: int | None = None) -> dict:
+    def whole(self, answers: list[_Answer]) -> dict:
+        choices = []
+        for index, answer in enumerate(answers):
+            choice = {"index": index, "logprobs": self._logprobs(index, answer.scored)}
+            if self.kind == "chat.completion":
+                choice["message"] = {"role": "assistant", "content": answer.text}
+            else:
+                prompt = self.prompts[index]
+                choice["text"] = prompt.text + answer.text if prompt.echo else answer.text
+            choices.append(choice | {"finish_reason": answer.finish})
+        completion = sum(answer.completion_tokens for answer in answers)
+        return self._head(self.kind) | {"choices": choices, "usage": self._usage(completion)}
+
+    def chunk(
+        self, index: int = 0, text: str = "", scored: list[TokenLogprob] | None = None, finish: str | None = None,
+        start: bool = False, usage: int | None = None,
+    ) -> dict:  # fmt: skip
+        """A stream's chunk: a choice's `start` (chat's role; a completion's echoed prompt), a piece of its text with
+        its tokens' log-probabilities (`scored`), its finish; or the `usage` of all."""
+        chat = self.kind == "chat.completion"
         if usage is not None:
-            chunk_kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
-            return self._head(chunk_kind) | {"choices": [], "usage": self._usage(usage)}
-        if self.kind == "chat.completion":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return self._head("chat.completion.chunk" if chat else "text_completion") | {
+                "choices": [],
+                "usage": self._usage(usage),
+            }
+        written = self._logprobs(index, scored) if scored else None
+        if chat:
+            delta = {"role": "assistant", "content": ""} if start else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": written, "finish_reason": finish}
             return self._head("chat.completion.chunk") | {"choices": [choice]}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if start and self.prompts[index].echo:
+            text = self.prompts[index].text
+        choice = {"index": index, "text": text, "logprobs": written, "finish_reason": finish}
         return self._head("text_completion") | {"choices": [choice]}
 
 

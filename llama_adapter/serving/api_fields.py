@@ -1,7 +1,7 @@
 """The fields of OpenAI's chat and completions requests, each with what this server takes of it.
 
 Each field is supported (its type and range checked), neutral (taken only at a value that asks for nothing, such as
-`"logprobs": false` or `"n": 1`, because this server offers nothing else) or unknown (refused, as OpenAI refuses it).
+`"n": 1` or `"best_of": 1`, because this server offers nothing else) or unknown (refused, as OpenAI refuses it).
 A null is a field left out. The same tables give the JSON schema of the request bodies, which the OpenAPI document
 publishes for clients and for the fuzz tests.
 """
@@ -9,9 +9,11 @@ publishes for clients and for the fuzz tests.
 import json
 from dataclasses import dataclass
 
+from .logprobs import MAX_TOP
 from .rows import SEEDS
 
 MAX_STOPS = 4
+MAX_PROMPTS = 32  # prompts in one completions request (lm-evaluation-harness sends its --batch_size at once)
 
 
 class ApiError(Exception):
@@ -157,7 +159,7 @@ MESSAGE = {
     "required": ["role", "content"],
 }
 NO_TOOLS = "is not supported: this server calls no tools; leave it out"
-NO_LOGPROBS = "is not supported yet: no log-probabilities; leave it out"
+TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}  # a prompt as token ids
 COMMON = {
     "model": Text(),
     "max_tokens": Number(int, 1),
@@ -176,8 +178,8 @@ COMMON = {
 CHAT = COMMON | {
     "messages": Shaped({"type": "array", "items": MESSAGE, "minItems": 1}),
     "max_completion_tokens": Number(int, 1),
-    "logprobs": Neutral((False,), NO_LOGPROBS + " or false"),
-    "top_logprobs": Neutral((), NO_LOGPROBS),
+    "logprobs": Flag(),
+    "top_logprobs": Number(int, 0, MAX_TOP),
     "tools": Neutral(([],), NO_TOOLS),
     "tool_choice": Neutral(("none",), NO_TOOLS),
     "response_format": Neutral(({"type": "text"},), "is not supported: answers are plain text; leave it out"),
@@ -187,12 +189,15 @@ COMPLETIONS = COMMON | {
         {
             "anyOf": [
                 {"type": "string", "minLength": 1},
-                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+                TOKENS,
+                {"type": "array", "items": TOKENS, "minItems": 1, "maxItems": MAX_PROMPTS},
             ]
         }
     ),
-    "echo": Neutral((False,), "is not supported yet: the prompt is not echoed; leave it out or false"),
-    "logprobs": Neutral((), NO_LOGPROBS),
+    "max_tokens": Number(int, 0),  # 0 only with echo: the prompt's log-probabilities alone
+    "echo": Flag(),
+    "logprobs": Number(int, 0, MAX_TOP),
     "best_of": Neutral((1,), "must be 1: one answer per request"),
     "suffix": Neutral(("",), "is not supported: no text after the answer; leave it out"),
 }

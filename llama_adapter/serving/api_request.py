@@ -19,7 +19,7 @@ from ..config import SamplingConfig
 from ..data import sources, templates
 from ..model import LlamaAdapterModel
 from ..visual import load_image
-from .api_fields import CHAT, COMPLETIONS, REQUIRED, ApiError
+from .api_fields import CHAT, COMPLETIONS, MAX_PROMPTS, REQUIRED, ApiError
 
 MAX_IMAGE = 10 * 1024 * 1024  # one decoded image file
 
@@ -36,30 +36,88 @@ class Prompt:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's, and its k likeliest alternatives'
+    text: str = ""  # a completion's prompt as text (given, or decoded from its token ids)
+    echo: bool = False  # the answer repeats the prompt before its own text (completions' `echo`)
+    prompt_only: bool = False  # `max_tokens` 0 with `echo`: the prompt's log-probabilities, no token of its own
 
 
 def chat_prompt(raw: bytes, models: dict[str, LlamaAdapterModel]) -> Prompt:
     """The prompt of a chat request's body: its conversation in our multi-turn format, the latest image in it."""
     fields = _fields(raw, CHAT, REQUIRED["chat"])
+    if "top_logprobs" in fields and not fields.get("logprobs", False):
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     name, model = _model(fields["model"], models)
     text, image = _conversation(fields["messages"], model)
     tokens = _tokens(text, model, "messages")
     features = None if image is None else model.encode_images([image])[0]
-    return _prompt(fields, name, model, tokens, features)
+    logprobs = fields.get("top_logprobs", 0) if fields.get("logprobs", False) else None
+    return _prompt(fields, name, model, tokens, features, logprobs=logprobs)
 
 
-def completion_prompt(raw: bytes, models: dict[str, LlamaAdapterModel]) -> Prompt:
-    """The prompt of a completions request's body: its text as given, no template."""
+def completion_prompts(raw: bytes, models: dict[str, LlamaAdapterModel]) -> list[Prompt]:
+    """The prompts of a completions request's body, each as given (text or token ids), no template."""
     fields = _fields(raw, COMPLETIONS, REQUIRED["completions"])
+    echo = fields.get("echo", False)
+    if fields.get("max_tokens") == 0 and not echo:
+        raise ApiError(
+            400,
+            "'max_tokens' may be 0 only with 'echo': true (the prompt's log-probabilities alone)",
+            param="max_tokens",
+        )
     name, model = _model(fields["model"], models)
-    text = fields["prompt"]
-    if isinstance(text, list) and len(text) == 1:
-        text = text[0]
-    if not isinstance(text, str):
-        raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+    return [
+        _prompt(fields, name, model, tokens, None, logprobs=fields.get("logprobs"), text=text, echo=echo)
+        for text, tokens in _completion_prompts(fields["prompt"], model)
+    ]
+
+
+def _completion_prompts(prompt, model: LlamaAdapterModel) -> list[tuple[str, list[int]]]:
+    """Each prompt's text and tokens, from OpenAI's four forms: a string, a list of strings, a list of token ids, a
+    list of lists of token ids."""
+    if isinstance(prompt, str):
+        return [(prompt, _text_tokens(prompt, model, "prompt"))]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, _PROMPT_FORMS, param="prompt")
+    if all(isinstance(token, int) for token in prompt):
+        return [_token_ids(prompt, model, "prompt")]
+    if len(prompt) > MAX_PROMPTS:
+        raise ApiError(400, f"'prompt' holds {len(prompt)} prompts, over the limit of {MAX_PROMPTS}", param="prompt")
+    if all(isinstance(text, str) for text in prompt):
+        return [(text, _text_tokens(text, model, f"prompt[{i}]")) for i, text in enumerate(prompt)]
+    if all(isinstance(ids, list) for ids in prompt):
+        return [_token_ids(ids, model, f"prompt[{i}]") for i, ids in enumerate(prompt)]
+    raise ApiError(400, _PROMPT_FORMS, param="prompt")
+
+
+def _text_tokens(text: str, model: LlamaAdapterModel, where: str) -> list[int]:
     if not text:
-        raise ApiError(400, "'prompt' is empty: give the text to continue", param="prompt")
-    return _prompt(fields, name, model, _tokens(text, model, "prompt"), None)
+        raise ApiError(400, f"'{where}' is empty: give the text to continue", param=where)
+    return _tokens(text, model, where)
+
+
+_PROMPT_FORMS = "'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def _token_ids(ids: list, model: LlamaAdapterModel, where: str) -> tuple[str, list[int]]:
+    """A prompt given as token ids, each one the tokenizer knows; its text, decoded."""
+    if len(ids) >= model.context_length:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {model.context_length} tokens. However, your prompt has "
+            f"{len(ids):,} tokens. Please reduce the length of the prompt.",
+            param=where,
+        )
+    vocabulary = len(model.tokenizer)
+    bad = next((i for i, t in enumerate(ids) if not _integer(t) or not 0 <= t < vocabulary), None)
+    if not ids or bad is not None:
+        at = where if bad is None else f"{where}[{bad}]"
+        raise ApiError(400, f"{at}: a prompt is one or more token ids from 0 to {vocabulary - 1}", param=where)
+    return model.tokenizer.decode(ids), ids
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fields(raw: bytes, fields: dict, required: tuple[str, ...]) -> dict[str, Any]:
@@ -128,7 +186,8 @@ def _most_characters_per_token(tokenizer) -> int:
     return max(map(len, tokenizer.get_vocab()))
 
 
-def _prompt(fields: dict, name: str, model: LlamaAdapterModel, tokens: list[int], image) -> Prompt:
+def _prompt(fields: dict, name: str, model: LlamaAdapterModel, tokens: list[int], image, **scores) -> Prompt:
+    """The request's settings for one prompt; `scores`: its `logprobs`, and a completion's `text` and `echo`."""
     room = model.context_length - len(tokens)
     max_tokens = fields.get("max_tokens", fields.get("max_completion_tokens"))
     if room < 1 or (max_tokens is not None and max_tokens > room):
@@ -140,7 +199,9 @@ def _prompt(fields: dict, name: str, model: LlamaAdapterModel, tokens: list[int]
             param="messages" if "messages" in fields else "prompt",
         )
     sampling = SamplingConfig(
-        max_new_tokens=max_tokens or room, temperature=fields.get("temperature", 1.0), top_p=fields.get("top_p", 1.0)
+        max_new_tokens=1 if max_tokens == 0 else max_tokens or room,  # with 0 the row ends before it picks one
+        temperature=fields.get("temperature", 1.0),
+        top_p=fields.get("top_p", 1.0),
     )
     return Prompt(
         model=name,
@@ -151,6 +212,8 @@ def _prompt(fields: dict, name: str, model: LlamaAdapterModel, tokens: list[int]
         stop=fields.get("stop", ()),
         stream=fields.get("stream", False),
         include_usage=fields.get("stream_options", False),
+        prompt_only=max_tokens == 0,
+        **scores,
     )
 
 

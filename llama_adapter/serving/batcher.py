@@ -41,6 +41,7 @@ class _Batch:
 
     def __init__(self, models: dict[str, LlamaAdapterModel]):
         self.models = models  # by name, in the order their rows sit in the batch
+        self.order = {name: place for place, name in enumerate(models)}
         first = next(iter(models.values()))
         self.shared, self.tokenizer, self.context_length = first.shared, first.tokenizer, first.context_length
         self.clear()
@@ -71,7 +72,7 @@ class _Batch:
         rows = [Row(job, self.tokenizer) for job in jobs]
         if logits.dim() == 3:  # some row asked for its prompt's log-probabilities
             for row, job, row_logits in zip(rows, jobs, logits):
-                if getattr(job, "echo", False):
+                if job.echo:
                     row.score_prompt(row_logits[-len(job.prompt) :].float())
             logits = logits[:, -1]
         picked = self._advance(rows, logits)
@@ -88,7 +89,7 @@ class _Batch:
         self._drop_finished()
 
     def _place(self, job: Job) -> int:
-        return list(self.models).index(job.model)
+        return self.order[job.model]
 
     def _insertion(self, jobs: list[Job]) -> torch.Tensor:
         """Where the new rows of `jobs` (in batch order) go among the joined rows: after the batch's rows of their model
@@ -101,7 +102,7 @@ class _Batch:
         """The jobs' prompts run together, left-padded: the logits, their cache and mask."""
         ids, mask = batching.left_padded([job.prompt for job in jobs], batching.pad_id(self.tokenizer))
         ids, mask = ids.to(device), mask.to(device)
-        every = any(getattr(job, "echo", False) for job in jobs)
+        every = any(job.echo for job in jobs)
         with self.shared.reserved():
             with self.shared.running(generation.parts_of([self.models[job.model] for job in jobs], images)):
                 logits, cache = decoding.prefill(self.shared.model, ids, mask, every_position=every)

@@ -100,8 +100,10 @@ RUN_NOTES = {
         "912e663, on a more loaded machine: about 1.6x and 2.7x slower in absolute terms) gave 0.96x and 1.01x.",
     },
     "bench/results/serve.json": {
-        "c291d6cdfcc3": "Measured again at commit ff0a838 (issue 38: each call carries its adapter; the package laid out by "
-        "concept), the same 1,122 completion tokens: 16 clients batched 4.16x one request at a time and one client "
-        "0.94x the library, where the run before it (commit c33b5e5) gave 4.29x and 0.92x.",
+        "15168f272070": "Measured at the commit after 633634b (issue 39: rows of different adapters in one batch; "
+        "log-probabilities), alone on the machine, the same 1,122 completion tokens as every run before it. The "
+        "library phase, the run's first, gave 12.2 tokens/s where the run at ff0a838 gave 16.2: the same "
+        "`answer_batch` on the same 8 prompts measured 16.7 tokens/s at both 36b437b and this commit, one after "
+        "the other, so the 1.21x of one client over the library is that phase's noise, not a faster server.",
     },
 }
