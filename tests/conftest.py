@@ -268,6 +268,15 @@ def shelf_served(served):
         app.close()
 
 
+@pytest.fixture(scope="module")
+def all_cores():
+    """Every core for a module's tests (`usefixtures`): the real model gains from them; the tiny models run on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 def no_step_for(steps: list, seconds: float) -> bool:
     """Whether no step was added to `steps` (a forward hook's record of the base's calls) in the next `seconds`."""
     before = len(steps)

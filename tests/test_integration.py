@@ -1,6 +1,5 @@
 """The real embedded SmolLM2-135M-Instruct and the real Alpaca rows: zero-init, learning, checkpoints, generation."""
 
-import os
 import subprocess
 import sys
 import time
@@ -17,18 +16,9 @@ from llama_adapter.evaluation import scienceqa
 from llama_adapter.train import distributed
 from llama_adapter.train.loop import evaluate, train_step
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_cores")]
 
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def all_cores():
-    """The real model gains from every core; conftest keeps the tiny models on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ by its `local-completions` backend against the server, gives the same log-likeli
 served shelf adapter, the library's own log-likelihoods."""
 
 import itertools
-import os
 
 import pytest
-import torch
 from conftest import REPO_ROOT
 from test_serve import Server
 
@@ -20,20 +18,11 @@ from llama_adapter.serving.models import load_model
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extra: pip install -e '.[test]'")
 from lm_eval.tasks import TaskManager  # noqa: E402 - after the skip
 
-pytestmark = pytest.mark.slow  # the real SmolLM2: 200 scored continuations per run
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_cores")]  # the real SmolLM2: 200 continuations a run
 
 TASK = "arc_easy_first50"
 TOLERANCE = 1e-4  # per continuation: a sum of float32 log-probabilities over a few tokens, batched differently
 BATCH = 16  # continuations per forward pass, and per request to the server
-
-
-@pytest.fixture(scope="module", autouse=True)
-def all_cores():
-    """The real model gains from every core; conftest keeps the tiny models on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
