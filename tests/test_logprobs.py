@@ -12,9 +12,11 @@ from test_serve import Server, data_url
 from transformers import LlamaForCausalLM
 
 from llama_adapter import AdapterConfig, LlamaAdapterModel, SamplingConfig
+from llama_adapter.base import decoding
 from llama_adapter.config import VisualConfig
 from llama_adapter.data.templates import format_prompt
 from llama_adapter.serving import logprobs
+from llama_adapter.serving.batcher import _Batch
 from llama_adapter.serving.logprobs import TokenLogprob
 from llama_adapter.serving.rows import Job, Row
 
@@ -309,3 +311,25 @@ def test_a_refused_batch_leaves_nothing_decoding(api):
     status, reply = api.post("/completions", json.dumps({"model": "base", "prompt": [[1, 2], [1] * 10_000]}).encode())
     assert status == 400 and reply["error"]["param"] == "prompt[1]"
     assert api.batcher.busy() == 0
+
+
+def test_prompts_scored_at_every_position_are_prefilled_one_at_a_time(make_model, tokenizer, monkeypatch):
+    """A prompt's logits at every position are its length times the vocabulary (8,191 x 49,152 floats, 1.6 GB, for
+    a full SmolLM2 context): echoed prompts are prefilled alone, so that one request of many long prompts cannot ask
+    for many times that at once. The others still go together."""
+    model = make_model()
+    widths = []
+    prefill = decoding.prefill
+    monkeypatch.setattr(
+        decoding, "prefill", lambda *a, **k: widths.append((a[1].shape[0], k["every_position"])) or prefill(*a, **k)
+    )
+    tokens = tokenizer(format_prompt("Hi."))["input_ids"]
+
+    def job(echo: bool) -> Job:
+        return Job("m", tokens, SamplingConfig(max_new_tokens=2), lambda *a, **k: None, echo=echo, logprobs=0)
+
+    batch = _Batch({"m": model})
+    with torch.no_grad():
+        batch.admit([job(True), job(False), job(True), job(False), job(True)])
+    assert sorted(widths) == [(1, True), (1, True), (1, True), (2, False)]
+    assert len(batch.rows) == 5

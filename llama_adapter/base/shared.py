@@ -3,9 +3,8 @@
 Adapters never become part of the base's module tree: each owns its modules (registered with torch under its own
 `LlamaAdapterModel`, so `.train()`, `.to()`, `.parameters()` and `state_dict` see them), and the base only gets hooks
 (routing.py) that run, at every call, the modules of the adapters that call names for its rows (`routing.Call`).
-Adding an adapter installs
-the hooks it needs; removing the last one removes the hooks and the attention routing, so the model is again exactly
-what was loaded. Nothing here says which adapter is active: each call says which adapter it runs.
+Adding an adapter installs the hooks it needs; removing the last one removes the hooks and the attention routing, so
+the model is again exactly what was loaded. Nothing here says which adapter is active: each call says which adapter it runs.
 
 `reserved()` gives a call the base to itself (one batch at a time, and a training step's forward and backward
 passes as one). It is held by the call, not the thread: a thread the call starts in a copy of its context holds it

@@ -57,6 +57,14 @@ class _Batch:
     def admit(self, jobs: list[Job]) -> None:
         """Prefill the jobs' prompts together, pick each one's first token, and join them to the batch. When the
         prefill fails, each job is tried alone, so that only the one at fault gets the error."""
+        echoed = [job for job in jobs if job.echo]
+        if echoed and len(jobs) > 1:
+            # A prompt's logits at every position are its length times the vocabulary (1.6 GB for 8k tokens of
+            # SmolLM2's): one echoed prompt per prefill bounds them, however many long prompts a request brings.
+            for group in [[job for job in jobs if not job.echo], *([job] for job in echoed)]:
+                if group:
+                    self.admit(group)
+            return
         jobs = sorted(jobs, key=self._place)  # each model's jobs side by side, as in the batch
         device = self.shared.model.get_input_embeddings().weight.device
         images = [job.image.to(device) if job.image is not None else None for job in jobs]
