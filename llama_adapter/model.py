@@ -11,7 +11,7 @@ from torch import nn
 
 from . import adapter_files, files, methods, shelf
 from .adapter import VisualProjection
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from .adapter_files import WEIGHTS_NAME
 from .base import decoding, loading, routing, structure
 from .base.shared import SharedBase
 from .config import DEFAULT_BASE, SamplingConfig, VisualConfig, check_argument, default_device, from_dict
@@ -49,6 +49,7 @@ class LlamaAdapterModel(nn.Module):
         self.method = method(base, config.method_config())
         self.config = dataclasses.replace(config, **dataclasses.asdict(self.method.config))  # e.g. L clamped
         self.image_encoder = self.visual_proj = None
+        self.template = "alpaca"  # the prompt template it answers in (templates.TEMPLATES): the one it was trained in
         if self.visual_config.clip_model:
             device = base.get_input_embeddings().weight.device
             self.image_encoder = ImageEncoder(self.visual_config).to(device)
@@ -132,11 +133,10 @@ class LlamaAdapterModel(nn.Module):
         """
         adapter_dir = shelf.resolve(adapter_dir)
         saved = adapter_files.read_config(adapter_dir)
-        where = adapter_dir / CONFIG_NAME
+        where = adapter_files.config_path(adapter_dir)
         config = AdapterConfig.from_saved(saved["adapter"], where)
         visual = from_dict(VisualConfig, saved.get("visual", {}), f"{where}: field 'visual'")
-        if clip_weights:
-            visual = dataclasses.replace(visual, clip_weights=clip_weights)
+        visual = dataclasses.replace(visual, clip_weights=clip_weights) if clip_weights else visual
         sharing = alongside is not None and alongside.shared.can_take(methods.get(config.method))
         name = saved["base"]["name"] if base is None else base
         if sharing:
@@ -148,10 +148,12 @@ class LlamaAdapterModel(nn.Module):
             named_by = "--base" if base is not None else f"{where}: base"
             model, tokenizer = loading.load_base(name, dtype, None, quantize, device, named_by)
         adapter_files.check_same_base(saved["base"], structure.base_identity(model), where)
+        template = adapter_files.usable_template(saved, tokenizer, where)
         try:
             loaded = cls(model, tokenizer, config, visual)
         except ValueError as err:  # a setting of the file that this base cannot take
             raise ValueError(f"{where}: {err}") from None
+        loaded.template = template
         try:
             loaded.load_adapter_weights(adapter_dir / WEIGHTS_NAME)
         except Exception:
@@ -160,17 +162,18 @@ class LlamaAdapterModel(nn.Module):
         return loaded if sharing else loaded.to(device)
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        """Write adapter.safetensors and adapter_config.json; each file is replaced atomically."""
+        """Write the adapter folder (adapter_files.py): ours, and PEFT's files for PEFT's methods; atomically each."""
         files.check_can_write(out_dir, "out_dir", folder=True)
-        adapter_files.write(out_dir, self.adapter_state(), self.saved_config())
+        adapter_files.write(out_dir, self.adapter_state(), self.saved_config(), self.method.peft_files())
 
     def saved_config(self) -> dict:
-        """What `save` writes into adapter_config.json: the method and its settings, the image encoder, the base."""
+        """Our config, as `save` writes it: the method and its settings, the image encoder, the base."""
         return {
             "adapter": self.config.to_dict(),
             "visual": dataclasses.asdict(self.visual_config),
             "base": structure.base_identity(self.base),
             "trainable_parameters": self.num_trainable_parameters(),
+            "template": self.template,
         }
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
@@ -363,7 +366,8 @@ class LlamaAdapterModel(nn.Module):
         check_argument("input", input, str, default="")
         check_argument("sampling", sampling, SamplingConfig | None, default=None)
         features = None if image is None else self.encode_images([image])
-        return stream(self, templates.format_prompt(instruction, input), sampling or SamplingConfig(), features)
+        prompt = templates.instruction_prompt(self.template, self.tokenizer, instruction, input)
+        return stream(self, prompt, sampling or SamplingConfig(), features)
 
     def generate(self, instruction: str, input: str = "", sampling: SamplingConfig | None = None, image=None) -> str:
         """The whole answer to an Alpaca-style instruction (about `image`, if given)."""

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import files
+from .base import loading
 from .config import VisualConfig
 
 # CLIP sees 224x224 pixels; an image file decoding to more than this is far more likely a decompression bomb
@@ -105,6 +106,7 @@ class ImageEncoder(nn.Module):
         import open_clip  # heavy import, only for multimodal adapters
 
         self.config = config
+        _check_weights(config, open_clip)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.clip_seed)  # a reproducible random encoder when no weights are given
             clip, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -152,6 +154,29 @@ class ImageEncoder(nn.Module):
         config = self.config
         key = json.dumps([config.clip_model, config.clip_weights, config.clip_seed, list(config.clip_layers)])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _check_weights(config: VisualConfig, open_clip) -> None:
+    """Refuse, in one line, CLIP weights that open_clip cannot have: a name that is neither a file nor one of the
+    architecture's pretrained tags, or a tag's weights that are not in the Hugging Face cache while the hub cannot be
+    reached (open_clip would retry for a minute, then fail with three chained tracebacks)."""
+    weights, model = config.clip_weights, config.clip_model
+    if not weights or Path(weights).is_file() or model.startswith(("hf-hub:", "local-dir:")):
+        return  # a file, or an architecture that brings its own weights (open_clip ignores the tag)
+    tag = open_clip.get_pretrained_cfg(model, weights)
+    if not tag:
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise ValueError(f"--clip-weights {weights!r}: no such file, nor pretrained weights of {model} (its: {known})")
+    repo, filename = os.path.split(tag.get("hf_hub", ""))
+    if not repo:
+        return  # downloaded from a URL, not from the hub
+    names = (filename,) if filename else (open_clip.constants.HF_SAFE_WEIGHTS_NAME, open_clip.constants.HF_WEIGHTS_NAME)
+    cached = any(loading.hub_cached_file(repo, name) is not None for name in names)
+    if not cached and not loading.hub_reachable():
+        raise FileNotFoundError(
+            f"--clip-weights {weights!r}: {model}'s weights are not in the Hugging Face cache and the hub cannot be "
+            f"reached; download them where it can be (hf download {repo}), then HF_HUB_OFFLINE=1 reads them"
+        )
 
 
 class FeatureCache:

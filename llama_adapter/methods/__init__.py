@@ -7,39 +7,99 @@
     dylora                     LoRA trained at a random rank each step, so that any rank up to r serves (dylora.py)
     prefix, ptuning-v2, prompt K virtual tokens: PEFT's prefix tuning (with its MLP), P-tuning v2, prompt tuning
 
-Adding a method means writing its `Method` subclass (with its settings in configs.py) and listing it in METHODS:
-the --method choices and flags, the saved configs, the default learning rates and what each command refuses all
-come from here.
+Adding a method means writing its `Method` subclass (with its settings in configs.py) and listing it in SETTINGS and
+`_classes`: the --method choices and flags, the saved configs, the default learning rates and what each command
+refuses all come from here.
+
+The classes import torch, and the flags of every command are built from AdapterConfig: so SETTINGS names each
+method's settings, AdapterConfig is made from those alone, and the classes are imported when first asked for
+(`get`, `REGISTRY`, `METHODS`): `llama-adapter --help` needs no torch.
 """
 
 import dataclasses
+import functools
 import typing
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..config import from_dict, option
-from .bottleneck import Parallel, Series
-from .dylora import DyLora
-from .llama_adapter import AdaptionPrompts
-from .llama_adapter_v2 import AdaptionPromptsV2
-from .method import PAPER_BASE_LR, Method
-from .peft_methods import AdaLora, Lora, Prefix, PromptTuning, PTuningV2
+from .configs import (
+    PAPER_BASE_LR,
+    AdaLoraConfig,
+    BottleneckConfig,
+    LlamaAdapterConfig,
+    LlamaAdapterV2Config,
+    LoraConfig,
+    PrefixConfig,
+    PromptLength,
+)
 
-METHODS: tuple[type[Method], ...] = (
-    AdaptionPrompts, AdaptionPromptsV2, Series, Parallel, Lora, AdaLora, DyLora, Prefix, PTuningV2, PromptTuning
-)  # fmt: skip
-REGISTRY: dict[str, type[Method]] = {method.name: method for method in METHODS}
+if TYPE_CHECKING:
+    from .method import Method
+
+# Each --method, in the order of the choices, and its own config dataclass (the class's `Config`).
+SETTINGS: dict[str, type] = {
+    "llama-adapter": LlamaAdapterConfig,
+    "llama-adapter-v2": LlamaAdapterV2Config,
+    "series": BottleneckConfig,
+    "parallel": BottleneckConfig,
+    "lora": LoraConfig,
+    "adalora": AdaLoraConfig,
+    "dylora": LoraConfig,
+    "prefix": PrefixConfig,
+    "ptuning-v2": PromptLength,
+    "prompt": PromptLength,
+}
 
 
-def get(name: str) -> type[Method]:
+@functools.cache
+def _classes() -> dict[str, type["Method"]]:
+    """The Method subclass of each --method; refused if they and SETTINGS disagree (a method added to one alone)."""
+    from .bottleneck import Parallel, Series
+    from .dylora import DyLora
+    from .llama_adapter import AdaptionPrompts
+    from .llama_adapter_v2 import AdaptionPromptsV2
+    from .peft_methods import AdaLora, Lora, Prefix, PromptTuning, PTuningV2
+
+    methods = (
+        AdaptionPrompts,
+        AdaptionPromptsV2,
+        Series,
+        Parallel,
+        Lora,
+        AdaLora,
+        DyLora,
+        Prefix,
+        PTuningV2,
+        PromptTuning,
+    )
+    declared = {method.name: method.Config for method in methods}
+    if list(declared.items()) != list(SETTINGS.items()):
+        raise TypeError(f"methods.SETTINGS {SETTINGS} and the Method classes {declared} disagree")
+    return {method.name: method for method in methods}
+
+
+def __getattr__(name: str):
+    if name == "REGISTRY":  # --method -> its Method subclass
+        return _classes()
+    if name == "METHODS":
+        return tuple(_classes().values())
+    if name == "Method":
+        from .method import Method
+
+        return Method
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get(name: str) -> type["Method"]:
     """The method called `name`."""
-    if name not in REGISTRY:
-        raise ValueError(f"method must be one of {list(REGISTRY)}, got {name!r}")
-    return REGISTRY[name]
+    if name not in SETTINGS:
+        raise ValueError(f"method must be one of {list(SETTINGS)}, got {name!r}")
+    return _classes()[name]
 
 
 def with_capability(capability: str) -> list[str]:
     """The names of the methods that declare `capability` (e.g. "takes_images")."""
-    return [name for name, method in REGISTRY.items() if getattr(method, capability)]
+    return [name for name, method in _classes().items() if getattr(method, capability)]
 
 
 class _AdapterConfigBase:
@@ -52,14 +112,14 @@ class _AdapterConfigBase:
 
     def __post_init__(self):
         get(self.method)
-        for config_class in dict.fromkeys(method.Config for method in METHODS):
+        for config_class in dict.fromkeys(SETTINGS.values()):
             checked = config_class(**{name: getattr(self, name) for name in _field_names(config_class)})
             for name in _field_names(config_class):  # normalised: JSON's lists become tuples
                 setattr(self, name, getattr(checked, name))
 
     def method_config(self):
         """This method's own config: the fields it reads."""
-        config_class = get(self.method).Config
+        config_class = SETTINGS[self.method]
         return config_class(**{name: getattr(self, name) for name in _field_names(config_class)})
 
     def to_dict(self) -> dict:
@@ -70,9 +130,9 @@ class _AdapterConfigBase:
     def from_saved(cls, saved: dict, where) -> "AdapterConfig":
         """The config of a saved adapter (`to_dict`'s shape); a field its method does not have is an error."""
         method = saved.get("method", "llama-adapter")
-        if not isinstance(method, str) or method not in REGISTRY:
-            raise ValueError(f"{where}: unknown method {method!r}; this version has {', '.join(REGISTRY)}")
-        unexpected = sorted(set(saved) - {"method", *_field_names(REGISTRY[method].Config)})
+        if not isinstance(method, str) or method not in SETTINGS:
+            raise ValueError(f"{where}: unknown method {method!r}; this version has {', '.join(SETTINGS)}")
+        unexpected = sorted(set(saved) - {"method", *_field_names(SETTINGS[method])})
         if unexpected:
             raise ValueError(f"{where}: field(s) {', '.join(unexpected)} are not settings of a {method} adapter")
         return from_dict(cls, saved, where)
@@ -87,7 +147,7 @@ class _AdapterConfigBase:
             "bottleneck_size": (16 * hidden_size, f"16 x the base's width, {hidden_size}"),
             "prefix_hidden_size": (16 * hidden_size, f"16 x the base's width, {hidden_size}"),
         }
-        for name in _field_names(get(self.method).Config):
+        for name in _field_names(SETTINGS[self.method]):
             value = getattr(self, name)
             if name in limits and value > limits[name][0]:
                 raise ValueError(f"{name} must be <= {limits[name][0]} on this base ({limits[name][1]}), got {value}")
@@ -100,15 +160,15 @@ def _field_names(config_class: type) -> list[str]:
 def _adapter_config_class() -> type:
     """AdapterConfig: every method's fields (each declared once, in configs.py), then `method`."""
     fields = {}
-    for method in METHODS:
-        hints = typing.get_type_hints(method.Config)
-        for f in dataclasses.fields(method.Config):
+    for config_class in SETTINGS.values():
+        hints = typing.get_type_hints(config_class)
+        for f in dataclasses.fields(config_class):
             fields.setdefault(
                 f.name, (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
             )
     chosen = (
         "method",
-        Literal[tuple(REGISTRY)],
+        Literal[tuple(SETTINGS)],
         option("the adapter method (llama_adapter/methods/)", "llama-adapter"),
     )
     config_class = dataclasses.make_dataclass("AdapterConfig", [*fields.values(), chosen], bases=(_AdapterConfigBase,))
@@ -118,4 +178,4 @@ def _adapter_config_class() -> type:
 
 AdapterConfig = _adapter_config_class()
 
-__all__ = ["METHODS", "PAPER_BASE_LR", "REGISTRY", "AdapterConfig", "Method", "get", "with_capability"]
+__all__ = ["METHODS", "PAPER_BASE_LR", "REGISTRY", "SETTINGS", "AdapterConfig", "Method", "get", "with_capability"]

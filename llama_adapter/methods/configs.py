@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from ..config import Checked, option
 
+PAPER_BASE_LR = 9e-3  # LLaMA-Adapter's --blr: lr = blr * effective batch / 256
+
 
 @dataclass
 class PromptLength(Checked):

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-PAPER_BASE_LR = 9e-3  # LLaMA-Adapter's --blr: lr = blr * effective batch / 256
+from .configs import PAPER_BASE_LR
 
 
 class Method(nn.Module):
@@ -72,6 +72,11 @@ class Method(nn.Module):
     def parameters_by_name(self) -> dict[str, nn.Parameter]:
         """The trainable parameters by the names they are saved under."""
         raise NotImplementedError
+
+    def peft_files(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """PEFT's config and tensors of this adapter, saved beside ours for `PeftModel.from_pretrained`; None for the
+        methods PEFT lacks."""
+        return None
 
     def layer_prompts(self) -> dict[int, nn.Module]:
         """LLaMA-Adapter's AdaptionPrompt per adapted layer; other methods have none."""

@@ -3,8 +3,11 @@
 PEFT builds each around the base (`get_peft_model`): LoRA and AdaLoRA replace the target projections with their own
 layers, so their base is theirs alone; the virtual-token methods leave the base's modules as they are but keep
 their prompts in a wrapper whose calls we do ourselves (`inputs`). Either way the base's modules change only in
-`attach`, and `detach` puts them back.
+`attach`, and `detach` puts them back. Their adapter folders hold PEFT's own files beside ours (`peft_files`), so
+that `PeftModel.from_pretrained` loads them too.
 """
+
+import copy
 
 import torch
 
@@ -31,6 +34,19 @@ class PeftMethod(Method):
 
     def parameters_by_name(self):
         return self.names
+
+    def peft_files(self):
+        """What `PeftModel.save_pretrained` would write: the config, which for AdaLoRA holds the ranks pruning left
+        (`rank_pattern`, by which PEFT cuts the saved tensors and sizes its layers on loading), and the tensors, which
+        for prefix tuning are its MLP's output, the prefix itself."""
+        from peft.utils import get_peft_model_state_dict
+
+        config = copy.deepcopy(self.peft_model.peft_config["default"])
+        config.inference_mode = True
+        config.base_model_name_or_path = self.base.name_or_path
+        saved = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+        with torch.no_grad():
+            return saved, get_peft_model_state_dict(self.peft_model)
 
 
 class _InjectedPeftMethod(PeftMethod):

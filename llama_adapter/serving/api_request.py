@@ -218,10 +218,10 @@ def _prompt(fields: dict, name: str, model: LlamaAdapterModel, tokens: list[int]
 
 
 def _conversation(messages, model: LlamaAdapterModel):
-    """The conversation in our multi-turn prompt format, and the latest image in it (PIL), if any."""
+    """The conversation as a prompt in the model's template, and the latest image in it (PIL), if any."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    header, turns, image_url = templates.HEADER_NO_INPUT, [], None
+    system, turns, image_url = [], [], None
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
@@ -236,7 +236,7 @@ def _conversation(messages, model: LlamaAdapterModel):
         if role in ("system", "developer"):  # OpenAI's newer name for the system message
             if i != 0:
                 raise ApiError(400, f"{where}: a {role} message may only come first", param=where)
-            header = text.strip() + "\n\n"
+            system = [{"role": "system", "content": text}]
         elif role == "user":
             if turns and turns[-1][1] is None:
                 raise ApiError(
@@ -254,9 +254,14 @@ def _conversation(messages, model: LlamaAdapterModel):
         raise ApiError(
             400, "this model has no image encoder: send text only, or use a multimodal adapter", param="messages"
         )
-    *earlier, (instruction, _) = turns
+    conversation = system + [
+        {"role": role, "content": text}
+        for turn in turns
+        for role, text in zip(("user", "assistant"), turn)
+        if text is not None
+    ]
     image = None if image_url is None else _decoded_image(*image_url)
-    return templates.format_conversation([tuple(t) for t in earlier], instruction, header=header), image
+    return templates.prompt(model.template, model.tokenizer, conversation), image
 
 
 def _content(content, where: str) -> tuple[str, list[tuple[str, str]]]:

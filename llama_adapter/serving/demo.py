@@ -131,9 +131,9 @@ class _Chat:
         try:
             check_text(text, "Your message")  # a lone surrogate (JSON "\ud800") can come through Gradio's JSON API
         except DataError as err:
-            raise gr.Error(_public(str(err))) from None
+            raise _refused(str(err)) from None
         if not text:
-            raise gr.Error("Type a message first" + (": an image alone asks nothing." if files else "."))
+            raise _refused("Type a message first" + (": an image alone asks nothing." if files else "."))
         image = _checked_image(files[0]) if files else None
         turns = [*turns, {"text": text, "image": image, "answer": ""}]
         cleared = {"text": "", "files": []}
@@ -143,7 +143,7 @@ class _Chat:
 
     def retry(self, turns: list[dict], choice, temperature, top_p, max_new_tokens):
         if not turns:
-            raise gr.Error("Nothing to retry yet: send a message first.")
+            raise _refused("Nothing to retry yet: send a message first.")
         turns = [*turns[:-1], turns[-1] | {"answer": ""}]
         yield from self._answer(turns, choice, temperature, top_p, max_new_tokens)
 
@@ -163,7 +163,7 @@ class _Chat:
             batcher = (self.batcher, choice) if self.batcher and choice in self.batcher.batch_of else None
             pieces, left_out = stream_conversation(model, exchanges, turn["text"], sampling, image, batcher)
         except (ValueError, OSError) as err:  # OSError: an earlier turn's upload that Gradio has since deleted
-            raise gr.Error(_public(str(err), image, *self.choices)) from None
+            raise _refused(str(err), image, *self.choices) from None
         if left_out:
             notes.insert(0, f"The context is full: the {left_out} oldest exchange(s) are left out of the prompt.")
         note = " ".join(notes)
@@ -173,8 +173,9 @@ class _Chat:
                 turn["answer"] += piece
                 yield _messages(turns), turns, note
         except Exception as err:
-            log.exception("generation failed")
-            raise gr.Error(_public(f"Generation failed: {type(err).__name__}: {err}", image, *self.choices)) from None
+            log.exception("generation failed")  # not the user's doing: its traceback, once
+            message = _public(f"Generation failed: {type(err).__name__}: {err}", image, *self.choices)
+            raise gr.Error(message, print_exception=False) from None
         finally:
             pieces.close()  # a Stop click closes this generator: the model stops at its next token
 
@@ -195,7 +196,7 @@ class _Chat:
 
     def _model(self, choice) -> LlamaAdapterModel:
         if choice not in self.choices:
-            raise gr.Error(_public(f"Unknown adapter {choice!r}; choose one of {list(self.choices)}.", *self.choices))
+            raise _refused(f"Unknown adapter {choice!r}; choose one of {list(self.choices)}.", *self.choices)
         return self.choices[choice]
 
 
@@ -223,8 +224,15 @@ def _checked_image(upload) -> str:
         load_image(path)
     except (ValueError, FileNotFoundError) as err:
         why = str(err).removeprefix(f"{path}: ")
-        raise gr.Error(_public(f"{Path(path).name} cannot be used as an image: {why}", path)) from None
+        raise _refused(f"{Path(path).name} cannot be used as an image: {why}", path) from None
     return path
+
+
+def _refused(message: str, *paths: str | None) -> gr.Error:
+    """The error a user's request gets: on the page (`_public`), and one line in the console, where Gradio would print
+    a traceback of our code for the user's mistake."""
+    log.warning("refused: %s", message)
+    return gr.Error(_public(message, *paths), print_exception=False)
 
 
 # An absolute path, POSIX or Windows, up to a quote or white space (not one in a URL); "name" is its last part.

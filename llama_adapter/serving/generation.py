@@ -69,7 +69,7 @@ def stream_conversation(
     adapters; without one, in a `generate` of its own.
     """
     room = model.context_length - sampling.max_new_tokens
-    prompt, left_out = conversation_prompt(model.tokenizer, earlier, instruction, room)
+    prompt, left_out = conversation_prompt(model.tokenizer, earlier, instruction, room, model.template)
     features = model.encode_images([image]) if image is not None else None
     if batcher is None:
         return stream(model, prompt, sampling, features), left_out
@@ -78,14 +78,22 @@ def stream_conversation(
     return runner.stream(name, prompt_tokens(model, [prompt])[0], sampling, image_row), left_out
 
 
-def conversation_prompt(tokenizer, earlier: list[tuple[str, str]], instruction: str, room: int) -> tuple[str, int]:
-    """The prompt for `instruction` after the earlier (instruction, answer) exchanges, in at most `room` tokens.
+def conversation_prompt(
+    tokenizer, earlier: list[tuple[str, str]], instruction: str, room: int, template: str = "alpaca"
+) -> tuple[str, int]:
+    """The prompt for `instruction` after the earlier (instruction, answer) exchanges, in at most `room` tokens, in
+    `template` (templates.TEMPLATES).
 
     The oldest exchanges are left out until it fits; returns the prompt and how many were left out.
     """
     templates.check_text(instruction, "the message")
     for left_out in range(len(earlier) + 1):
-        prompt = templates.format_conversation(earlier[left_out:], instruction)
+        messages = [
+            {"role": role, "content": text}
+            for exchange in earlier[left_out:]
+            for role, text in zip(("user", "assistant"), exchange)
+        ]
+        prompt = templates.prompt(template, tokenizer, messages + [{"role": "user", "content": instruction}])
         length = len(tokenizer(prompt)["input_ids"])
         if length <= room:
             return prompt, left_out

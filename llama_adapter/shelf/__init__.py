@@ -1,5 +1,5 @@
 """The shelf: trained adapters for the embedded SmolLM2 that ship inside the package, each in a folder of its own
-(adapter.safetensors, adapter_config.json and a model card, README.md), each made by one script under train/.
+(adapter.safetensors, our config and a model card, README.md), each made by one script under train/.
 
 Every command and `LlamaAdapterModel.load` take a shelf name wherever they take an adapter folder: a folder of that
 name in the working directory wins, and says so. What the demo and the server offer of the shelf by themselves is
@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from .. import files
-from ..adapter_files import CONFIG_NAME, read_config
+from ..adapter_files import config_path, read_config
 
 FOLDER = Path(__file__).parent
 
 
 def names() -> list[str]:
     """The adapters on the shelf."""
-    return sorted(path.parent.name for path in FOLDER.glob(f"*/{CONFIG_NAME}"))
+    return sorted(path.name for path in FOLDER.iterdir() if config_path(path).is_file())
 
 
 def for_base(base: str) -> list[str]:

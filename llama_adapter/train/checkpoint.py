@@ -1,7 +1,8 @@
 """Training checkpoints: all a stopped run needs to go on exactly where it was, never read half-written.
 
 `<out>/checkpoints/step-<N>/` holds
-  adapter.safetensors, adapter_config.json   the adapter after step N: an adapter folder every command can load
+  adapter.safetensors, llama_adapter_config.json
+                                             the adapter after step N: an adapter folder every command can load
   trainer_state.safetensors                  AdamW's moments and step counts by parameter name, and the RNG states
                                              of every process (rank 0's as rng.torch, rank r's as rng.torch.rank<r>)
   trainer_state.json                         the position in the data, the counters, the LR schedule, the settings,

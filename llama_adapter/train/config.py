@@ -8,7 +8,6 @@ from typing import Literal
 
 from .. import methods
 from ..config import SEED_MAX, BaseModelConfig, Checked, VisualConfig, flat_dict, option
-from ..data import reading
 from ..methods import AdapterConfig
 
 DEFAULT_MAX_LEN = 512  # tokens of prompt + response, as the paper trains Alpaca
@@ -19,8 +18,9 @@ class TrainConfig(Checked):
     """Fine-tuning: data, optimisation and output."""
 
     data: str = option(
-        "alpaca: rows {instruction, input, output[, image]} in a JSON, JSONL, CSV or Parquet file, a save_to_disk "
-        "folder or a hub dataset name; scienceqa: its folder, or its hub layout (docs/data.md)"
+        "alpaca: rows {instruction, input, output[, image]} or conversations {messages[, image]} in a JSON, JSONL, "
+        "CSV or Parquet file, a save_to_disk folder or a hub dataset name; scienceqa: its folder, or its hub layout "
+        "(docs/data.md)"
     )
     data_split: str = option("which split of a save_to_disk folder or hub dataset (a file is all one split)", "train")
     data_config: str | None = option("the configuration (subset) of a hub dataset that has several", None)
@@ -30,6 +30,11 @@ class TrainConfig(Checked):
     out: str = option("output folder for the adapter, checkpoints, metrics.csv and loss.png")
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     task: Literal["alpaca", "scienceqa"] = option("what --data holds", "alpaca")
+    template: Literal["auto", "alpaca", "chat"] = option(
+        "the prompt template the adapter learns and answers in: Alpaca's, or the base tokenizer's chat template; "
+        "auto: chat for conversational data (messages or conversations) on a base that has one, Alpaca otherwise",
+        "auto",
+    )
     explanation: Literal["none", "after", "before"] = option(
         "scienceqa: the target's lecture and solution (chain of thought): none, after the answer (the paper's "
         "order) or before it (then only --scoring generate can evaluate it)",
@@ -95,6 +100,21 @@ class TrainConfig(Checked):
     save_every: int = option(
         "write a checkpoint every this many optimizer steps, besides each epoch's end", 50, at_least=1
     )
+    eval_steps: int | None = option(
+        "also validate every this many optimizer steps (default: before the first step and at each epoch's end only)",
+        None,
+        at_least=1,
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "also log the training loss, learning rate, tokens/s and validation loss to TensorBoard (in --out's "
+        "tensorboard folder) or Weights & Biases (offline unless WANDB_MODE or WANDB_API_KEY is set; docs/training.md)",
+        "none",
+    )
+    logging_steps: int = option(
+        "--report-to: log the training values every this many optimizer steps (metrics.csv has every step)",
+        10,
+        at_least=1,
+    )
     resume: bool = option("go on from the last checkpoint in --out, if any (--no-resume starts over)", True)
     on_bad_row: Literal["error", "skip"] = option(
         "a bad data row (or image) stops the run naming it, or is left out and counted in the report", "error"
@@ -102,6 +122,8 @@ class TrainConfig(Checked):
 
     def __post_init__(self):
         super().__post_init__()
+        from ..data import reading  # loads `datasets`, which the flags (`train --help`) need not wait for
+
         reading.parse_columns(self.columns)  # a malformed mapping stops the run before anything loads
         if self.task != "scienceqa" and (
             self.extra_train or self.explanation != "none" or self.answer_form != "letter"

@@ -4,13 +4,12 @@ FSDP (optional) shards the frozen base across them.
 Every process reads the same rows and builds the same batches from the same seed; each takes every N-th row of
 every batch (N processes), and every response token weighs the same in the loss whichever process holds it. So the
 global batch, the learning rate and the order of the data are exactly those of the same run in one process, and
-the adapter comes out the same up to floating-point summation order.
+the adapter comes out the same up to floating-point summation order. How the processes are started, and what the
+user hears of their failures: launch.py.
 """
 
 import itertools
 import os
-import subprocess
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -22,19 +21,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..base import structure
-from ..config import Checked, default_device, option
-
-
-@dataclass
-class DistributedConfig(Checked):
-    """How many processes train together, and whether they share the frozen base's memory."""
-
-    nproc: int = option(
-        "processes on this machine, one per GPU, started with torchrun (1: this process alone)", 1, at_least=1
-    )
-    fsdp: bool = option(
-        "shard the frozen base's decoder layers across the processes (FSDP) for models too big for one device", False
-    )
+from ..config import default_device
+from .launch import launched
 
 
 @dataclass(frozen=True)
@@ -51,15 +39,6 @@ class World:
         return self.rank == 0
 
 
-def launched() -> bool:
-    """Whether torchrun (or another launcher speaking its protocol) started this process."""
-    return "LOCAL_RANK" in os.environ
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def setup() -> World:
     """Join the process group torchrun started: NCCL on GPUs (one per process), gloo on CPUs."""
     if not launched():
@@ -72,12 +51,6 @@ def setup() -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device)
-
-
-def launch(nproc: int, train_args: list[str]) -> int:
-    """Run `python -m llama_adapter train train_args` in `nproc` processes under torchrun; returns its exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([*command, "-m", "llama_adapter", "train", *train_args], check=False).returncode
 
 
 def seed(seed: int, world: World) -> None:

@@ -26,19 +26,19 @@ from .. import files, methods
 from ..adapter_files import WEIGHTS_NAME
 from ..base import routing
 from ..config import DEFAULT_BASE, PRECISIONS, ScienceQAConfig, VisualConfig
-from ..data import batching, encoding, reading
+from ..data import batching, encoding, reading, templates
 from ..data.batching import make_batch
 from ..methods import AdapterConfig
 from ..model import LlamaAdapterModel
 from ..visual import FeatureCache
-from . import checkpoint, distributed
+from . import checkpoint, distributed, trackers
 from .config import TrainConfig, check_joint_training, run_settings
 from .distributed import World
 from .optim import optimizer_for, warmup_cosine
 from .plan import Plan
 from .resume import check_same_data, find_resume_point
 from .run_log import MetricsLog, plot_losses, run_summary, say
-from .tasks import check_every_row_has_an_image, load_task_rows, rows_hash, training_examples
+from .tasks import check_every_row_has_an_image, is_conversational, load_task_rows, rows_hash, training_examples
 
 
 class TrainingStopped(RuntimeError):
@@ -86,6 +86,7 @@ def train(
         check_joint_training(adapter_cfg, visual_cfg or VisualConfig())
     if cfg.model.quantize != "none" and fsdp:
         raise ValueError("--fsdp cannot shard a quantised base; use --quantize none, or DDP without --fsdp")
+    trackers.check_installed(cfg.report_to)
     world = distributed.setup()
     if not world.main:
         return _train(cfg, adapter_cfg, model, visual_cfg or VisualConfig(), sqa_cfg, rows, fsdp, world)
@@ -128,6 +129,7 @@ def _train(
                 DEFAULT_BASE if cfg.model.base is None else cfg.model.base, adapter_cfg, PRECISIONS[cfg.model.precision],
                 distributed.load_device(world, fsdp), visual=visual_cfg, quantize=cfg.model.quantize,
             )  # fmt: skip
+    model.template = templates.choose(cfg.template, is_conversational(rows), model.tokenizer)
     distributed.seed(cfg.seed, world)  # and draws its own dropout masks
     run = _Run(cfg, model, world, settings, data_hash, skipped)
     run.prepare(rows, image_rows, fsdp)
@@ -177,10 +179,11 @@ class _Run:
         sets = [(rows, cfg.data)] + ([(image_rows, cfg.image_data)] if image_rows is not None else [])
         examples = [
             training_examples(
-                r, model.tokenizer, cfg.val_fraction, cfg.seed, max_len, s, self.skipped, world, self.cache
+                r, model.tokenizer, cfg.val_fraction, cfg.seed, max_len, s, self.skipped, world, self.cache,
+                model.template,
             )
             for r, s in sets
-        ]
+        ]  # fmt: skip
         self.val_set = [example for _, val, _ in examples for example in val]  # validation weighs both kinds
         self.dropped = sum(dropped for _, _, dropped in examples)
         image_set = examples[1][0] if image_rows is not None else None
@@ -207,8 +210,8 @@ class _Run:
             say(self.world, f"--no-resume: removed the checkpoints of the earlier run in {self.out}")
         self._write_settings()
         self.log = MetricsLog(self.out / "metrics.csv", enabled=self.world.main)
-        self.progress.val_loss_before = self._validate()
-        self.log.write(step=0, epoch=0, val_loss=self.progress.val_loss_before)
+        self.tracker = trackers.open_tracker(self.cfg, self.world, None, self.settings)
+        self.progress.val_loss_before = self._validate(epoch=0)
 
     def resume(self, folder: Path) -> None:
         state = checkpoint.restore(folder, self.model, self.optimizer, self.scheduler, self.world.rank)
@@ -218,14 +221,15 @@ class _Run:
         say(self.world, f"Resuming from {folder}: step {step} of {total}, epoch {epoch}")
         self._write_settings()
         self.log = MetricsLog(self.out / "metrics.csv", keep_rows=self.progress.log_rows, enabled=self.world.main)
+        self.tracker = trackers.open_tracker(self.cfg, self.world, step, self.settings)
 
     def train(self) -> dict:
         """Epochs from where the run stands: their steps, then validation, the adapter and a checkpoint; returns the
         summary."""
         cfg, progress = self.cfg, self.progress
         self.started = time.perf_counter() - progress.elapsed_s
-        with tqdm(total=self.plan.total_steps, initial=progress.step, desc="train", unit="step",
-                  disable=not self.world.main) as self.bar:  # fmt: skip
+        with self.tracker, tqdm(total=self.plan.total_steps, initial=progress.step, desc="train", unit="step",
+                                disable=not self.world.main) as self.bar:  # fmt: skip
             self.model.train()
             for epoch in range(progress.epoch, cfg.epochs + 1):
                 self._train_epoch(epoch)
@@ -237,8 +241,8 @@ class _Run:
         return summary
 
     def _train_epoch(self, epoch: int) -> None:
-        """The epoch's steps from where it stands, each followed by the image-text steps due after it; a checkpoint
-        every --save-every steps (the epoch's last step gets its own after validation)."""
+        """The epoch's steps from where it stands, each followed by the image-text steps due after it; validation
+        every --eval-steps steps and a checkpoint every --save-every steps (the epoch's last step gets its own)."""
         progress, steps = self.progress, self.plan.epoch(epoch)
         for batches in steps[progress.group :]:
             before = progress.step
@@ -247,9 +251,11 @@ class _Run:
             while self.plan.image_step_next(progress.step, progress.image_steps):
                 self._step(epoch, self.plan.image_step(progress.image_steps), self.image_params, self.text_params)
                 progress.image_steps += 1
-            if progress.step >= self.plan.total_steps:
+            if progress.step >= self.plan.total_steps or progress.group == len(steps):
                 return
-            if progress.step // self.cfg.save_every > before // self.cfg.save_every and progress.group < len(steps):
+            if self.cfg.eval_steps and progress.step // self.cfg.eval_steps > before // self.cfg.eval_steps:
+                self._validate(epoch)
+            if progress.step // self.cfg.save_every > before // self.cfg.save_every:
                 self._save()
 
     def _step(self, epoch: int, batches: list, trained: list, idle: list) -> None:
@@ -270,18 +276,19 @@ class _Run:
         progress = self.progress
         progress.step, progress.tokens, progress.padded = step, progress.tokens + tokens, progress.padded + padded
         elapsed = time.perf_counter() - self.started
+        lr, tokens_per_s = self.scheduler.get_last_lr()[0], progress.tokens / elapsed
         self.log.write(
-            step=step, epoch=epoch, lr=self.scheduler.get_last_lr()[0], train_loss=loss, tokens=progress.tokens,
-            tokens_per_s=progress.tokens / elapsed, elapsed_s=elapsed,
+            step=step, epoch=epoch, lr=lr, train_loss=loss, tokens=progress.tokens, tokens_per_s=tokens_per_s,
+            elapsed_s=elapsed,
         )  # fmt: skip
+        self.tracker.log_train(step, loss, lr, tokens_per_s)
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{progress.tokens / elapsed:.0f}")
         self.bar.update()
 
     def _end_epoch(self, epoch: int) -> dict:
         """Validate, save the adapter and a checkpoint; returns the run's summary so far."""
         progress, world = self.progress, self.world
-        progress.val_loss = self._validate()
-        self.log.write(step=progress.step, epoch=epoch, val_loss=progress.val_loss)
+        progress.val_loss = self._validate(epoch)
         if world.main and self.val_set:
             self.bar.write(f"epoch {epoch}: validation loss {progress.val_loss:.4f}", file=sys.stderr)
         progress.epoch, progress.group = epoch + 1, 0
@@ -289,6 +296,7 @@ class _Run:
         elapsed = time.perf_counter() - self.started
         summary = run_summary(progress, elapsed, self.model, self.dropped, self.skipped, world) | {
             "resumed_from_step": self.resumed_at,
+            "template": self.model.template,
             "weights_mib_per_process": self.weights_mib,
         }
         if world.main:
@@ -306,8 +314,14 @@ class _Run:
             state |= {"data_sha256": self.data_hash, "summary": summary}
             checkpoint.save(self.out, self.model, self.optimizer, self.scheduler, state, rng)
 
-    def _validate(self) -> float:
-        return evaluate(self.model, self.val_set, self.cfg.batch_size, self.pad_id, self.cache, self.world)
+    def _validate(self, epoch: int) -> float:
+        """The validation loss, logged to metrics.csv and the tracker; without validation rows none runs (nan)."""
+        if not self.val_set:
+            return math.nan
+        loss = evaluate(self.model, self.val_set, self.cfg.batch_size, self.pad_id, self.cache, self.world)
+        self.log.write(step=self.progress.step, epoch=epoch, val_loss=loss)
+        self.tracker.log_validation(self.progress.step, loss)
+        return loss
 
     def _write_settings(self) -> None:
         if self.world.main:
@@ -368,7 +382,8 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     ordered = sorted(examples, key=lambda example: len(example.input_ids))
-    for start in range(0, len(ordered), batch_size):
+    starts = range(0, len(ordered), batch_size)
+    for start in tqdm(starts, desc="validation", unit="batch", leave=False, disable=not world.main):
         rows, counts = distributed.share(ordered[start : start + batch_size], world)
         loss = model.loss(**{k: v.to(model.device) for k, v in make_batch(rows, pad_id, cache).items()})
         if counts:

@@ -6,11 +6,17 @@ from pathlib import Path
 from . import checkpoint
 from .config import TrainConfig
 
-# Settings a resumed run may change: none of them changes what is computed.
-RESUMABLE_CHANGES = ("out", "resume", "save_every", "gradient_checkpointing")
+# Settings a resumed run may change: none of them changes what is computed. What a run reports is among them, as
+# validation leaves the training as it is.
+REPORTING = ("eval_steps", "report_to", "logging_steps")
+RESUMABLE_CHANGES = ("out", "resume", "save_every", "gradient_checkpointing", *REPORTING)
 
 # Settings added after runs began saving theirs, with the value every run before them had.
-SETTINGS_ADDED = {"eos_weight": 1.0, "image_data": None, "image_ratio": 1.0, "extra_train": [], "answer_form": "letter"}
+# ("auto" chose Alpaca's template for all the data earlier runs could read.)
+SETTINGS_ADDED = {
+    "eos_weight": 1.0, "image_data": None, "image_ratio": 1.0, "extra_train": [], "answer_form": "letter",
+    "template": "auto",
+}  # fmt: skip
 
 # Settings renamed since: the old name, the new one, and what each old value reads as now.
 SETTINGS_RENAMED = {"cot": ("explanation", {False: "none", True: "after"})}

@@ -56,7 +56,8 @@ def rows_hash(rows: datasets.Dataset) -> str:
     digest = hashlib.sha256(b"[")
     for start in range(0, len(rows), 1000):
         for i, row in enumerate(rows.select(range(start, min(start + 1000, len(rows))))):
-            row = row if row["image"] is not None else {k: v for k, v in row.items() if k != "image"}
+            # Fields a row leaves empty are left out, as the hash of rows before those fields existed had them.
+            row = {k: v for k, v in row.items() if v is not None or k not in ("image", "messages")}
             digest.update(
                 (", " if start + i else "").encode() + json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
             )
@@ -66,16 +67,16 @@ def rows_hash(rows: datasets.Dataset) -> str:
 
 def training_examples(
     rows: datasets.Dataset, tokenizer, val_fraction: float, seed: int, max_len: int, source: str, skipped, world: World,
-    cache: FeatureCache | None,
+    cache: FeatureCache | None, template: str,
 ) -> tuple[encoding.Examples, encoding.Examples, int]:  # fmt: skip
-    """The training and validation examples of `rows`, with the rows whose images cannot be used left out (or an
+    """The training and validation examples of `rows` in `template`, with the rows whose images cannot be used left out (or an
     error), and how many training rows were dropped because max_len leaves them no response token to train on (an
     error if that is all of them); reports both."""
     rows = with_usable_images(rows, cache, skipped, world, source)
     train_rows, val_rows = reading.split_rows(rows, val_fraction, seed)
     with distributed.main_first(world):  # one process tokenises into the datasets cache, the others read it
-        train_set, dropped = encoding.encode_all(tokenizer, train_rows, max_len)
-        val_set, _ = encoding.encode_all(tokenizer, val_rows, max_len)
+        train_set, dropped = encoding.encode_all(tokenizer, train_rows, max_len, template)
+        val_set, _ = encoding.encode_all(tokenizer, val_rows, max_len, template)
     if not train_set:
         raise sources.DataError(
             f"{source}: no training row keeps a response token within --max-len {max_len}: nothing to train on"
@@ -108,6 +109,11 @@ def with_usable_images(
     if failed:
         skipped += [(f"{source}: image {path}", why.removeprefix(f"{path}: ")) for path, why in failed.items()]
     return rows.select([i for i, image in enumerate(images) if image not in failed])
+
+
+def is_conversational(rows: datasets.Dataset) -> bool:
+    """Whether any row is a conversation rather than an Alpaca row."""
+    return "messages" in rows.column_names  # (`reading` keeps the column only where a row is one)
 
 
 def check_every_row_has_an_image(rows: datasets.Dataset, source: str) -> None:
