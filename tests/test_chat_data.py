@@ -100,6 +100,14 @@ def test_an_alpaca_row_encodes_as_before_templates_and_as_one_exchange_in_chat(c
     )
 
 
+def test_a_chat_template_that_writes_bos_itself_gives_one_bos():
+    tokenizer = build_tokenizer()  # adds BOS itself, as LLaMA's tokenizers do
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT
+    example = encoding.encode(tokenizer, conversation_row(TWO_TURNS[:2]), 512, "chat")
+    assert example.input_ids == [tokenizer.bos_token_id] + chars(tokenizer, "#user\nHi.$\n#assistant\nHello.$\n")
+    assert templates.prompt("chat", tokenizer, TWO_TURNS[:1]) == "#user\nHi.</s>\n#assistant\n"
+
+
 def write_sources(folder, records: list[dict]) -> dict[str, str]:
     """The same records as JSONL, a JSON list, CSV (each conversation a JSON cell), Parquet and a saved dataset."""
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -115,7 +115,7 @@ def test_multimodal_evaluation_gives_each_row_its_own_image(make_model, tiny_cli
     problems[1] = dataclasses.replace(problems[1], image=None)  # its file went missing: evaluated text-only
     seen = {}
 
-    def spy(m, prompts, sampling, image_features=None, has_image=None):
+    def spy(m, prompts, sampling, image_features=None, has_image=None, on_row_done=None):
         seen.update(features=image_features, has_image=has_image)
         return ["A"] * len(prompts)
 

@@ -189,7 +189,7 @@ def serve_canned_answers(root, canned: dict, monkeypatch, max_new_tokens: int):
     answers = {templates.format_prompt(q): out for items in canned.values() for q, _, out in items}
     asked = []
 
-    def fake(model, prompts, sampling):
+    def fake(model, prompts, sampling, on_row_done=None):
         assert sampling.max_new_tokens == max_new_tokens
         asked.append(prompts)
         return [answers[prompt] for prompt in prompts]

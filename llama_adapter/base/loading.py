@@ -132,6 +132,7 @@ def hub_reachable() -> bool:
         finally:
             done.set()
 
+    # A daemon: a request still waiting on a name server when the time is up must not keep the process from exiting.
     threading.Thread(target=ask, name="llama-adapter-hub-check", daemon=True).start()
     done.wait(HUB_TIMEOUT)
     return bool(answered)

@@ -80,9 +80,9 @@ def response_ids(tokenizer, text: str) -> list[int]:
 
 
 def encode_all(tokenizer, rows, max_len: int, template: str = "alpaca") -> tuple[Examples, int]:
-    """Encode rows (a table, or a list of row dicts) in `template`; returns the examples and how many rows were dropped because
-    max_len leaves them no response token to train on (see `encode`). Rows from a file are tokenised into the datasets
-    cache, once per tokenizer."""
+    """Encode rows (a table, or a list of row dicts) in `template`; returns the examples and how many rows were
+    dropped because max_len leaves them no response token to train on (see `encode`). Rows from a file are tokenised
+    into the datasets cache, once per tokenizer."""
     rows = as_rows(rows)
     if not len(rows):  # (a validation set of none) `map` would drop the columns of an empty table
         return Examples(datasets.Dataset.from_dict({key: [] for key in ENCODED}, features=ENCODED)), 0

@@ -111,8 +111,10 @@ def row_messages(row: dict) -> list[dict]:
 
 def _rendered(tokenizer, messages: list[dict], generation: bool) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-    # A template that writes the BOS token itself would get a second one from a tokenizer that adds it.
-    adds_bos = tokenizer.bos_token is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    # A template that writes the BOS token itself would get a second one from a tokenizer that adds it. (Asked only
+    # of such templates: this runs for every turn of every row.)
+    writes_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    adds_bos = writes_bos and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
     return text.removeprefix(tokenizer.bos_token) if adds_bos else text
 
 

@@ -2,9 +2,10 @@
 
 One config (EvalConfig, plus each benchmark's own question settings) and one resumable loop (`predict`) serve
 every benchmark: stage one appends one JSON line per question as soon as it is answered (a generated answer with
-its batch, a likelihood-scored one on its own), and the progress bar counts them, so a stopped run resumes where it
-stopped, and refuses to go on with other settings; stage two is a pure scorer of those lines
-(`scienceqa.score`, `llm_adapters.score`). Two ways to answer a ScienceQA question:
+its batch, a likelihood-scored one on its own), so a stopped run resumes where it stopped, and refuses to go on with
+other settings (the progress bar counts a generated answer as soon as its row of the batch ends, before the batch
+does); stage two is a pure scorer of those lines (`scienceqa.score`, `llm_adapters.score`). Two ways to answer a
+ScienceQA question:
 - generate: greedy decoding, then `scienceqa.parse_answer` on the text (what the paper reports);
 - likelihood: the option whose "The answer is X." the model finds most likely; no parsing, never unparsed.
 """
@@ -86,15 +87,16 @@ def predict(
     questions: list,
     out: str | Path,
     settings: dict,
-    answer: Callable[[list], Iterator[dict]],
+    answer: Callable[[list, Callable[[int], None]], Iterator[dict]],
     fields: tuple[str, ...],
     batch_size: int,
     desc: str,
     prepare: Callable[[list], None] | None = None,
 ) -> list[dict]:
     """The records of every question (anything with a `pid`), answering, `batch_size` at a time, only those not yet
-    in `out`; `answer(batch)` yields each question's record (with `fields`) when it has one, and it is appended and
-    counted on the progress bar at once.
+    in `out`; `answer(batch, on_row_done)` yields each question's record (with `fields`) when it has one, and it is
+    appended at once. The progress bar counts a question when its record comes, or before, as `on_row_done(count)`
+    tells it that `count` more of the batch are as good as answered (rows of a generating batch finishing).
 
     `settings` (with the answering model's own added) must be those `out` was made with. `prepare(questions)` runs
     on the questions still to answer before the first of them is: where bad input should stop a run unstarted.
@@ -114,11 +116,30 @@ def predict(
         tqdm(total=len(questions), initial=len(questions) - len(todo), desc=desc, unit="q") as bar,
     ):
         for start in range(0, len(todo), batch_size):
-            for record in answer(todo[start : start + batch_size]):
+            progress = _BatchProgress(bar)
+            for record in answer(todo[start : start + batch_size], progress.rows_done):
                 append_prediction(handle, record, fields)
-                bar.update()
+                progress.recorded()
     wanted = {question.pid for question in questions}
     return [record for pid, record in read_predictions(out, fields).items() if pid in wanted]
+
+
+class _BatchProgress:
+    """One batch on the progress bar: each question moves it once, when its row finishes or its record comes."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.ahead = 0  # rows counted whose records have not come yet
+
+    def rows_done(self, count: int) -> None:
+        self.bar.update(count)
+        self.ahead += count
+
+    def recorded(self) -> None:
+        if self.ahead:
+            self.ahead -= 1
+        else:
+            self.bar.update()
 
 
 def evaluate_problems(
@@ -153,14 +174,14 @@ def evaluate_problems(
         if failed:
             raise sources.DataError(f"{len(failed)} image(s) cannot be used, e.g. {next(iter(failed.values()))}")
 
-    def answer(chunk: list[Problem]) -> Iterator[dict]:
+    def answer(chunk: list[Problem], on_row_done: Callable[[int], None]) -> Iterator[dict]:
         prompts = [
             templates.instruction_prompt(model.template, model.tokenizer, *scienceqa.question_prompt(p, image_context))
             for p in chunk
         ]
         images = cache.model_inputs([str(p.image) if p.image else None for p in chunk]) if cache else {}
         if scoring == "generate":
-            outputs = generate_batch(model, prompts, sampling, **images)
+            outputs = generate_batch(model, prompts, sampling, **images, on_row_done=on_row_done)
         else:
             outputs = _most_likely_answers(model, chunk, prompts, images, explanation, answer_form)  # one at a time
         for answered in zip(chunk, prompts, outputs):
@@ -190,9 +211,9 @@ def evaluate_questions(
     """Answer every LLM-Adapters question (math, commonsense) not yet in `out` greedily, append, score them all."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
-    def answer(chunk: list[llm_adapters.Question]) -> Iterator[dict]:
+    def answer(chunk: list[llm_adapters.Question], on_row_done: Callable[[int], None]) -> Iterator[dict]:
         asked = [templates.instruction_prompt(model.template, model.tokenizer, q.instruction, q.input) for q in chunk]
-        outputs = generate_batch(model, asked, sampling)
+        outputs = generate_batch(model, asked, sampling, on_row_done=on_row_done)
         for question, output in zip(chunk, outputs):
             yield llm_adapters.prediction_record(question, output)
 

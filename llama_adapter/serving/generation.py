@@ -3,7 +3,7 @@
 import contextvars
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,14 +107,17 @@ def generate_batch(
     sampling: SamplingConfig,
     image_features: torch.Tensor | None = None,
     has_image: torch.Tensor | None = None,
+    on_row_done: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Answers to several formatted prompts at once: left-padded so every row's answer starts at the same column.
 
     `model`: one model for every prompt, or a list of models one per prompt: the (adapter, prompt) pairs of
     `zip(model, prompts)`, which run together in one batch when their adapters share a base object (each row answers
     what its adapter alone would). `image_features` (N, clip_dim) and `has_image` (N,): row n's image, if it has one.
+    `on_row_done(count)`: told, during generation, how many more rows have finished (all N in the end; a progress bar).
     """
-    return [answer.text for answer in answer_batch(model, prompts, sampling, image_features, has_image)]
+    answers = answer_batch(model, prompts, sampling, image_features, has_image, on_row_done)
+    return [answer.text for answer in answers]
 
 
 @dataclass
@@ -131,6 +134,7 @@ def answer_batch(
     sampling: SamplingConfig,
     image_features: torch.Tensor | None = None,
     has_image: torch.Tensor | None = None,
+    on_row_done: Callable[[int], None] | None = None,
 ) -> list[Answer]:
     """generate_batch's answers, each with its length and whether the model ended it."""
     models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
@@ -145,10 +149,16 @@ def answer_batch(
     first, tokenizer = models[0], models[0].tokenizer
     ids, mask = batching.left_padded(prompt_tokens(first, [prompts[i] for i in by_model]), batching.pad_id(tokenizer))
     inputs = first.method.generation_inputs(ids.to(first.device), mask.to(first.device))
+    kwargs = generation_kwargs(sampling, tokenizer, room(first, ids))
+    finished = None if on_row_done is None else _CountFinished(tokenizer.eos_token_id, on_row_done)
+    if finished is not None:  # only then: the check costs every step something
+        kwargs["stopping_criteria"] = StoppingCriteriaList([finished])
     with first.shared.reserved():
         parts = parts_of([models[i] for i in by_model], [images[i] for i in by_model])
         with first.shared.running(parts):
-            out = first.base.generate(**inputs, **generation_kwargs(sampling, tokenizer, room(first, ids)))
+            out = first.base.generate(**inputs, **kwargs)
+    if finished is not None:
+        finished.tell(len(prompts))  # the rows the length limit ended
     answers = [None] * len(prompts)
     for i, row in zip(by_model, out[:, inputs["input_ids"].shape[1] :].tolist()):
         stopped = tokenizer.eos_token_id in row
@@ -239,3 +249,24 @@ class _StopWhenSet(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _CountFinished(StoppingCriteria):
+    """Tells `on_row_done` how many rows have newly ended with EOS at each step; never stops a row itself."""
+
+    def __init__(self, eos_token_id: int, on_row_done: Callable[[int], None]):
+        self.eos_token_id, self.on_row_done = eos_token_id, on_row_done
+        self.done: torch.Tensor | None = None  # (N,) rows already counted: a finished row goes on as padding
+        self.count = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        ended = input_ids[:, -1] == self.eos_token_id
+        self.done = ended if self.done is None else self.done | ended
+        self.tell(int(self.done.sum()))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def tell(self, count: int) -> None:
+        """`count` rows have finished in all: pass on how many of them are new."""
+        if count > self.count:
+            self.on_row_done(count - self.count)
+            self.count = count

@@ -69,9 +69,9 @@ def training_examples(
     rows: datasets.Dataset, tokenizer, val_fraction: float, seed: int, max_len: int, source: str, skipped, world: World,
     cache: FeatureCache | None, template: str,
 ) -> tuple[encoding.Examples, encoding.Examples, int]:  # fmt: skip
-    """The training and validation examples of `rows` in `template`, with the rows whose images cannot be used left out (or an
-    error), and how many training rows were dropped because max_len leaves them no response token to train on (an
-    error if that is all of them); reports both."""
+    """The training and validation examples of `rows` in `template`, with the rows whose images cannot be used left
+    out (or an error), and how many training rows were dropped because max_len leaves them no response token to train
+    on (an error if that is all of them); reports both."""
     rows = with_usable_images(rows, cache, skipped, world, source)
     train_rows, val_rows = reading.split_rows(rows, val_fraction, seed)
     with distributed.main_first(world):  # one process tokenises into the datasets cache, the others read it
