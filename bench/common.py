@@ -55,7 +55,7 @@ def default_model() -> str:
 
 def load_base(name: str):
     """The frozen base model (on the default device, in the default precision, with SDPA attention) and tokenizer."""
-    dtype, device = PRECISIONS[default_precision()], default_device()
+    dtype, device = PRECISIONS[default_precision(answering=False)], default_device()
     attention = "sdpa"  # PyTorch's fused attention: flash / memory-efficient kernels on CUDA
     if name == "smollm2":
         base, tokenizer = loading.load_base(DEFAULT_BASE, dtype, attention)
@@ -162,7 +162,7 @@ def write_results(results: dict, out: str | Path) -> None:
     results = {
         "command": " ".join([command, *sys.argv[1:]]),
         "device": device_name(),
-        "precision": default_precision(),
+        "precision": default_precision(answering=False),
         "torch": torch.__version__,
     } | results
     out = Path(out)

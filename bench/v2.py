@@ -72,7 +72,7 @@ def main() -> None:
     if results.get("budget", budget) != budget:
         raise SystemExit(f"{RESULTS} was measured with {results['budget']}; move it away to measure {budget}")
     command = " ".join(["python bench/v2.py", *sys.argv[1:]])
-    where = {"device": device_name(), "precision": default_precision(), "torch": torch.__version__}
+    where = {"device": device_name(), "precision": default_precision(answering=False), "torch": torch.__version__}
     commands = list(dict.fromkeys([*results.get("commands", []), command]))  # the file may gather several runs
     results |= {"commands": commands, **where, "budget": budget, "cells": results.get("cells", {})}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import files
 from .config import (
     DEFAULT_BASE,
+    BaseModelConfig,
     Checked,
     DemoConfig,
     DistributedConfig,
@@ -101,7 +102,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .merge import MergeConfig
 
         add_arguments(merge, MergeConfig)
-        add_arguments(merge, ModelConfig)
+        add_arguments(merge, BaseModelConfig)  # it writes weights: they keep full precision unless asked
 
     commands.add_parser("adapters", help="list the trained adapters that ship with llama-adapter (the shelf)")
     return parser
@@ -329,7 +330,7 @@ def run_convert(args: argparse.Namespace) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     from .merge import MergeConfig, merge
 
-    merge(from_arguments(MergeConfig, args), from_arguments(ModelConfig, args))
+    merge(from_arguments(MergeConfig, args), from_arguments(BaseModelConfig, args))
 
 
 def run_adapters(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from . import adapter_files, files, methods, shelf
 from .base import loading
-from .config import PRECISIONS, Checked, ModelConfig, option
+from .config import PRECISIONS, BaseModelConfig, Checked, option
 from .methods import AdapterConfig
 from .model import LlamaAdapterModel
 
@@ -25,7 +25,7 @@ class MergeConfig(Checked):
     out: str = option("folder for the merged model (Hugging Face format: use it as --base, or anywhere else)")
 
 
-def merge(cfg: MergeConfig, model_cfg: ModelConfig) -> None:
+def merge(cfg: MergeConfig, model_cfg: BaseModelConfig) -> None:
     """Write the merged model to `cfg.out` (and a V2 adapter's prompts to `cfg.out`/prompts); what cannot fold, or
     would overwrite what it is made of, is refused before the base is loaded."""
     files.check_can_write(cfg.out, "--out", folder=True)

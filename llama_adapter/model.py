@@ -12,10 +12,10 @@ from torch import nn
 from . import adapter_files, files, methods, shelf
 from .adapter import VisualProjection
 from .adapter_files import WEIGHTS_NAME
-from .base import decoding, loading, routing, structure
+from .base import loading, routing, structure
 from .base.shared import SharedBase
 from .config import DEFAULT_BASE, SamplingConfig, VisualConfig, check_argument, default_device, from_dict
-from .data import encoding, templates
+from .data import templates
 from .methods import AdapterConfig
 from .visual import FeatureCache, ImageEncoder
 
@@ -303,25 +303,6 @@ class LlamaAdapterModel(nn.Module):
         logits, targets, rows = self._response_logits(input_ids, attention_mask, labels, **images)
         token_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         return torch.zeros(input_ids.shape[0], device=logits.device).index_add_(0, rows, token_logprobs)
-
-    @torch.no_grad()
-    def continuation_logprobs(
-        self, prompt: str, continuations: list[str], image_features: torch.Tensor | None = None, eos: bool = True
-    ) -> torch.Tensor:
-        """(n,) log-probability of each continuation text (plus EOS, with `eos`: the text is all the response)
-        after a formatted prompt; the prompt runs once.
-
-        `image_features` (1, clip_dim) for a multimodal adapter; the same image serves every continuation.
-        """
-        check_argument("prompt", prompt, str)
-        check_argument("continuations", continuations, tuple[str, ...])
-        if not continuations:
-            raise ValueError("continuations must hold at least one text")
-        prompt_ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        tokens = [encoding.response_ids(self.tokenizer, text)[: None if eos else -1] for text in continuations]
-        with self.running(image_features):
-            inputs = self.method.inputs(prompt_ids, torch.ones_like(prompt_ids))
-            return decoding.continuation_logprobs(self.base, inputs, tokens).cpu()
 
     def _response_logits(
         self,

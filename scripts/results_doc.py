@@ -8,6 +8,7 @@ The sections live in `results_sections/`, a module for each kind of results file
 from results_sections.formatting import para
 from results_sections.gpu import on_a_gpu
 from results_sections.methods import methods
+from results_sections.precision import precision, scienceqa_scoring
 from results_sections.quantize import quantize
 from results_sections.scienceqa import scienceqa, scienceqa_sweep
 from results_sections.serving import demo_latency, serving, serving_faults
@@ -54,6 +55,8 @@ def render() -> str:
         speed_intro(),
         train_step(),
         generation(),
+        precision(),
+        scienceqa_scoring(),
         serving(),
         serving_faults(),
         finetune(),

@@ -60,14 +60,14 @@ def test_the_method_settings_and_the_method_classes_agree(monkeypatch):
     methods._classes.cache_clear()
 
 
-def test_likelihood_answers_are_written_and_counted_one_question_at_a_time(make_model, tmp_path, monkeypatch):
+def test_likelihood_answers_are_written_and_counted_as_each_batch_is_scored(make_model, tmp_path, monkeypatch):
     model = make_model()
     problems = [
-        Problem(str(i), f"Is {i} odd?", ("yes", "no"), i % 2, "", None, False, None, None, "test") for i in range(3)
+        Problem(str(i), f"Is {i} odd?", ("yes", "no"), i % 2, "", None, False, None, None, "test") for i in range(5)
     ]
     out = tmp_path / "p.jsonl"
-    written, counted = [], []  # at each question's scoring: the records in the file, the questions on the bar
-    score = model.continuation_logprobs
+    written, counted = [], []  # at each batch's scoring: the records in the file; the questions on the bar
+    score = predict.options_logprobs
 
     class Bar(predict.tqdm):
         def update(self, n=1):
@@ -78,10 +78,10 @@ def test_likelihood_answers_are_written_and_counted_one_question_at_a_time(make_
         written.append(len(out.read_text().splitlines()))
         return score(*args, **kwargs)
 
-    monkeypatch.setattr(model, "continuation_logprobs", scoring)
+    monkeypatch.setattr(predict, "options_logprobs", scoring)
     monkeypatch.setattr(predict, "tqdm", Bar)
-    predict.evaluate_problems(model, problems, out, scoring="likelihood", batch_size=3)
-    assert written == [0, 1, 2] and counted == [1, 2, 3]
+    predict.evaluate_problems(model, problems, out, scoring="likelihood", batch_size=2)
+    assert written == [0, 2, 4] and counted == [1, 2, 3, 4, 5]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,3 +216,45 @@ def test_adapters_prints_a_header_over_aligned_columns(shelved, capsys):  # noqa
         assert row[header.index(column) - 1] == " " and row[header.index(column)] != " "
     parameters = f"{shelved.num_trainable_parameters():,}"
     assert row.index(parameters) + len(parameters) == header.index("parameters") + len("parameters")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision follows the hardware: bf16 to answer where the CPU has bf16 instructions; training keeps fp32 on a CPU
+
+
+@pytest.mark.parametrize(
+    "flags, has", [("fpu avx512f avx512_bf16 avx512_vnni", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx2", False)]
+)
+def test_answering_defaults_to_bf16_where_the_cpu_has_it_and_training_to_fp32(tmp_path, monkeypatch, flags, has):
+    import torch
+
+    from llama_adapter import config
+    from llama_adapter.train.config import TrainConfig
+
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(config, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config.cpu_has_bf16.cache_clear()
+    try:
+        assert config.cpu_has_bf16() == has
+        assert config.ModelConfig().precision == ("bf16" if has else "fp32")  # chat, demo, serve, eval
+        assert config.BaseModelConfig().precision == TrainConfig(data="r.jsonl", out="run").model.precision == "fp32"
+        assert config.ModelConfig(precision="fp32").precision == "fp32"  # --precision decides
+        args = cli.build_parser("chat").parse_args(["chat", "Hi."])
+        assert config.from_arguments(config.ModelConfig, args).precision == ("bf16" if has else "fp32")
+    finally:
+        config.cpu_has_bf16.cache_clear()  # the real machine's answer again
+
+
+def test_a_cpu_whose_flags_cannot_be_read_answers_in_fp32(tmp_path, monkeypatch):
+    import torch
+
+    from llama_adapter import config
+
+    monkeypatch.setattr(config, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config.cpu_has_bf16.cache_clear()
+    try:
+        assert config.ModelConfig().precision == "fp32"
+    finally:
+        config.cpu_has_bf16.cache_clear()

@@ -17,6 +17,7 @@ from llama_adapter.evaluation import scienceqa
 from llama_adapter.evaluation.predict import evaluate_problems
 from llama_adapter.evaluation.predictions import read_predictions
 from llama_adapter.serving.generation import generate_batch
+from llama_adapter.serving.logprobs import options_logprobs
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(make_model, randomize_adapter):
@@ -177,21 +178,27 @@ def test_cli_trains_on_scienceqa_then_evaluates(tmp_path, sqa_dir, make_base, to
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
-def test_continuations_after_a_shared_prompt_score_as_whole_rows(
+def test_options_after_their_prompts_score_as_whole_rows(
     make_model, tokenizer, randomize_adapter, tiny_clip, tmp_path, impl, with_image
 ):
     model = make_model(impl, adapter_len=4, adapter_layers=3, visual=VisualConfig(clip_model=tiny_clip))
     randomize_adapter(model, seed=7)
     with torch.no_grad():
         model.visual_proj.linear.weight.normal_()  # make the image matter
-    features = model.encode_images([write_image(tmp_path / "red.png", "red")]) if with_image else None
-    options = ["The answer is A.", "B", "The answer is (C), because it is."]  # unequal lengths: padding
-    prompt = templates.format_prompt("Which one?", "Some context.")
-    shared = model.continuation_logprobs(prompt, options, features)
+    images = [write_image(tmp_path / f"{colour}.png", colour) for colour in ("red", "blue", "green")]
+    features = model.encode_images(images) if with_image else None
+    asked = [("Which one?", "Some context."), ("Which of these is the one we want, in the end?", ""), ("Why?", "")]
+    # Unequal lengths and counts; options that begin alike, one the beginning of another.
+    options = [["The answer is A.", "B", "The answer is (C), because it is."], ["No."], ["Yes.", "Yes. No.", "Yes. No"]]
+    prompts = [templates.format_prompt(*question) for question in asked]
+    scores = options_logprobs(
+        model, prompts, options, features, torch.tensor([True, False, True]) if with_image else None
+    )
 
-    rows = [{"instruction": "Which one?", "input": "Some context.", "output": option} for option in options]
-    batch = batching.collate([encoding.encode(tokenizer, row, 10_000) for row in rows], tokenizer.pad_token_id)
-    images = {} if features is None else {"image_features": features.expand(3, -1)}
-    with torch.no_grad():
-        whole = model.response_logprobs(**batch, **images)
-    torch.testing.assert_close(shared, whole, atol=1e-4, rtol=1e-5)
+    for b, (question, texts) in enumerate(zip(asked, options)):
+        rows = [{"instruction": question[0], "input": question[1], "output": text} for text in texts]
+        batch = batching.collate([encoding.encode(tokenizer, row, 10_000) for row in rows], tokenizer.pad_token_id)
+        image = {} if features is None or b == 1 else {"image_features": features[b : b + 1].expand(len(texts), -1)}
+        with torch.no_grad():
+            whole = model.response_logprobs(**batch, **image)
+        torch.testing.assert_close(scores[b], whole, atol=1e-4, rtol=1e-5)

@@ -20,6 +20,7 @@ from llama_adapter.serving.generation import (
     generate_batch,
     generation_kwargs,
 )
+from llama_adapter.serving.logprobs import options_logprobs
 
 NEW_TOKENS = 32
 
@@ -239,7 +240,7 @@ def test_generation_leaves_the_tokenizer_as_it_was(make_model, randomize_adapter
     calls = {
         "generate_batch": lambda: generate_batch(model, [format_prompt("Hi."), format_prompt("Longer?")], sampling),
         "stream": lambda: "".join(model.stream("Hi.", sampling=sampling)),
-        "continuation_logprobs": lambda: model.continuation_logprobs(format_prompt("Hi."), ["a", "bb"]),
+        "options_logprobs": lambda: options_logprobs(model, [format_prompt("Hi.")], [["a", "bb"]]),
     }
     for name, call in calls.items():
         call()

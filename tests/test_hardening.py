@@ -30,6 +30,7 @@ from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from llama_adapter.data import reading, sources
 from llama_adapter.model import LlamaAdapterModel
 from llama_adapter.serving import demo
+from llama_adapter.serving.logprobs import options_logprobs
 from llama_adapter.train import loop
 
 # Each property runs this many generated cases (fewer where one costs a model load); the note of issue 19 and
@@ -650,12 +651,14 @@ API_MISUSE = {
     "from_base: None": (lambda m: LlamaAdapterModel.from_base(None), r"base must be a non-empty string or path"),
     "load_adapter_weights: ''": (lambda m: m.load_adapter_weights(""), r"path must be a non-empty string or path"),
     "unload twice": (lambda m: (m.unload(), m.unload()), r"no adapter named 'llama-adapter' is on this base"),
-    "continuation_logprobs: a string": (lambda m: m.continuation_logprobs("p", "ab"),
-                                        r"continuations must be a list, got str 'ab'"),
-    "continuation_logprobs: none": (lambda m: m.continuation_logprobs("p", []),
-                                     r"continuations must hold at least one text"),
-    "continuation_logprobs: prompt None": (lambda m: m.continuation_logprobs(None, ["a"]),
-                                           r"prompt must be a string, got NoneType None"),
+    "options_logprobs: a string": (lambda m: options_logprobs(m, ["p"], ["ab"]),
+                                   r"options must be a list of which each is a list, got str 'ab'"),
+    "options_logprobs: none": (lambda m: options_logprobs(m, ["p"], [[]]),
+                               r"got 1 lists for 1 prompts, one of them empty"),
+    "options_logprobs: one list short": (lambda m: options_logprobs(m, ["p", "q"], [["a"]]),
+                                         r"got 1 lists for 2 prompts"),
+    "options_logprobs: prompt None": (lambda m: options_logprobs(m, [None], [["a"]]),
+                                      r"prompts must be a list of which each is a string, got NoneType None"),
     "encode_images: one path": (lambda m: m.encode_images("red.png"), r"images must be a list, got str 'red.png'"),
     "generate: image a number": (lambda m: m.generate("hi", image=5), r"image must be a non-empty string or path"),
 }  # fmt: skip

@@ -12,6 +12,7 @@ from llama_adapter import AdapterConfig, cli
 from llama_adapter.base import loading
 from llama_adapter.config import ModelConfig, VisualConfig
 from llama_adapter.model import LlamaAdapterModel
+from llama_adapter.serving.logprobs import options_logprobs
 from llama_adapter.serving.models import load_model
 from llama_adapter.train.config import TrainConfig
 from llama_adapter.train.loop import train
@@ -150,15 +151,15 @@ def test_virtual_tokens_match_peft_forward_scoring_and_greedy_generation(make_ba
     peft_logits = peft_logits[:, model.method.virtual_tokens :]
     torch.testing.assert_close(model(ids, mask), peft_logits, rtol=1e-5, atol=1e-5)
 
-    # Scoring continuations after one cached prompt equals scoring each whole row.
-    prompt, options = "Q: 1 2", ["a", "bb c"]
-    scores = model.continuation_logprobs(prompt, options)
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    for option, score in zip(options, scores):
-        cont = [*tokenizer(option, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-        row = torch.tensor([prompt_ids + cont])
-        logprobs = model(row, torch.ones_like(row)).log_softmax(-1)[0, len(prompt_ids) - 1 : -1]
-        assert score == pytest.approx(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
+    # Scoring options after their cached (left-padded) prompts equals scoring each whole row alone.
+    prompts, options = ["Q: 1 2", "Q: 3 4 5 6 7"], [["a", "bb c"], ["d e f"]]
+    for prompt, texts, scores in zip(prompts, options, options_logprobs(model, prompts, options)):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        for option, score in zip(texts, scores):
+            cont = [*tokenizer(option, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            row = torch.tensor([prompt_ids + cont])
+            logprobs = model(row, torch.ones_like(row)).log_softmax(-1)[0, len(prompt_ids) - 1 : -1]
+            assert score == pytest.approx(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
 
     # Cached greedy decoding picks, token by token, the argmax of our full forward.
     from llama_adapter.config import SamplingConfig
@@ -384,7 +385,7 @@ def test_dylora_rank_flag_answers_with_fewer_ranks(tiny_base_dir, tmp_path, caps
     randomize(model)
     model.save(tmp_path / "dylora")
     ids, mask = batch(model.tokenizer)
-    served = load_model(ModelConfig(base=str(tiny_base_dir), dylora_rank=2), str(tmp_path / "dylora"))
+    served = load_model(ModelConfig(base=str(tiny_base_dir), precision="fp32", dylora_rank=2), str(tmp_path / "dylora"))
     model.method.set_rank(2)
     torch.testing.assert_close(served(ids, mask), model(ids, mask), rtol=0, atol=0)
     cli.main(["chat", "Hi.", "--adapter", str(tmp_path / "dylora"), "--dylora-rank", "1", "--max-new-tokens", "3"])

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llama_adapter import AdapterConfig, cli
 from llama_adapter.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from llama_adapter.config import PRECISIONS, default_precision
 from llama_adapter.data import batching, encoding, reading, sources, templates
 from llama_adapter.data.templates import format_conversation
 from llama_adapter.model import LlamaAdapterModel
@@ -192,7 +193,7 @@ def test_cli_train_then_chat(tiny_base_dir, rows_file, tmp_path, capsys):
 
     cli.main(["chat", "--adapter", str(out), "--max-new-tokens", "5", "Repeat the word red."])
     printed = capsys.readouterr().out
-    model = LlamaAdapterModel.load(out)
+    model = LlamaAdapterModel.load(out, dtype=PRECISIONS[default_precision(answering=True)])  # chat's default
     assert printed == model.generate("Repeat the word red.", sampling=cli.SamplingConfig(max_new_tokens=5)) + "\n"
 
 

@@ -1,5 +1,5 @@
-"""Calls of a base that reuse its key/value cache: scoring several continuations of one prompt, and the
-server's decoding of a batch whose rows come and go (prefill, one step, and the cache surgery between)."""
+"""Calls of a base that reuse its key/value cache: scoring several continuations of each of a batch of prompts, and
+the server's decoding of a batch whose rows come and go (prefill, one step, and the cache surgery between)."""
 
 import inspect
 from functools import lru_cache
@@ -9,31 +9,87 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 
-def continuation_logprobs(model: PreTrainedModel, prompt: dict, continuations: list[list[int]]):
-    """(n,) summed log p(continuation | prompt) for n token lists, running the shared prompt only once.
+def prefill_prompts(model: PreTrainedModel, prompts: dict):
+    """Run left-padded prompts given as the model's inputs (input_ids or inputs_embeds, attention_mask over every
+    position, a prefix's past_key_values included): each row's next-token log-probabilities (B, vocab) in float32,
+    the key/value cache, and each row's last position (B,).
 
-    `prompt`: the model's inputs for one prompt (input_ids or inputs_embeds, attention_mask, perhaps a prefix's
-    past_key_values). One image's (1, dim) features in the call serve every continuation.
-    The prompt's KV cache is repeated once per continuation and the continuations run as one right-padded batch,
-    so scoring the options of a multiple-choice question costs one prompt plus a few tokens per option.
+    Positions count each row's attended tokens, so a padded row runs as it would alone.
     """
-    prefill = model(**prompt, use_cache=True, logits_to_keep=1)  # the prompt's other logits go unused
-    first = prefill.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
-    cache = cache_of(prefill)
-    cache.batch_repeat_interleave(len(continuations))
-    width = max(len(tokens) for tokens in continuations)
-    device = prompt["attention_mask"].device
-    ids = torch.zeros(len(continuations), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate(continuations):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    seen = prompt["attention_mask"].shape[1]  # the cached positions, a prefix's included
-    attention = torch.cat([torch.ones(len(continuations), seen, dtype=torch.long, device=device), mask], 1)
-    logits = model(input_ids=ids, attention_mask=attention, **with_cache(model, cache)).logits
-    logprobs = logits.float().log_softmax(-1)
-    later = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # token t predicted at t - 1
-    return first[ids[:, 0]] + later.sum(-1)
+    mask = prompts["attention_mask"]
+    new = (prompts["input_ids"] if "input_ids" in prompts else prompts["inputs_embeds"]).shape[1]
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
+    out = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)  # the other logits go unused
+    return out.logits[:, -1].float().log_softmax(-1), cache_of(out), positions[:, -1]
+
+
+SHARED = -2  # a column of the tokens every continuation of a row begins with (`continuation_logprobs`)
+
+
+def continuation_logprobs(model: PreTrainedModel, after: tuple, mask: torch.Tensor, tokens: list[list[list[int]]]):
+    """(n,) summed log p(continuation | its prompt) of the n continuations `tokens[b]` of each prompt b, in order.
+
+    `after`: what `prefill_prompts` returned for the prompts, whose cache this extends; `mask`: their attention mask
+    (B, S). Each prompt's continuations run packed in one row after it: first the tokens they all begin with (once),
+    then each one's rest, which attends to the prompt, those and itself only (a 4D mask), at the positions it would
+    have alone. No cache is copied, and continuations of different lengths pad nothing but the row.
+    """
+    first, cache, last = after
+    ids, positions, span, predictor = _packed(tokens)
+    ids, positions, span, predictor = (t.to(mask.device) for t in (ids, positions, span, predictor))
+    width = ids.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+    own = earlier & ((span[:, :, None] == span[:, None, :]) | (span[:, None, :] == SHARED))
+    sees = torch.cat([mask.bool()[:, None, :].expand(-1, width, -1), own], 2)
+    dtype = model.get_input_embeddings().weight.dtype
+    blocked = torch.zeros(sees.shape, dtype=dtype, device=mask.device).masked_fill(~sees, torch.finfo(dtype).min)
+    out = model(
+        input_ids=ids, attention_mask=blocked[:, None], position_ids=last[:, None] + 1 + positions,
+        **with_cache(model, cache),
+    )  # fmt: skip
+    logits = out.logits.float()
+    # Each column's token under the logits that predict it (the prompt's last ones for a first token): its
+    # log-softmax at that token only, the rest of the vocabulary being one logsumexp.
+    rows, at = torch.arange(len(tokens), device=mask.device)[:, None], predictor.clamp(min=0)
+    picked = logits[rows, at, ids] - logits.logsumexp(-1)[rows, at]
+    logprob = torch.where(predictor < 0, first[rows, ids], picked)
+    counts = [len(row) for row in tokens]
+    offsets = torch.tensor([0] + counts[:-1], device=mask.device).cumsum(0)
+    own_rest = span >= 0
+    scores = torch.zeros(sum(counts), device=mask.device)
+    scores.index_add_(0, (offsets[:, None] + span)[own_rest], logprob[own_rest])
+    shared = torch.where(span == SHARED, logprob, 0.0).sum(1)
+    return scores + shared.repeat_interleave(torch.tensor(counts, device=mask.device))
+
+
+def _packed(tokens: list[list[list[int]]]) -> tuple[torch.Tensor, ...]:
+    """The packed rows of `continuation_logprobs` (B, W): token ids; positions after the prompt; which continuation a
+    column holds (SHARED: the common beginning; -1: padding); and the column whose logits predict it (-1: the
+    prompt's last)."""
+    rows = []
+    for row in tokens:
+        common = _common_length(row)
+        ids, positions, span = row[0][:common], list(range(common)), [SHARED] * common
+        predictor = list(range(-1, common - 1))
+        for i, continuation in enumerate(row):
+            rest = continuation[common:]
+            if rest:  # its first token follows the common beginning (or the prompt); each later one, the one before
+                predictor += [common - 1, *range(len(ids), len(ids) + len(rest) - 1)]
+            positions += range(common, common + len(rest))
+            ids, span = ids + rest, span + [i] * len(rest)
+        rows.append((ids, positions, span, predictor))
+    width = max(len(ids) for ids, *_ in rows)
+    return tuple(
+        torch.tensor([row[k] + [fill] * (width - len(row[k])) for row in rows]) for k, fill in enumerate((0, 0, -1, 0))
+    )
+
+
+def _common_length(continuations: list[list[int]]) -> int:
+    """How many tokens every one of the continuations begins with."""
+    common = 0
+    while all(len(t) > common and t[common] == continuations[0][common] for t in continuations):
+        common += 1
+    return common
 
 
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position=False):

@@ -1,10 +1,9 @@
 """Benchmark evaluation: predict, append, score. ScienceQA (and anything shaped like it); LLM-Adapters' test sets.
 
 One config (EvalConfig, plus each benchmark's own question settings) and one resumable loop (`predict`) serve
-every benchmark: stage one appends one JSON line per question as soon as it is answered (a generated answer with
-its batch, a likelihood-scored one on its own), so a stopped run resumes where it stopped, and refuses to go on with
-other settings (the progress bar counts a generated answer as soon as its row of the batch ends, before the batch
-does); stage two is a pure scorer of those lines (`scienceqa.score`, `llm_adapters.score`). Two ways to answer a
+every benchmark: stage one appends one JSON line per question as soon as it is answered (with its batch), so a
+stopped run resumes where it stopped, and refuses to go on with other settings (the progress bar counts a generated
+answer as soon as its row of the batch ends, before the batch does); stage two is a pure scorer of those lines (`scienceqa.score`, `llm_adapters.score`). Two ways to answer a
 ScienceQA question:
 - generate: greedy decoding, then `scienceqa.parse_answer` on the text (what the paper reports);
 - likelihood: the option whose "The answer is X." the model finds most likely; no parsing, never unparsed.
@@ -23,6 +22,7 @@ from ..config import Checked, SamplingConfig, option
 from ..data import sources, templates
 from ..model import LlamaAdapterModel
 from ..serving.generation import generate_batch
+from ..serving.logprobs import options_logprobs
 from . import llm_adapters, scienceqa
 from .predictions import append_prediction, check_resume_settings, first_repeat, read_predictions, settings_path
 from .scienceqa import Problem
@@ -183,7 +183,7 @@ def evaluate_problems(
         if scoring == "generate":
             outputs = generate_batch(model, prompts, sampling, **images, on_row_done=on_row_done)
         else:
-            outputs = _most_likely_answers(model, chunk, prompts, images, explanation, answer_form)  # one at a time
+            outputs = _most_likely_answers(model, chunk, prompts, images, explanation, answer_form)
         for answered in zip(chunk, prompts, outputs):
             yield scienceqa.prediction_record(*answered, answer_form)
 
@@ -192,8 +192,11 @@ def evaluate_problems(
     # Files made before these settings existed resume as they were.
     asked |= {"explanation": explanation} if explanation != "none" else {}
     asked |= {"answer_form": answer_form} if answer_form != "letter" else {}
+    asked_in = problems
+    if scoring == "likelihood":  # prompts of a length together: a batch pads little (answers come in any order)
+        asked_in = sorted(problems, key=lambda p: len("".join(scienceqa.question_prompt(p, image_context))))
     records = predict(
-        model, problems, out, (settings or {}) | asked, answer, scienceqa.PREDICTION_FIELDS, batch_size,
+        model, asked_in, out, (settings or {}) | asked, answer, scienceqa.PREDICTION_FIELDS, batch_size,
         f"eval ({scoring})", encode_images if cache else None,
     )  # fmt: skip
     return scienceqa.score(records, {problem.pid: problem for problem in problems}) | {"scoring": scoring}
@@ -227,16 +230,15 @@ def evaluate_questions(
 def _most_likely_answers(
     model: LlamaAdapterModel, problems: list[Problem], prompts: list[str], images: dict, explanation: str,
     answer_form: str,
-) -> Iterator[str]:  # fmt: skip
+) -> list[str]:  # fmt: skip
     """Each problem's most likely answer among "The answer is A." ... (as the adapter's targets begin: see
-    `scienceqa.option_targets`), as soon as it is scored; the question's prompt runs once for all."""
-    for row, (problem, prompt) in enumerate(zip(problems, prompts)):
-        options, whole = scienceqa.option_targets(problem, explanation, answer_form)
-        features = None
-        if images and images["has_image"][row]:
-            features = images["image_features"][row : row + 1]
-        scores = model.continuation_logprobs(prompt, options, features, eos=whole)
-        yield options[int(scores.argmax())]
+    `scienceqa.option_targets`); the problems' prompts run once each, together."""
+    targets = [scienceqa.option_targets(problem, explanation, answer_form) for problem in problems]
+    options = [texts for texts, _ in targets]
+    scores = options_logprobs(
+        model, prompts, options, images.get("image_features"), images.get("has_image"), targets[0][1]
+    )
+    return [texts[int(score.argmax())] for texts, score in zip(options, scores)]
 
 
 def load_eval_problems(

@@ -1,6 +1,6 @@
-"""Token log-probabilities: the library's own for a token sequence under an adapter, the same computed from a
-decoding row's logits, and both written in OpenAI's two shapes (chat's `content` list, the legacy completions'
-`tokens` / `token_logprobs` / `top_logprobs` / `text_offset`).
+"""Token log-probabilities: the library's own for a token sequence under an adapter, each option's after a prompt
+(likelihood scoring), the same computed from a decoding row's logits, and both written in OpenAI's two shapes
+(chat's `content` list, the legacy completions' `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`).
 
 A log-probability is log_softmax, in float32, of the model's raw logits: the distribution before any temperature or
 top-p, as OpenAI reports it.
@@ -12,6 +12,9 @@ from typing import NamedTuple
 import torch
 from tokenizers import decoders
 
+from ..base import decoding
+from ..config import check_argument
+from ..data import batching, encoding
 from ..model import LlamaAdapterModel
 
 MAX_TOP = 20  # alternatives per token, at most: OpenAI's limit for chat's top_logprobs
@@ -58,6 +61,35 @@ def token_logprobs(
         [TokenLogprob(tokens[0], None, ())] + scored(logits[row, : len(tokens) - 1], ids[row, 1 : len(tokens)], top)
         for row, tokens in enumerate(sequences)
     ]
+
+
+@torch.no_grad()
+def options_logprobs(
+    model: LlamaAdapterModel, prompts: list[str], options: list[list[str]], image_features=None, has_image=None,
+    eos: bool = True,
+) -> list[torch.Tensor]:  # fmt: skip
+    """For each formatted prompt, the summed log-probability (n,) of each of its n option texts after it, under
+    `model` (plus EOS, with `eos`: the text is all the response). The prompts run once each, together, left-padded;
+    then each prompt's options, packed in one row after it (`decoding.continuation_logprobs`).
+
+    `image_features` (B, clip_dim) and `has_image` (B,): prompt b's image, which serves its options too.
+    """
+    check_argument("prompts", prompts, tuple[str, ...])
+    check_argument("options", options, tuple[tuple[str, ...], ...])
+    if not prompts or len(options) != len(prompts) or not all(options):
+        raise ValueError(
+            f"options must give each of one or more prompts a list of at least one text, got {len(options)} lists "
+            f"for {len(prompts)} prompts" + ("" if all(options) else ", one of them empty")
+        )
+    tokenizer, device = model.tokenizer, model.device
+    ids, mask = batching.left_padded([tokenizer(prompt)["input_ids"] for prompt in prompts], batching.pad_id(tokenizer))
+    tokens = [[encoding.response_ids(tokenizer, text)[: None if eos else -1] for text in texts] for texts in options]
+    with model.running(image_features, has_image):
+        inputs = model.method.inputs(ids.to(device), mask.to(device))
+        after = decoding.prefill_prompts(model.base, inputs)
+        scores = decoding.continuation_logprobs(model.base, after, inputs["attention_mask"], tokens)
+    counts = [len(texts) for texts in options]
+    return list(scores.cpu().split(counts))
 
 
 @functools.cache
